@@ -1,0 +1,52 @@
+"""The ``kappatune`` command line: a thin layer over the Python API.
+
+Sub-commands live in :mod:`kappatune.commands`, one module per area, each exposing
+``register(subparsers)``; every handler parses flags, calls one public function and prints the result.
+Input problems raise :class:`kappatune.errors.KappaTuneError`; ``main`` prints them as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from .errors import KappaTuneError
+
+COMMAND_MODULES = ("analysis", "data", "harness")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="kappatune", description="Fine-tune LLMs on new data without forgetting.")
+    parser.add_argument("--version", action="version", version=f"kappatune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for mod in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f".commands.{mod}", __package__)
+        except ModuleNotFoundError as exc:  # area not built yet
+            if exc.name and exc.name.endswith(f"commands.{mod}"):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KappaTuneError as exc:
+        print(f"kappatune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kappatune: interrupted (finished results are kept; rerun with --resume where offered)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

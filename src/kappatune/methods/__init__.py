@@ -1,0 +1,47 @@
+"""Forgetting-aware fine-tuning methods, one module each, behind :class:`~kappatune.methods.base.Method`.
+
+Use :func:`get_method` to build one by name. Registered names are listed in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Method, MethodConfig, Targets, resolve_linear_targets
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to ``METHODS`` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, config: dict[str, Any] | MethodConfig | None = None) -> Method:
+    """Instantiate a registered method by name with its config (dict or config object)."""
+    _load_all()
+    if name not in METHODS:
+        import difflib
+
+        hint = difflib.get_close_matches(name, METHODS, n=1)
+        raise ConfigError(
+            f"unknown method {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; known: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[name](config)
+
+
+def _load_all() -> None:
+    """Import every method module so its ``@register`` runs (modules not written yet are skipped)."""
+    import importlib
+
+    for mod in ("full", "selective", "lora", "osf", "eigentune", "curlora"):
+        try:
+            importlib.import_module(f".{mod}", __name__)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").endswith(f"methods.{mod}"):
+                raise
+
+
+__all__ = ["Method", "MethodConfig", "Targets", "METHODS", "register", "get_method", "resolve_linear_targets"]

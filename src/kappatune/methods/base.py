@@ -1,0 +1,150 @@
+"""The one small interface every forgetting-aware method implements.
+
+A method takes a model, a target selection and its own config; :meth:`Method.prepare` freezes/wraps the model
+in place, after which :meth:`trainable_parameters` lists what the optimizer may touch and
+:meth:`make_optimizer` builds that optimizer (selective methods restrict gradients *and* optimizer state).
+:meth:`merge` folds any adapter back so the result is a plain model that ``save_pretrained`` accepts;
+:meth:`save` / :meth:`load` store only the trained tensors as safetensors, tagged with a fingerprint of the
+base weights so they are never applied to a different base.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import CacheError, ConfigError
+from ..selection import Selection
+
+# What a method adapts: a Selection, explicit module names, or "all-linear".
+Targets = Union[Selection, Sequence[str], str, None]
+
+
+@dataclass
+class MethodConfig:
+    """Base config; each method subclasses it with its own knobs (rank, alpha, ...)."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "MethodConfig":
+        data = dict(data or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            import difflib
+
+            hints = [difflib.get_close_matches(k, names, n=1) for k in unknown]
+            msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in zip(unknown, hints))
+            raise ConfigError(f"unknown option(s) for {cls.__name__}: {msg}; valid: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Method(ABC):
+    """Base class; subclasses set ``name`` and ``config_cls`` and implement ``_prepare``."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | dict | None = None):
+        if config is None or isinstance(config, dict):
+            config = self.config_cls.from_dict(config)
+        self.config = config
+        self.model: nn.Module | None = None
+        self.base_fingerprint: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, targets: Targets = "all-linear") -> nn.Module:
+        """Freeze/wrap ``model`` for training on ``targets``; returns the model to train (may be a wrapper)."""
+        from ..storage import fingerprint_model
+
+        self.base_fingerprint = fingerprint_model(model)
+        self.model = self._prepare(model, targets)
+        if self.num_trainable() == 0:
+            raise ConfigError(f"method {self.name!r}: the selection leaves no trainable parameter")
+        return self.model
+
+    @abstractmethod
+    def _prepare(self, model: nn.Module, targets: Targets) -> nn.Module: ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        assert self.model is not None, "call prepare() first"
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def make_optimizer(self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs: Any) -> torch.optim.Optimizer:
+        return optimizer_cls(self.trainable_parameters(), **kwargs)
+
+    def merge(self) -> nn.Module:
+        """Return a plain model with the adaptation folded into the weights (default: the model itself)."""
+        assert self.model is not None, "call prepare() first"
+        return self.model
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors training changed (what an adapter file holds)."""
+        assert self.model is not None, "call prepare() first"
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the trained tensors as safetensors, tagged with method, config and base-weight fingerprint."""
+        from safetensors.torch import save
+
+        from ..storage import atomic_write_bytes
+
+        meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "base_fingerprint": self.base_fingerprint or ""}
+        return atomic_write_bytes(path, save(self.trained_state(), metadata=meta))
+
+    def load(self, path: str | Path) -> None:
+        """Load tensors written by :meth:`save` into the prepared model; refuses another base or method."""
+        from safetensors import safe_open
+
+        assert self.model is not None, "call prepare() first"
+        path = Path(path)
+        if not path.is_file():
+            raise CacheError(f"adapter file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types on corrupt headers
+            raise CacheError(f"adapter file {path} is corrupt or not safetensors: {exc}") from exc
+        if meta.get("method") != self.name:
+            raise CacheError(f"adapter {path} was written by method {meta.get('method')!r}, not {self.name!r}")
+        if meta.get("base_fingerprint") != self.base_fingerprint:
+            raise CacheError(f"adapter {path} was trained on a different base model (weight fingerprint mismatch)")
+        params = dict(self.model.named_parameters())
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise CacheError(f"adapter {path} has tensors this model lacks: {missing[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+
+def resolve_linear_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """Module names of the 2-D linear-like layers to adapt (``all-linear`` excludes the output head)."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if targets is None or targets == "all-linear":
+        out_emb = getattr(model, "get_output_embeddings", lambda: None)()
+        head = {n for n, m in model.named_modules() if m is out_emb}
+        return [n for n in linear if n not in head]
+    names = list(targets.module_names) if isinstance(targets, Selection) else [targets] if isinstance(targets, str) else list(targets)
+    known = set(linear)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"target module(s) not found or not linear: {', '.join(bad[:5])}")
+    if not names:
+        raise ConfigError("empty selection: no module to adapt")
+    return names
