@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Method, MethodConfig, Targets, resolve_linear_targets
+from .base import BudgetReport, Method, MethodConfig, Targets, match_budget, resolve_linear_targets
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -32,6 +32,16 @@ def get_method(name: str, config: dict[str, Any] | MethodConfig | None = None) -
     return METHODS[name](config)
 
 
+def for_budget(name: str, model: Any, param_budget: int, targets: Targets = "all-linear", **config: Any) -> Method:
+    """A method configured so its trainable count lands within ±10% of ``param_budget`` (see ``Method.for_budget``).
+
+    The chosen knob and exact count are in ``method.budget_report``; call ``method.prepare(model)`` next.
+    """
+    _load_all()
+    get_method(name)  # clear error for an unknown name
+    return METHODS[name].for_budget(model, param_budget, targets, **config)
+
+
 def _load_all() -> None:
     """Import every method module so its ``@register`` runs (modules not written yet are skipped)."""
     import importlib
@@ -44,4 +54,7 @@ def _load_all() -> None:
                 raise
 
 
-__all__ = ["Method", "MethodConfig", "Targets", "METHODS", "register", "get_method", "resolve_linear_targets"]
+__all__ = [
+    "Method", "MethodConfig", "Targets", "METHODS", "register", "get_method", "resolve_linear_targets",
+    "BudgetReport", "match_budget", "for_budget",
+]

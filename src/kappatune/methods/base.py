@@ -14,7 +14,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
@@ -24,6 +24,70 @@ from ..selection import Selection
 
 # What a method adapts: a Selection, explicit module names, or "all-linear".
 Targets = Union[Selection, Sequence[str], str, None]
+
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """What budget matching chose: the knob, its value and the exact trainable-parameter count it gives.
+
+    ``num_params`` is exact (what :meth:`Method.num_trainable` reports after ``prepare``), so results tables
+    can print the real budget next to the requested one.
+    """
+
+    method: str
+    param_budget: int
+    knob: str
+    value: Any
+    num_params: int
+    tolerance: float = 0.10
+
+    @property
+    def relative_error(self) -> float:
+        return (self.num_params - self.param_budget) / self.param_budget
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["relative_error"] = self.relative_error
+        return d
+
+
+def match_budget(
+    method: str,
+    param_budget: int,
+    candidates: Iterable[_K],
+    count: Callable[[_K], int],
+    *,
+    knob: str,
+    tolerance: float = 0.10,
+) -> BudgetReport:
+    """Pick the knob value whose exact trainable count is closest to ``param_budget``; it must be within ±tolerance.
+
+    The shared search behind every :meth:`Method.for_budget`: each method supplies its candidate knob values
+    (ranks, numbers of tensors, ...) and an exact counting function; ties go to the earlier (smaller) candidate.
+    Raises :class:`ConfigError` naming the nearest reachable counts when nothing lands inside the tolerance.
+    """
+    if not isinstance(param_budget, int) or isinstance(param_budget, bool) or param_budget <= 0:
+        raise ConfigError(f"param_budget must be a positive integer, got {param_budget!r}")
+    best: tuple[int, Any, int] | None = None  # (distance, value, count)
+    seen = 0
+    for value in candidates:
+        seen += 1
+        n = int(count(value))
+        dist = abs(n - param_budget)
+        if best is None or dist < best[0]:
+            best = (dist, value, n)
+    if best is None:
+        raise ConfigError(f"method {method!r}: no {knob} value is possible for these targets (empty selection?)")
+    report = BudgetReport(method, param_budget, knob, best[1], best[2], tolerance)
+    if abs(report.relative_error) > tolerance:
+        raise ConfigError(
+            f"method {method!r} cannot land within ±{tolerance:.0%} of {param_budget:,} trainable parameters: "
+            f"the closest is {knob}={best[1]!r} with {best[2]:,} ({report.relative_error:+.1%}); "
+            "change the budget or the targets"
+        )
+    return report
 
 
 @dataclass
@@ -59,12 +123,41 @@ class Method(ABC):
         self.config = config
         self.model: nn.Module | None = None
         self.base_fingerprint: str | None = None
+        # Set by for_budget(): what was chosen, and the targets prepare() uses when called without targets.
+        self.budget_report: BudgetReport | None = None
+        self.default_targets: Targets = None
+
+    # -- budget matching -------------------------------------------------------------------------------------
+    @classmethod
+    def for_budget(
+        cls,
+        model: nn.Module,
+        param_budget: int,
+        targets: Targets = "all-linear",
+        *,
+        tolerance: float = 0.10,
+        **config: Any,
+    ) -> "Method":
+        """A configured (not yet prepared) method whose trainable count is within ±``tolerance`` of ``param_budget``.
+
+        Each method picks its own knob (number of tensors, LoRA rank, ...) without modifying ``model``; the
+        result carries ``budget_report`` (knob, value, exact count) and ``default_targets`` so that
+        ``m.prepare(model)`` uses the same targets. Implementations typically call :func:`match_budget`.
+        """
+        raise ConfigError(f"method {cls.name!r} does not support budget matching (param_budget)")
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, targets: Targets = "all-linear") -> nn.Module:
-        """Freeze/wrap ``model`` for training on ``targets``; returns the model to train (may be a wrapper)."""
+    def prepare(self, model: nn.Module, targets: Targets = None) -> nn.Module:
+        """Freeze/wrap ``model`` for training on ``targets``; returns the model to train (may be a wrapper).
+
+        ``targets=None`` means the targets chosen by :meth:`for_budget` if any, else the method's default:
+        ``_prepare`` then receives ``None``, which :func:`resolve_linear_targets` reads as ``"all-linear"``
+        (a method may instead derive targets from its own config, e.g. a selection policy).
+        """
         from ..storage import fingerprint_model
 
+        if targets is None:
+            targets = self.default_targets
         self.base_fingerprint = fingerprint_model(model)
         self.model = self._prepare(model, targets)
         if self.num_trainable() == 0:
