@@ -32,7 +32,7 @@ def get_method(name: str, config: dict[str, Any] | MethodConfig | None = None) -
     return METHODS[name](config)
 
 
-def for_budget(name: str, model: Any, param_budget: int, targets: Targets = "all-linear", **config: Any) -> Method:
+def for_budget(name: str, model: Any, param_budget: int, targets: Targets = None, **config: Any) -> Method:
     """A method configured so its trainable count lands within ±10% of ``param_budget`` (see ``Method.for_budget``).
 
     The chosen knob and exact count are in ``method.budget_report``; call ``method.prepare(model)`` next.

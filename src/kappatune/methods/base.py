@@ -133,13 +133,14 @@ class Method(ABC):
         cls,
         model: nn.Module,
         param_budget: int,
-        targets: Targets = "all-linear",
+        targets: Targets = None,
         *,
         tolerance: float = 0.10,
         **config: Any,
     ) -> "Method":
         """A configured (not yet prepared) method whose trainable count is within ±``tolerance`` of ``param_budget``.
 
+        ``targets=None`` means the method's own default (all linear layers, or the policy in its config).
         Each method picks its own knob (number of tensors, LoRA rank, ...) without modifying ``model``; the
         result carries ``budget_report`` (knob, value, exact count) and ``default_targets`` so that
         ``m.prepare(model)`` uses the same targets. Implementations typically call :func:`match_budget`.
