@@ -1,0 +1,169 @@
+"""LoRA through PEFT: on all linear layers (baseline), on κ-selected modules (κ-LoRA), or random / SNR-selected ones.
+
+Target selection comes from :mod:`kappatune.selection`. Unlike kappaTune's own helper, which truncates a Python
+*set* of module names (so its "budget" keeps arbitrary modules), the modules kept here are the first ones in the
+policy's order: the lowest-κ ones for ``policy="kappa"``. Fused mixture-of-experts weights (3-D parameters)
+are adapted through PEFT's ``target_parameters``. Merging uses PEFT's ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..selection import Selection
+from . import register
+from .base import Method, MethodConfig, Targets, match_budget
+from .budget import POLICIES, resolve_selection
+
+__all__ = ["LoraMethodConfig", "LoRA", "lora_shapes", "lora_params_per_rank"]
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    """LoRA knobs.
+
+    ``rank``/``alpha`` (default ``2*rank``)/``dropout``; ``policy``: which modules — ``all`` (every linear layer
+    but the output head, plus fused MoE weights), ``kappa`` (κ-LoRA), ``random``, ``snr``; ``top_p``,
+    ``num_modules``, ``threshold``, ``balance_types``, ``seed``, ``include``, ``exclude`` go to the selection.
+    ``param_budget``: trainable LoRA parameters wanted — the rank is then chosen to land within ±10%.
+    ``seed`` also seeds the LoRA A initialisation, so runs are reproducible.
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    policy: str = "all"
+    top_p: float | None = None
+    num_modules: int | None = None
+    threshold: float | None = None
+    param_budget: int | None = None
+    balance_types: bool = False
+    seed: int = 0
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown LoRA target policy {self.policy!r}; use one of {', '.join(POLICIES)}")
+        if self.param_budget is not None and self.param_budget < 1:
+            raise ConfigError(f"param_budget must be ≥ 1, got {self.param_budget}")
+
+
+def lora_shapes(model: nn.Module, selection: Selection) -> dict[str, tuple[int, ...]]:
+    """Shape of every targeted weight: ``(out, in)`` for linear layers, ``(experts, a, b)`` for fused MoE weights."""
+    params = dict(model.named_parameters())
+    return {n: tuple(params[n].shape) for n in selection.parameter_names}
+
+
+def lora_params_per_rank(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Trainable LoRA weights per unit of rank: ``in+out`` per linear layer, ``experts·(a+b)`` per fused MoE weight.
+
+    (PEFT's ParamWrapper gives a fused ``[E, a, b]`` weight ``lora_A: [r·E, b]`` and ``lora_B: [a, r·E]``.)
+    """
+    total = 0
+    for s in shapes.values():
+        total += s[0] * (s[1] + s[2]) if len(s) == 3 else s[0] + s[1]
+    return total
+
+
+def _max_rank(shapes: dict[str, tuple[int, ...]]) -> tuple[int, str]:
+    name = min(shapes, key=lambda n: min(shapes[n][-2:]))
+    return min(shapes[name][-2:]), name
+
+
+@register
+class LoRA(Method):
+    """LoRA adapters via PEFT on the selected linear layers / fused expert weights."""
+
+    name = "lora"
+    config_cls = LoraMethodConfig
+    config: LoraMethodConfig
+
+    def __init__(self, config: LoraMethodConfig | dict | None = None):
+        super().__init__(config)
+        self.selection: Selection | None = None
+        self.base_model: nn.Module | None = None
+
+    def _selection(self, model: nn.Module, targets: Targets) -> Selection:
+        c = self.config
+        return resolve_selection(
+            model, targets, policy=c.policy, top_p=c.top_p, num_modules=c.num_modules, threshold=c.threshold,
+            balance_types=c.balance_types, seed=c.seed, include=c.include, exclude=c.exclude,
+        )
+
+    def _prepare(self, model: nn.Module, targets: Targets) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        c = self.config
+        if targets is None and c.param_budget is not None:
+            rest = {k: v for k, v in c.to_dict().items() if k != "param_budget"}
+            matched = type(self).for_budget(model, c.param_budget, None, **rest)
+            self.budget_report = matched.budget_report
+            self.config = matched.config
+            c = self.config
+            targets = matched.default_targets
+        sel = self._selection(model, targets)
+        shapes = lora_shapes(model, sel)
+        max_rank, worst = _max_rank(shapes)
+        if c.rank > max_rank:
+            raise ConfigError(
+                f"LoRA rank {c.rank} is larger than the matrix {worst} {shapes[worst]} allows (smallest side {max_rank}); "
+                f"use rank ≤ {max_rank}"
+            )
+        self.selection = sel
+        modules = sel.module_names
+        peft_cfg = LoraConfig(
+            r=c.rank,
+            lora_alpha=c.alpha if c.alpha is not None else 2 * c.rank,
+            lora_dropout=c.dropout,
+            # An anchored regex of exact names: PEFT's list form matches by suffix, which could catch other modules.
+            target_modules="^(?:" + "|".join(re.escape(m) for m in modules) + ")$" if modules else [],
+            target_parameters=list(sel.moe_parameter_names) or None,
+            bias="none",
+            use_rslora=c.use_rslora,
+        )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base_model = model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            peft_model = get_peft_model(model, peft_cfg)
+        return peft_model
+
+    def merge(self) -> nn.Module:
+        """Fold the adapters into the weights (PEFT ``merge_and_unload``); returns a plain transformers model."""
+        assert self.model is not None, "call prepare() first"
+        if hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload()
+        return self.model
+
+    @classmethod
+    def for_budget(
+        cls, model: nn.Module, param_budget: int, targets: Targets = None, *, tolerance: float = 0.10, **config: Any
+    ) -> "LoRA":
+        """Choose the LoRA rank (for the configured targets) that lands within ±tolerance of ``param_budget``.
+
+        ``targets``: a Selection / names / ``"all-linear"``; ``None`` uses the config's ``policy``.
+        """
+        config = {k: v for k, v in config.items() if k != "param_budget"}
+        probe = cls(config)
+        sel = probe._selection(model, targets)
+        shapes = lora_shapes(model, sel)
+        per_rank = lora_params_per_rank(shapes)
+        max_rank, _ = _max_rank(shapes)
+        report = match_budget(cls.name, param_budget, range(1, max_rank + 1), lambda r: r * per_rank, knob="rank", tolerance=tolerance)
+        method = cls({**probe.config.to_dict(), "rank": report.value})
+        method.budget_report = report
+        method.default_targets = sel
+        return method
