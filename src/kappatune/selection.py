@@ -1,11 +1,39 @@
 """Which tensors to adapt: κ (KappaTune), SNR (Spectrum), random and all, under a budget.
 
-(Being implemented; the public contract below is stable.)
+A policy orders the candidate tensors of a :class:`~kappatune.analysis.SpectrumReport`:
+
+- ``kappa``: ascending condition number (KappaTune: the most isotropic tensors first; κ = inf last),
+- ``snr``: descending Marchenko–Pastur SNR (Spectrum),
+- ``random``: a seeded permutation (the control that tells whether the spectrum matters at all),
+- ``all``: every candidate.
+
+A budget then cuts the order: ``num_modules`` (first k), ``top_p`` (first ``max(1, int(N·top_p))``, PEFT's rule),
+``threshold`` (κ ≤ t for ``kappa``, SNR ≥ t for ``snr``) or ``param_budget`` (walk the order and keep every tensor
+that still fits in that many trainable weights: the fair way to compare methods). ``balance_types`` applies the
+budget within each module type (q_proj, k_proj, ..., down_proj) so every type gets the same share.
+
+:class:`KappaTuneSelector` and :func:`find_kappa_target_modules` reproduce PEFT 0.21's ``peft.helpers`` API on
+top of the faster analysis.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from .analysis import DEFAULT_MOE_SUFFIXES, SpectrumReport, TensorSpectrum, analyze_model
+from .errors import ConfigError
+
+__all__ = ["Selection", "POLICIES", "select_targets", "select_from_report", "KappaTuneSelector", "find_kappa_target_modules"]
+
+POLICIES = ("kappa", "snr", "random", "all")
+# Embeddings and the LM head are analysed but not adapted unless asked for (kinds=(..., "head", "embedding")).
+DEFAULT_KINDS = ("linear", "conv1d", "moe")
+ALL_KINDS = ("linear", "conv1d", "moe", "head", "embedding", "param")
 
 
 @dataclass(frozen=True)
@@ -25,3 +53,253 @@ class Selection:
     moe_parameter_names: list[str] = field(default_factory=list)
     num_params: int = 0
     scores: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.parameter_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "module_names": self.module_names,
+            "parameter_names": self.parameter_names,
+            "moe_parameter_names": self.moe_parameter_names,
+            "num_params": self.num_params,
+            "scores": self.scores,
+        }
+
+
+def _order(records: list[TensorSpectrum], policy: str, seed: int) -> list[TensorSpectrum]:
+    if policy == "kappa":
+        return sorted(records, key=lambda r: (not math.isfinite(r.kappa), r.kappa if math.isfinite(r.kappa) else 0.0, r.name))
+    if policy == "snr":
+        return sorted(records, key=lambda r: (math.isnan(r.snr), -r.snr if not math.isnan(r.snr) else 0.0, r.name))
+    if policy == "random":
+        out = sorted(records, key=lambda r: r.name)
+        random.Random(seed).shuffle(out)
+        return out
+    return list(records)
+
+
+def _score(r: TensorSpectrum, policy: str) -> float:
+    return r.snr if policy == "snr" else r.kappa
+
+
+def _validate_budget(top_p, num_modules, threshold, param_budget, policy) -> None:
+    given = [k for k, v in dict(top_p=top_p, num_modules=num_modules, threshold=threshold, param_budget=param_budget).items() if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one budget, not several: {', '.join(given)}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if num_modules is not None and (int(num_modules) != num_modules or num_modules < 1):
+        raise ConfigError(f"num_modules must be a positive integer, got {num_modules}")
+    if param_budget is not None and (int(param_budget) != param_budget or param_budget < 1):
+        raise ConfigError(f"param_budget must be a positive integer number of parameters, got {param_budget}")
+    if threshold is not None:
+        if policy not in ("kappa", "snr"):
+            raise ConfigError(f"threshold applies to the kappa and snr policies, not {policy!r}")
+        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ConfigError(f"threshold must be a number, got {threshold!r}")
+
+
+def _cut(
+    ordered: list[TensorSpectrum], policy: str, top_p, num_modules, threshold, param_budget
+) -> list[TensorSpectrum]:
+    if num_modules is not None:
+        return ordered[: int(num_modules)]
+    if top_p is not None:
+        return ordered[: max(1, int(len(ordered) * top_p))]
+    if threshold is not None:
+        if policy == "kappa":
+            return [r for r in ordered if r.kappa <= threshold]
+        return [r for r in ordered if r.snr >= threshold]
+    if param_budget is not None:
+        kept, used = [], 0
+        for r in ordered:
+            if used + r.numel <= param_budget:
+                kept.append(r)
+                used += r.numel
+        return kept
+    return ordered
+
+
+def select_from_report(
+    report: SpectrumReport,
+    policy: str = "kappa",
+    *,
+    top_p: float | None = None,
+    num_modules: int | None = None,
+    threshold: float | None = None,
+    param_budget: int | None = None,
+    balance_types: bool = False,
+    seed: int = 0,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+) -> Selection:
+    """Apply a policy and a budget to an existing analysis (no SVD work). See the module docstring."""
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    _validate_budget(top_p, num_modules, threshold, param_budget, policy)
+    candidates = [r for r in report.records if r.kind in kinds]
+    if not candidates:
+        raise ConfigError(f"no candidate tensor of kind {', '.join(kinds)} in the analysis; nothing to select")
+    total = sum(r.numel for r in candidates)
+    if param_budget is not None:
+        if param_budget > total:
+            raise ConfigError(
+                f"param_budget {param_budget:,} is larger than all candidate tensors together ({total:,} parameters)"
+            )
+        smallest = min(r.numel for r in candidates)
+        if param_budget < smallest:
+            raise ConfigError(f"param_budget {param_budget:,} is smaller than the smallest candidate tensor ({smallest:,} parameters)")
+
+    if balance_types:
+        groups: dict[str, list[TensorSpectrum]] = {}
+        for r in candidates:
+            groups.setdefault(r.module_type, []).append(r)
+        chosen: list[TensorSpectrum] = []
+        for i, (mtype, recs) in enumerate(sorted(groups.items())):
+            share = dict(top_p=top_p, num_modules=None, threshold=threshold, param_budget=None)
+            if num_modules is not None:
+                share["top_p"] = num_modules / len(candidates)
+            if param_budget is not None:
+                share["param_budget"] = int(param_budget * sum(r.numel for r in recs) / total)
+            if share["top_p"] is not None:
+                share["top_p"] = min(1.0, share["top_p"])
+            chosen += _cut(_order(recs, policy, seed + i), policy, **share)
+        if policy != "random":  # present the union in global policy order
+            keep = {r.name for r in chosen}
+            chosen = [r for r in _order(candidates, policy, seed) if r.name in keep]
+    else:
+        chosen = _cut(_order(candidates, policy, seed), policy, top_p, num_modules, threshold, param_budget)
+
+    if not chosen:
+        raise ConfigError(
+            f"empty selection: policy {policy!r} with budget "
+            f"{dict(top_p=top_p, num_modules=num_modules, threshold=threshold, param_budget=param_budget)} keeps no tensor"
+        )
+    modules: list[str] = []
+    params: list[str] = []
+    moe: list[str] = []
+    for r in chosen:
+        if r.kind == "moe":
+            moe.append(r.name)
+            params.append(r.name)
+        else:
+            modules.extend(m for m in r.modules if m not in modules)
+            params.append(r.name)
+    return Selection(
+        policy=policy,
+        module_names=modules,
+        parameter_names=params,
+        moe_parameter_names=moe,
+        num_params=sum(r.numel for r in chosen),
+        scores={r.name: _score(r, policy) for r in chosen},
+    )
+
+
+def select_targets(
+    model: nn.Module | SpectrumReport,
+    policy: str = "kappa",
+    *,
+    top_p: float | None = None,
+    num_modules: int | None = None,
+    threshold: float | None = None,
+    param_budget: int | None = None,
+    balance_types: bool = False,
+    seed: int = 0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    progress: bool = True,
+    **analysis_kwargs: Any,
+) -> Selection:
+    """Analyse ``model`` (cached) and select tensors to adapt. ``include``/``exclude`` filter tensor names.
+
+    With no budget given, every candidate is selected in policy order.
+    """
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if isinstance(model, SpectrumReport):
+        report = model
+    else:
+        report = analyze_model(model, include=include, exclude=exclude, progress=progress, **analysis_kwargs)
+    return select_from_report(report, policy, top_p=top_p, num_modules=num_modules, threshold=threshold,
+                              param_budget=param_budget, balance_types=balance_types, seed=seed, kinds=kinds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT drop-in compatibility
+# ----------------------------------------------------------------------------------------------------------------
+class KappaTuneSelector:
+    """Drop-in for ``peft.helpers.KappaTuneSelector`` (PEFT 0.21) backed by :func:`analyze_model`.
+
+    Same constructor and the same selection semantics: candidates are every ``nn.Linear`` module (for
+    ``get_best_targets``) and every 3-D parameter ending in one of ``moe_param_suffixes`` (for
+    ``get_best_target_parameters``, κ averaged over experts); tensors with a dimension above
+    ``max_dim_size_to_analyze`` are skipped. One difference, on purpose: a singular matrix ranks last with κ = inf
+    instead of PEFT's κ = σ_max / (0 + 1e-8).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_dim_size_to_analyze: int = 16384,
+        moe_param_suffixes: tuple[str, ...] | None = None,
+        show_progress: bool = True,
+    ):
+        self.model = model
+        self.max_dim_size_to_analyze = max_dim_size_to_analyze
+        self.moe_param_suffixes = tuple(moe_param_suffixes or (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj"))
+        self.show_progress = show_progress
+        self._condition_numbers: dict[str, float] | None = None
+        self._parameter_condition_numbers: dict[str, float] | None = None
+
+    def _compute_kappas(self) -> None:
+        if self._condition_numbers is not None:
+            return
+        report = analyze_model(self.model, max_dim_size=self.max_dim_size_to_analyze,
+                               moe_suffixes=self.moe_param_suffixes, progress=self.show_progress)
+        by_name = report.by_name()
+        self._condition_numbers = {}
+        for mname, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                rec = by_name.get(f"{mname}.weight" if mname else "weight")
+                if rec is not None:
+                    self._condition_numbers[mname] = rec.kappa
+        self._parameter_condition_numbers = {
+            r.name: r.kappa for r in report.records
+            if r.kind == "moe" and any(r.name.endswith(s) for s in self.moe_param_suffixes)
+        }
+
+    @staticmethod
+    def _pick(scores: dict[str, float], top_p, num_modules, threshold) -> list[str]:
+        ordered = sorted(scores.items(), key=lambda x: x[1])
+        if num_modules is not None:
+            return [n for n, _ in ordered[: min(num_modules, len(ordered))]]
+        if top_p is not None:
+            return [n for n, _ in ordered[: max(1, int(len(ordered) * top_p))]]
+        if threshold is not None:
+            return [n for n, k in ordered if k <= threshold]
+        return [n for n, _ in ordered]
+
+    def get_best_targets(self, top_p: float | None = None, num_modules: int | None = None, threshold: float | None = None) -> list[str]:
+        """Names of the lowest-κ ``nn.Linear`` modules (PEFT ``target_modules``)."""
+        self._compute_kappas()
+        return self._pick(self._condition_numbers or {}, top_p, num_modules, threshold)
+
+    def get_best_target_parameters(self, top_p: float | None = None, num_modules: int | None = None, threshold: float | None = None) -> list[str]:
+        """Names of the lowest-κ fused MoE parameters (PEFT ``target_parameters``)."""
+        self._compute_kappas()
+        return self._pick(self._parameter_condition_numbers or {}, top_p, num_modules, threshold)
+
+
+def find_kappa_target_modules(
+    model: nn.Module,
+    top_p: float = 0.2,
+    max_dim_size_to_analyze: int = 16384,
+    moe_param_suffixes: tuple[str, ...] | None = None,
+    show_progress: bool = True,
+) -> dict[str, list[str] | None]:
+    """PEFT-compatible one-liner: ``{"target_modules": [...], "target_parameters": [...] or None}``."""
+    selector = KappaTuneSelector(model, max_dim_size_to_analyze, moe_param_suffixes, show_progress)
+    params = selector.get_best_target_parameters(top_p=top_p)
+    return {"target_modules": selector.get_best_targets(top_p=top_p), "target_parameters": params or None}

@@ -1,0 +1,607 @@
+"""Spectral analysis of every weight tensor of a model, in one fast pass.
+
+For each analysable tensor this computes κ = σ_max/σ_min (KappaTune), σ_max, σ_min, the stable rank
+‖W‖_F²/σ_max², the spectral entropy of the normalised singular values and the Marchenko–Pastur SNR used by
+Spectrum, so every selection policy in :mod:`kappatune.selection` is fed by the same numbers.
+
+Why not just call ``torch.linalg.svdvals`` per matrix like the references do? Only singular values are needed, and
+for a (m × n) matrix with m ≤ n they are the square roots of the eigenvalues of the m × m Gram matrix W Wᵀ.
+Forming the Gram matrix is one GEMM (fast, all cores) and ``eigvalsh`` of a symmetric matrix is several times cheaper
+than a bidiagonalising SVD, so on a 2-core CPU this is 3–6× faster per matrix. Squaring the matrix squares its
+condition number, so the Gram path runs in float64 and is *only trusted* while κ ≤ ``gram_kappa_limit`` (1e4 by
+default: float64's unit round-off times κ² stays ≈1e-8 there); beyond it the matrix is re-analysed with a float64
+SVD. Equal-shaped matrices (e.g. all ``q_proj`` of a model, or the experts of a fused MoE tensor) are batched, the
+computation runs on the weights' device, and under ``torch.distributed`` each rank analyses a share and the
+results are gathered.
+
+A rank-deficient matrix (σ_min ≤ max(m, n)·eps·σ_max, the tolerance ``torch.linalg.matrix_rank`` uses) gets
+κ = inf and is flagged, instead of a silent epsilon; a tensor holding NaN/Inf raises :class:`ModelError`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import CacheError, ModelError
+
+__all__ = [
+    "TensorSpectrum",
+    "SpectrumReport",
+    "WeightRef",
+    "analyze_model",
+    "iter_weights",
+    "spectrum_from_singular_values",
+    "singular_values",
+]
+
+ANALYSIS_VERSION = 2
+DEFAULT_MOE_SUFFIXES = (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj", ".w1", ".w2", ".w3")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TensorSpectrum:
+    """Spectral figures of one weight tensor (one row of the report).
+
+    ``kind``: ``linear`` (nn.Linear), ``conv1d`` (transformers' GPT-2 style Conv1D, stored transposed),
+    ``moe`` (fused 3-D expert tensor; figures are the mean over experts, per-expert values in ``experts``),
+    ``embedding`` (input embedding), ``head`` (output embedding / LM head, tied or not), or ``param`` (any other
+    ≥2-D parameter, reshaped to (out, -1)).
+    ``modules``: names of the linear-like modules that own this tensor (more than one when weights are tied).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    numel: int
+    kappa: float
+    sigma_max: float
+    sigma_min: float
+    stable_rank: float
+    entropy: float
+    snr: float
+    rank_deficient: bool = False
+    modules: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    layer: int | None = None
+    module_type: str = ""
+    experts: list[dict[str, float]] | None = None
+    method: str = "gram"  # "gram" or "svd" (float64 fallback)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpectrum":
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        return cls(**d)
+
+
+@dataclass
+class SpectrumReport:
+    """All tensors of one model, with the analysis settings and the weights' fingerprint."""
+
+    records: list[TensorSpectrum]
+    fingerprint: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    from_cache: bool = False
+
+    def __iter__(self) -> Iterator[TensorSpectrum]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def by_name(self) -> dict[str, TensorSpectrum]:
+        """Map every parameter name (aliases included) to its record."""
+        out: dict[str, TensorSpectrum] = {}
+        for r in self.records:
+            out[r.name] = r
+            for a in r.aliases:
+                out[a] = r
+        return out
+
+    def sorted(self, key: str = "kappa", descending: bool = False) -> list[TensorSpectrum]:
+        """Records sorted by a figure; inf/NaN always last."""
+        def k(r: TensorSpectrum) -> tuple[int, float]:
+            v = getattr(r, key)
+            bad = not math.isfinite(v)
+            return (1 if bad else 0, -v if (descending and not bad) else (v if not bad else 0.0))
+
+        return sorted(self.records, key=k)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "version": ANALYSIS_VERSION,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any]) -> "SpectrumReport":
+        return cls(
+            records=[TensorSpectrum.from_dict(r) for r in d["records"]],
+            fingerprint=d.get("fingerprint", ""),
+            settings=d.get("settings", {}),
+            seconds=d.get("seconds", 0.0),
+        )
+
+    def save_json(self, path: str | Path) -> Path:
+        from .storage import atomic_write_json
+
+        return atomic_write_json(path, self.to_json_dict())
+
+    def table(self, top: int | None = None, key: str = "kappa") -> str:
+        """A fixed-width text table sorted by ``key`` (κ ascending by default)."""
+        rows = self.sorted(key, descending=(key == "snr"))
+        shown = rows[:top] if top else rows
+        head = f"{'rank':>4}  {'tensor':<48} {'kind':<9} {'shape':<16} {'kappa':>11} {'s_max':>9} {'s_min':>10} {'st.rank':>8} {'snr':>8}"
+        lines = [head, "-" * len(head)]
+        for i, r in enumerate(shown, 1):
+            shape = "x".join(map(str, r.shape))
+            kappa = "inf" if math.isinf(r.kappa) else f"{r.kappa:.4g}"
+            name = r.name if len(r.name) <= 48 else "…" + r.name[-47:]
+            lines.append(
+                f"{i:>4}  {name:<48} {r.kind:<9} {shape:<16} {kappa:>11} {r.sigma_max:>9.4g} {r.sigma_min:>10.4g} "
+                f"{r.stable_rank:>8.3g} {r.snr:>8.3g}"
+            )
+        if top and len(rows) > top:
+            lines.append(f"... {len(rows) - top} more tensors (use --top 0 for all)")
+        deficient = [r.name for r in self.records if r.rank_deficient]
+        if deficient:
+            lines.append(f"rank-deficient (kappa = inf, ranked last): {', '.join(deficient[:8])}" + (" ..." if len(deficient) > 8 else ""))
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG of log10 κ per layer, one line per module type."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        groups: dict[str, list[tuple[int, float]]] = {}
+        other: list[tuple[str, float]] = []
+        for r in self.records:
+            val = math.log10(r.kappa) if math.isfinite(r.kappa) and r.kappa > 0 else float("nan")
+            if r.layer is None:
+                other.append((r.module_type or r.name, val))
+            else:
+                groups.setdefault(r.module_type or r.kind, []).append((r.layer, val))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for mtype, pts in sorted(groups.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=mtype)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("log10 condition number κ")
+        ax.set_title("Condition number per layer and module type (low κ = adapted first by KappaTune)")
+        if groups:
+            ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from .storage import atomic_write_bytes
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Enumeration of weights
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class WeightRef:
+    """One analysable tensor of a model, before analysis."""
+
+    name: str
+    kind: str
+    tensor: torch.Tensor  # dequantized / detached view; 2-D, or 3-D for kind "moe"
+    numel: int
+    shape: tuple[int, ...]
+    modules: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def matrices(self) -> int:
+        return self.tensor.shape[0] if self.kind == "moe" else 1
+
+
+def _dequantize(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Float copy of a possibly bitsandbytes-quantized weight (4-bit ``quant_state`` or int8 ``SCB``)."""
+    if hasattr(weight, "quant_state") and weight.quant_state is not None:
+        import bitsandbytes.functional as bnbf  # only reachable when bnb weights exist
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    state = getattr(module, "state", None)
+    if weight.dtype == torch.int8 and state is not None and getattr(state, "SCB", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.int8_vectorwise_dequant(getattr(state, "CB", None) if getattr(state, "CB", None) is not None else weight.data, state.SCB).float()
+    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.int8_vectorwise_dequant(weight.data, weight.SCB).float()
+    return weight.detach()
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    """True if ``name`` matches any glob pattern or regular expression (``re:`` prefix) in ``patterns``."""
+    for p in patterns or ():
+        if p.startswith("re:"):
+            hit = re.search(p[3:], name) is not None
+        elif any(c in p for c in "*?["):
+            hit = fnmatch.fnmatchcase(name, p)
+        else:
+            hit = p in name
+        if hit:
+            return True
+    return False
+
+
+def iter_weights(
+    model: nn.Module,
+    *,
+    min_ndim: int = 2,
+    max_dim_size: int | None = 16384,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    moe_suffixes: Sequence[str] = DEFAULT_MOE_SUFFIXES,
+) -> list[WeightRef]:
+    """Every analysable weight of ``model``, tied tensors once.
+
+    ``include``/``exclude``: glob patterns (a bare word matches as a substring, e.g. ``"q_proj"``) or ``re:``
+    regular expressions, tested on parameter names. ``max_dim_size`` skips tensors with a larger dimension
+    (as the references do), ``min_ndim`` skips vectors (norms, biases).
+    """
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - transformers always installed with kappatune
+        Conv1D = ()  # type: ignore[assignment]
+
+    # Owner module of each parameter, to classify it.
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    linear_owner: dict[int, list[str]] = {}
+    for mname, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and isinstance(module, (nn.Linear, Conv1D)) or (
+            isinstance(w, torch.Tensor) and type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        ):
+            linear_owner.setdefault(id(w), []).append(mname)
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = {id(w) for w in [getattr(out_emb, "weight", None)] if isinstance(w, torch.Tensor)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+    refs: dict[tuple[int, int], WeightRef] = {}
+    order: list[tuple[int, int]] = []
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            key = (p.data_ptr(), p.numel()) if p.numel() else (id(p), 0)
+            if key in refs:
+                if full not in refs[key].aliases and full != refs[key].name:
+                    refs[key].aliases.append(full)
+                continue
+            is_linear = pname == "weight" and id(p) in linear_owner
+            is_moe = p.dim() == 3 and (any(full.endswith(s) for s in moe_suffixes) or ".experts." in f".{full}")
+            if id(p) in embeddings or id(p) in heads:
+                # Input embedding and output head (tied or not): not adapted by default (see selection.DEFAULT_KINDS).
+                kind = "head" if id(p) in heads else "embedding"
+                t = p.detach() if p.dim() == 2 else p.detach().reshape(p.shape[0], -1)
+            elif is_linear:
+                kind = "conv1d" if isinstance(module, Conv1D) else "linear"
+                t = _dequantize(module, p)
+                if kind == "conv1d":
+                    t = t.t()
+            elif is_moe:
+                kind, t = "moe", p.detach()
+            else:
+                if p.dim() < 2:
+                    continue
+                kind, t = "param", p.detach().reshape(p.shape[0], -1)
+            if p.dim() < min_ndim and not is_linear:
+                continue
+            ref = WeightRef(name=full, kind=kind, tensor=t, numel=p.numel(), shape=tuple(p.shape),
+                            modules=list(linear_owner.get(id(p), [])))
+            refs[key] = ref
+            order.append(key)
+    out = []
+    for key in order:
+        ref = refs[key]
+        names = [ref.name, *ref.aliases]
+        mat_shape = ref.tensor.shape[-2:]
+        if max_dim_size is not None and any(d > max_dim_size for d in mat_shape):
+            continue
+        if include and not any(_matches(n, include) for n in names):
+            continue
+        if exclude and any(_matches(n, exclude) for n in names):
+            continue
+        out.append(ref)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerics
+# ----------------------------------------------------------------------------------------------------------------
+def singular_values(mats: torch.Tensor, *, gram_kappa_limit: float = 1e4) -> tuple[torch.Tensor, list[str]]:
+    """Singular values (descending, float64) of a batch of equal-shaped matrices ``(B, m, n)``.
+
+    Gram + ``eigvalsh`` in float64 where the resulting κ ≤ ``gram_kappa_limit``; float64 SVD for the others.
+    Returns the values and, per matrix, ``"gram"`` or ``"svd"``.
+    """
+    a = mats.to(torch.float64)
+    if a.shape[-2] > a.shape[-1]:
+        a = a.transpose(-2, -1)
+    m, n = a.shape[-2:]
+    if m == 0 or n == 0:
+        return torch.zeros(a.shape[0], 0, dtype=torch.float64), ["gram"] * a.shape[0]
+    gram = a @ a.transpose(-2, -1)
+    eig = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)  # descending
+    sv = eig.sqrt()
+    smax, smin = sv[:, 0], sv[:, -1]
+    trusted = smin * gram_kappa_limit >= smax
+    methods = ["gram"] * a.shape[0]
+    if not bool(trusted.all()):
+        idx = (~trusted).nonzero().flatten()
+        sv = sv.clone()
+        sv[idx] = torch.linalg.svdvals(a[idx])
+        for i in idx.tolist():
+            methods[i] = "svd"
+    return sv, methods
+
+
+def spectrum_from_singular_values(sv: torch.Tensor, shape: Sequence[int]) -> dict[str, float]:
+    """κ, σ_max, σ_min, stable rank, spectral entropy and Marchenko–Pastur SNR from descending singular values.
+
+    Entropy: Shannon entropy (nats) of p_i = σ_i/Σσ (exp of it is Roy & Vetterli's effective rank).
+    SNR (Spectrum, Hartford et al. 2024): σ_noise = IQR(σ)/1.349, MP edge = σ_noise·(1+√β) with β = m/n ≤ 1;
+    SNR = Σσ above the edge / Σσ below it, divided by σ_max.
+    """
+    sv = sv.double()
+    m, n = sorted(int(d) for d in shape[-2:])
+    if sv.numel() == 0:
+        return dict(kappa=math.inf, sigma_max=0.0, sigma_min=0.0, stable_rank=0.0, entropy=0.0, snr=0.0, rank_deficient=True)
+    smax = float(sv[0])
+    smin = float(sv[-1])
+    tol = max(m, n) * torch.finfo(torch.float64).eps * smax
+    rank_deficient = smax == 0.0 or smin <= tol
+    kappa = math.inf if rank_deficient else smax / smin
+    fro2 = float((sv * sv).sum())
+    stable_rank = fro2 / (smax * smax) if smax > 0 else 0.0
+    total = float(sv.sum())
+    if total > 0:
+        p = sv / total
+        p = p[p > 0]
+        entropy = float(-(p * p.log()).sum())
+    else:
+        entropy = 0.0
+    if smax > 0 and sv.numel() > 1:
+        q = torch.quantile(sv, torch.tensor([0.25, 0.75], dtype=sv.dtype))
+        sigma_noise = float(q[1] - q[0]) / 1.349
+        edge = sigma_noise * (1 + math.sqrt(m / n))
+        signal = float(sv[sv > edge].sum())
+        noise = float(sv[sv <= edge].sum())
+        snr = (signal / noise if noise > 0 else math.inf) / smax
+    else:
+        snr = 0.0
+    return dict(kappa=kappa, sigma_max=smax, sigma_min=smin, stable_rank=stable_rank, entropy=entropy, snr=snr,
+                rank_deficient=rank_deficient)
+
+
+def _layer_and_type(name: str) -> tuple[int | None, str]:
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    layer = next((int(p) for p in parts if p.isdigit()), None)
+    mtype = parts[-1] if parts else name
+    return layer, mtype
+
+
+def _check_finite(ref: WeightRef) -> None:
+    if not bool(torch.isfinite(ref.tensor).all()):
+        raise ModelError(f"weight tensor {ref.name!r} contains NaN or Inf values; fix or reload the model before analysing it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+def _analysis_device(t: torch.Tensor, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if t.device.type in ("cuda", "xpu"):
+        return t.device
+    return torch.device("cpu")  # MPS has no float64
+
+
+def _analyze_refs(
+    refs: list[WeightRef],
+    *,
+    gram_kappa_limit: float,
+    device: str | torch.device | None,
+    max_chunk_bytes: int,
+    progress: bool,
+) -> list[TensorSpectrum]:
+    from tqdm.auto import tqdm
+
+    # Work items: (ref index, expert index or None, 2-D matrix); grouped by matrix shape for batching.
+    groups: dict[tuple[int, int, str], list[tuple[int, int | None]]] = {}
+    for i, ref in enumerate(refs):
+        _check_finite(ref)
+        mats = [(i, e) for e in range(ref.tensor.shape[0])] if ref.kind == "moe" else [(i, None)]
+        shape = tuple(ref.tensor.shape[-2:])
+        shape = (min(shape), max(shape))
+        dev = _analysis_device(ref.tensor, device)
+        groups.setdefault((shape[0], shape[1], str(dev)), []).extend(mats)
+
+    per_matrix: dict[tuple[int, int | None], tuple[torch.Tensor, str]] = {}
+    total = sum(len(v) for v in groups.values())
+    bar = tqdm(total=total, desc="Analysing weight spectra", unit="matrix", disable=not progress, leave=False)
+    try:
+        for (m, n, dev), items in groups.items():
+            per = max(1, max_chunk_bytes // max(1, m * n * 8 * 2))
+            for start in range(0, len(items), per):
+                chunk = items[start:start + per]
+                mats = []
+                for i, e in chunk:
+                    t = refs[i].tensor if e is None else refs[i].tensor[e]
+                    t = t.to(device=dev, dtype=torch.float64)
+                    mats.append(t.t() if t.shape[0] > t.shape[1] else t)
+                sv, methods = singular_values(torch.stack(mats), gram_kappa_limit=gram_kappa_limit)
+                sv = sv.cpu()
+                for k, key in enumerate(chunk):
+                    per_matrix[key] = (sv[k], methods[k])
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+
+    records = []
+    for i, ref in enumerate(refs):
+        layer, mtype = _layer_and_type(ref.name)
+        if ref.kind == "moe":
+            experts = []
+            for e in range(ref.tensor.shape[0]):
+                sv, _ = per_matrix[(i, e)]
+                experts.append(spectrum_from_singular_values(sv, ref.tensor.shape[-2:]))
+            agg = {k: float(sum(x[k] for x in experts) / len(experts)) for k in ("kappa", "sigma_max", "sigma_min", "stable_rank", "entropy", "snr")}
+            agg["rank_deficient"] = any(x["rank_deficient"] for x in experts)
+            method = "svd" if any(per_matrix[(i, e)][1] == "svd" for e in range(ref.tensor.shape[0])) else "gram"
+            rec = TensorSpectrum(name=ref.name, kind=ref.kind, shape=ref.shape, numel=ref.numel, modules=ref.modules,
+                                 aliases=ref.aliases, layer=layer, module_type=mtype, experts=experts, method=method, **agg)
+        else:
+            sv, method = per_matrix[(i, None)]
+            stats = spectrum_from_singular_values(sv, ref.tensor.shape)
+            rec = TensorSpectrum(name=ref.name, kind=ref.kind, shape=ref.shape, numel=ref.numel, modules=ref.modules,
+                                 aliases=ref.aliases, layer=layer, module_type=mtype, method=method, **stats)
+        records.append(rec)
+    return records
+
+
+def _cache_path(fingerprint: str) -> Path:
+    from .storage import cache_dir
+
+    return cache_dir("analysis") / f"{fingerprint}.json"
+
+
+def _read_cache(path: Path, fingerprint: str) -> SpectrumReport | None:
+    """Cached report for this fingerprint, or None; a corrupt entry warns and is recomputed."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        body = json.dumps(data["records"], sort_keys=True)
+        import hashlib
+
+        if data.get("checksum") != hashlib.sha256(body.encode()).hexdigest() or data.get("fingerprint") != fingerprint:
+            raise ValueError("checksum mismatch")
+        if data.get("version") != ANALYSIS_VERSION:
+            return None
+        rep = SpectrumReport.from_json_dict(data)
+        rep.from_cache = True
+        return rep
+    except Exception as exc:  # corrupt file of any kind: never trust it, never crash on it
+        warnings.warn(f"analysis cache entry {path} is corrupt ({exc}); recomputing", stacklevel=3)
+        return None
+
+
+def _write_cache(path: Path, report: SpectrumReport) -> None:
+    import hashlib
+
+    from .storage import atomic_write_text
+
+    data = report.to_json_dict()
+    data["checksum"] = hashlib.sha256(json.dumps(data["records"], sort_keys=True).encode()).hexdigest()
+    try:
+        atomic_write_text(path, json.dumps(data))
+    except Exception as exc:  # a cache that cannot be written must not fail the analysis
+        warnings.warn(f"could not write analysis cache {path}: {exc}", stacklevel=3)
+
+
+def _distributed_share(refs: list[WeightRef]) -> tuple[list[int], Any]:
+    """Indices this rank analyses (cost-balanced round robin) and the process group, when distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(range(len(refs))), None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cost = sorted(range(len(refs)), key=lambda i: -refs[i].numel * min(refs[i].tensor.shape[-2:]))
+    return sorted(cost[rank::world]), dist
+
+
+def analyze_model(
+    model: nn.Module,
+    *,
+    min_ndim: int = 2,
+    max_dim_size: int | None = 16384,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    moe_suffixes: Sequence[str] = DEFAULT_MOE_SUFFIXES,
+    gram_kappa_limit: float = 1e4,
+    device: str | torch.device | None = None,
+    cache: bool | str | Path = True,
+    progress: bool = True,
+    max_chunk_bytes: int = 1 << 29,
+) -> SpectrumReport:
+    """Analyse every weight tensor of ``model`` (see the module docstring for what and how).
+
+    ``cache``: True uses ``$KAPPATUNE_CACHE/analysis/<fingerprint>.json`` (the key is a hash of the analysed
+    weights and settings, never a file name); a path uses that directory; False disables caching.
+    """
+    from .storage import fingerprint_tensors
+
+    t0 = time.perf_counter()
+    refs = iter_weights(model, min_ndim=min_ndim, max_dim_size=max_dim_size, include=include, exclude=exclude,
+                        moe_suffixes=moe_suffixes)
+    if not refs:
+        raise ModelError(
+            f"{type(model).__name__} has no analysable weight (no ≥{min_ndim}-D parameter passes the filters"
+            f" max_dim_size={max_dim_size}, include={include}, exclude={exclude})"
+        )
+    settings = dict(min_ndim=min_ndim, max_dim_size=max_dim_size, include=list(include or []), exclude=list(exclude or []),
+                    moe_suffixes=list(moe_suffixes), gram_kappa_limit=gram_kappa_limit, version=ANALYSIS_VERSION)
+    fingerprint = ""
+    path = None
+    if cache:
+        import hashlib
+
+        weights_hash = fingerprint_tensors((r.name, r.tensor) for r in refs)
+        fingerprint = hashlib.blake2b(f"{weights_hash}|{json.dumps(settings, sort_keys=True)}".encode(), digest_size=16).hexdigest()
+        path = (Path(cache) / f"{fingerprint}.json") if not isinstance(cache, bool) else _cache_path(fingerprint)
+        hit = _read_cache(path, fingerprint)
+        if hit is not None:
+            hit.seconds = time.perf_counter() - t0
+            return hit
+
+    mine, dist = _distributed_share(refs)
+    records = _analyze_refs([refs[i] for i in mine], gram_kappa_limit=gram_kappa_limit, device=device,
+                            max_chunk_bytes=max_chunk_bytes, progress=progress)
+    if dist is not None:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [(i, r.to_dict()) for i, r in zip(mine, records)])
+        by_index = {i: TensorSpectrum.from_dict(d) for part in gathered for i, d in part}
+        records = [by_index[i] for i in range(len(refs))]
+    report = SpectrumReport(records=records, fingerprint=fingerprint, settings=settings, seconds=time.perf_counter() - t0)
+    if path is not None and (dist is None or dist.get_rank() == 0):
+        _write_cache(path, report)
+    return report

@@ -1,0 +1,86 @@
+"""``kappatune analyze`` and ``kappatune select``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..errors import ConfigError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="built-in name (tiny-llama, tiny-moe, smollm2-135m), local directory or hub id")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    p.add_argument("--max-dim", type=int, default=16384, help="skip tensors with a dimension above this (default 16384)")
+    p.add_argument("--include", action="append", default=None, metavar="PATTERN", help="analyse only matching tensor names (glob, substring or re:REGEX); repeatable")
+    p.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip matching tensor names; repeatable")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if a cached analysis of these weights exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _analyze(args: argparse.Namespace):
+    from ..analysis import analyze_model
+    from ..models import load_model
+
+    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    return analyze_model(model, max_dim_size=args.max_dim, include=args.include, exclude=args.exclude,
+                         cache=not args.no_cache, progress=not args.quiet)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    report = _analyze(args)
+    print(report.table(top=args.top or None))
+    src = "cache" if report.from_cache else "computed"
+    print(f"{len(report)} tensors analysed in {report.seconds:.2f} s ({src}); fingerprint {report.fingerprint or '-'}")
+    if args.json:
+        report.save_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from ..selection import select_from_report
+    from ..storage import atomic_write_json
+
+    report = _analyze(args)
+    sel = select_from_report(report, args.policy, top_p=args.top_p, num_modules=args.num, threshold=args.threshold,
+                             param_budget=args.param_budget, balance_types=args.balance_types, seed=args.seed)
+    total = sum(r.numel for r in report.records if r.kind in ("linear", "conv1d", "moe"))
+    print(f"policy {sel.policy}: {len(sel)} tensors, {sel.num_params:,} parameters ({100 * sel.num_params / max(total, 1):.2f}% of candidate weights)")
+    for name, score in sel.scores.items():
+        s = "inf" if math.isinf(score) else f"{score:.4g}"
+        print(f"  {name:<60} {s:>10}")
+    print("target_modules =", sel.module_names)
+    if sel.moe_parameter_names:
+        print("target_parameters =", sel.moe_parameter_names)
+    if args.json:
+        atomic_write_json(args.json, sel.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="spectral analysis (κ, σ, stable rank, entropy, SNR) of every weight tensor",
+                       description="Analyse every weight tensor of MODEL and print a table sorted by condition number κ.")
+    _add_model_args(p)
+    p.add_argument("--top", type=int, default=30, help="rows to print (0 = all; default 30)")
+    p.add_argument("--json", metavar="PATH", help="write all per-tensor figures as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of κ per layer and module type")
+    p.set_defaults(handler=cmd_analyze)
+
+    p = sub.add_parser("select", help="select tensors to adapt (κ, SNR, random) under a budget",
+                       description="Select adaptation targets of MODEL. Give exactly one budget.")
+    _add_model_args(p)
+    p.add_argument("--policy", choices=("kappa", "snr", "random", "all"), default="kappa")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--top-p", type=float, help="fraction of candidate tensors, in (0, 1]")
+    budget.add_argument("--num", type=int, help="number of tensors")
+    budget.add_argument("--threshold", type=float, help="κ ≤ T (kappa) or SNR ≥ T (snr)")
+    budget.add_argument("--param-budget", type=int, help="trainable-parameter count to fill")
+    p.add_argument("--balance-types", action="store_true", help="same share of every module type (q/k/v/o/up/down...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    p.add_argument("--json", metavar="PATH", help="write the selection as JSON")
+    p.set_defaults(handler=cmd_select)
