@@ -102,6 +102,7 @@ class SpectrumReport:
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     from_cache: bool = False
+    analysed_here: int = 0  # tensors this process analysed (fewer than len(records) when distributed or cached)
 
     def __iter__(self) -> Iterator[TensorSpectrum]:
         return iter(self.records)
@@ -601,7 +602,8 @@ def analyze_model(
         dist.all_gather_object(gathered, [(i, r.to_dict()) for i, r in zip(mine, records)])
         by_index = {i: TensorSpectrum.from_dict(d) for part in gathered for i, d in part}
         records = [by_index[i] for i in range(len(refs))]
-    report = SpectrumReport(records=records, fingerprint=fingerprint, settings=settings, seconds=time.perf_counter() - t0)
+    report = SpectrumReport(records=records, fingerprint=fingerprint, settings=settings, seconds=time.perf_counter() - t0,
+                            analysed_here=len(mine))
     if path is not None and (dist is None or dist.get_rank() == 0):
         _write_cache(path, report)
     return report
