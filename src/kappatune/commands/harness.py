@@ -1,0 +1,78 @@
+"""``kappatune run CONFIG.yaml`` (one continual-learning run) and ``kappatune bench CONFIG.yaml`` (methods × seeds)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG.yaml", help="YAML config (see docs/harness.md and configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override config keys, e.g. training.steps=5 seed=1 'tasks=[shakespeare]'")
+    p.add_argument("--force", action="store_true",
+                   help="run: start over in a directory holding a run (with --resume: resume although the config changed); "
+                        "bench: resume cells whose config changed")
+    p.add_argument("-o", "--output-dir", metavar="DIR", help="output directory (overrides output_dir)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-stage lines")
+    p.add_argument("--check", action="store_true", help="only validate config, model, corpora, methods and budgets; train nothing")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    ov = list(args.overrides)
+    if args.output_dir:
+        ov.append(f"output_dir={args.output_dir}")
+    return ov
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .. import harness, reporting
+
+    if args.check:
+        counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet)
+        print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        return 0
+    results = harness.run(args.config, resume=args.resume, force=args.force, progress=False if args.quiet else None,
+                          overrides=_overrides(args))
+    print()
+    print(reporting.forgetting_table(results))
+    print()
+    print(reporting.metrics_table(results))
+    out = results.get("config", {}).get("output_dir") or ""
+    print(f"\nwrote {out or 'the output directory'}: results.json, results.md" + (", plots/" if results.get("plots") else ""))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .. import harness
+
+    if args.check:
+        counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet)
+        print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        return 0
+    summary = harness.bench(args.config, force=args.force, progress=False if args.quiet else None, overrides=_overrides(args))
+    if args.quiet:
+        from .. import reporting
+
+        print(reporting.bench_table(summary))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="continual-learning run: train task after task, measure learning and forgetting",
+        description="Train the config's method on each task in sequence; after the base model and every stage, "
+                    "evaluate perplexity on every task and the control corpus. Writes results.json, results.md, plots "
+                    "and the final adapter to the output directory and prints the forgetting table.",
+    )
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in the output directory after its last finished stage")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser(
+        "bench", help="compare methods x seeds at a matched budget (mean ± std, Pareto plot)",
+        description="Run every method in 'methods' for every seed in 'seeds' (same tasks, steps, data order per "
+                    "seed and, with 'budget', the same trainable-parameter count). Finished cells are not re-run; "
+                    "unfinished ones resume. Writes bench.json, bench.md and pareto.png.",
+    )
+    _add_common(p)
+    p.set_defaults(handler=cmd_bench)

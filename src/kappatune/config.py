@@ -1,0 +1,505 @@
+"""The YAML configuration of a continual-learning run or benchmark, validated before anything is trained.
+
+A config names the model, the task sequence, the control corpus, the method(s) with their options, target
+selection and budget, the training schedule per stage, the evaluation sizes, seed(s) and the output directory.
+:func:`load_config` reads YAML with ``yaml.safe_load`` (no object construction from the file), applies
+``key.sub=value`` overrides, and builds typed dataclasses. Every problem is one :class:`ConfigError` line that
+names the key (``training.steps``) and what is allowed; an unknown key is rejected with the closest valid key
+suggested, so a typo never silently falls back to a default.
+
+The static checks here need no model or data; :func:`kappatune.harness.validate` adds the checks that do
+(corpora exist, method known, budget reachable) — all of them before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from .errors import ConfigError
+
+__all__ = [
+    "TaskConfig",
+    "TargetsConfig",
+    "MethodSpec",
+    "TrainingConfig",
+    "EvalConfig",
+    "OutputConfig",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "config_fingerprint",
+    "SCHEDULES",
+    "POLICIES",
+]
+
+POLICIES = ("kappa", "snr", "random", "all")
+SCHEDULES = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "cosine_with_min_lr", "warmup_stable_decay",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TaskConfig:
+    """One corpus: a built-in name (see ``kappatune data list``) or a path to a text/JSONL/CSV file or directory."""
+
+    corpus: str
+    name: str | None = None  # label in tables; defaults to the corpus name
+    text_field: str = "text"
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if "/" in self.corpus or os.sep in self.corpus:  # a path: its file/directory stem
+            return Path(self.corpus).stem or self.corpus
+        return self.corpus
+
+
+@dataclass
+class TargetsConfig:
+    """Which tensors a method adapts: a :func:`kappatune.selection.select_targets` policy and its knobs."""
+
+    policy: str = "kappa"
+    top_p: float | None = None
+    num_modules: int | None = None
+    threshold: float | None = None
+    param_budget: int | None = None
+    balance_types: bool = False
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    seed: int | None = None  # random policy; defaults to the run seed
+
+
+@dataclass
+class MethodSpec:
+    """A method by name, its options (the method's own config keys) and its targets.
+
+    ``targets`` omitted means the method's default (all linear layers except the output head).
+    ``budget`` (trainable parameters) overrides the top-level ``budget`` for this method.
+    """
+
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    targets: TargetsConfig | None = None
+    budget: int | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class TrainingConfig:
+    """The schedule of every stage (one stage per task; a fresh optimizer and LR schedule per stage)."""
+
+    steps: int | None = None  # optimizer steps per stage
+    tokens: int | None = None  # alternative: tokens per stage (steps = ceil(tokens / (batch_size * seq_len)))
+    batch_size: int = 4  # global batch (split over processes under accelerate launch)
+    micro_batch_size: int | None = None  # gradient accumulation: per-forward batch per process
+    seq_len: int = 128
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_train_blocks: int | None = None  # cap on training blocks built per task (None: all)
+    checkpoint_every: int = 0  # mid-stage checkpoint every N steps (0: only at stage ends)
+    mixed_precision: str = "no"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation sizes: perplexity on at most ``max_blocks`` held-out blocks of ``seq_len`` tokens per corpus."""
+
+    max_blocks: int = 32
+    batch_size: int = 8
+    eval_fraction: float = 0.1
+    split_seed: int = 0  # train/eval split of every corpus; fixed across run seeds so evals are comparable
+
+
+@dataclass
+class OutputConfig:
+    """What a run writes besides results.json / results.md."""
+
+    save_adapter: bool = True  # final trained tensors (safetensors) — what the method changed
+    save_model: bool = False  # also the merged full model via save_pretrained (large)
+    plots: bool = True
+    spectrum_plot: bool = True  # κ spectrum of the adapted tensors (needs kappatune.analysis)
+
+
+@dataclass
+class RunConfig:
+    """A complete run (``method``) or benchmark (``methods`` × ``seeds``)."""
+
+    model: str
+    tasks: list[TaskConfig]
+    name: str = "run"
+    control: TaskConfig = field(default_factory=lambda: TaskConfig(corpus="control"))
+    method: MethodSpec | None = None
+    methods: list[MethodSpec] = field(default_factory=list)
+    budget: int | None = None  # trainable-parameter target, matched by each method's for_budget
+    seed: int = 0
+    seeds: list[int] | None = None  # bench: one run per method and seed (default: [seed])
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    output_dir: str | None = None  # default: runs/<name>
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    # -- derived ---------------------------------------------------------------------------------------------
+    def steps_per_stage(self) -> int:
+        t = self.training
+        if t.steps is not None:
+            return t.steps
+        assert t.tokens is not None
+        return max(1, math.ceil(t.tokens / (t.batch_size * t.seq_len)))
+
+    def out_dir(self) -> Path:
+        return Path(self.output_dir if self.output_dir is not None else Path("runs") / self.name)
+
+    def method_specs(self) -> list[MethodSpec]:
+        return list(self.methods) if self.methods else ([self.method] if self.method else [])
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def for_method(self, spec: MethodSpec, seed: int, output_dir: str | os.PathLike) -> "RunConfig":
+        """The single-method, single-seed run config a benchmark cell executes."""
+        return dataclasses.replace(
+            self, method=spec, methods=[], seed=seed, seeds=None, output_dir=str(output_dir),
+            name=f"{self.name}/{spec.display}/seed-{seed}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building typed dataclasses from plain YAML data, with one clear message per problem.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if origin in (list, Sequence):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"config: {where} must be {_type_name(tp)}, got null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"config: {where} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: {where} must be {_type_name(tp)}, got {value!r}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                return int(value)  # YAML "1e6" is a float
+            raise ConfigError(f"config: {where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config: {where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config: {where} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _unknown_key_error(cls: type, key: str, valid: Sequence[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    full = f"{where}.{key}" if where else key
+    return ConfigError(
+        f"config: unknown key {full!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; valid keys here: {', '.join(valid)}"
+    )
+
+
+def _build(cls: type, data: Any, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    flds = [f for f in dataclasses.fields(cls)]
+    names = [f.name for f in flds]
+    if isinstance(data, str) and cls is TaskConfig:  # shorthand: "- code" means {corpus: code}
+        data = {"corpus": data}
+    if isinstance(data, str) and cls is MethodSpec:
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {where or 'the top level'} must be a mapping, got {data!r}")
+    for key in data:
+        if not isinstance(key, str) or key not in names:
+            raise _unknown_key_error(cls, str(key), names, where)
+    kwargs = {}
+    for f in flds:
+        sub = f"{where}.{f.name}" if where else f.name
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise ConfigError(f"config: missing required key {sub!r}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Semantic checks that need no model or data.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _positive(value: int | float | None, where: str, *, allow_none: bool = True, zero_ok: bool = False) -> None:
+    if value is None:
+        if not allow_none:
+            raise ConfigError(f"config: {where} is required")
+        return
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"config: {where} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _check_targets(t: TargetsConfig, where: str) -> None:
+    if t.policy not in POLICIES:
+        hint = difflib.get_close_matches(t.policy, POLICIES, n=1)
+        raise ConfigError(
+            f"config: {where}.policy: unknown policy {t.policy!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; choose one of {', '.join(POLICIES)}"
+        )
+    if t.top_p is not None and not (0.0 < t.top_p <= 1.0):
+        raise ConfigError(f"config: {where}.top_p must be in (0, 1], got {t.top_p!r}")
+    _positive(t.num_modules, f"{where}.num_modules")
+    _positive(t.param_budget, f"{where}.param_budget")
+    if t.threshold is not None and t.threshold <= 0:
+        raise ConfigError(f"config: {where}.threshold must be > 0, got {t.threshold!r}")
+
+
+def _check_method(m: MethodSpec, where: str) -> None:
+    if not m.name:
+        raise ConfigError(f"config: {where}.name must name a method")
+    if m.targets is not None:
+        _check_targets(m.targets, f"{where}.targets")
+    _positive(m.budget, f"{where}.budget")
+
+
+def validate_static(cfg: RunConfig) -> RunConfig:
+    """Checks that need neither model nor data; raises :class:`ConfigError` on the first problem."""
+    if not cfg.model:
+        raise ConfigError("config: model must name a model (built-in name, directory or hub id)")
+    if not cfg.tasks:
+        raise ConfigError("config: tasks must list at least one corpus (the stages of the run)")
+    labels = [t.label for t in cfg.tasks]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"config: task names must be unique, {dup[0]!r} appears twice (give each a 'name')")
+    if cfg.control.label in labels:
+        raise ConfigError(f"config: the control corpus {cfg.control.label!r} is also a task; pick another control")
+    if cfg.method is not None and cfg.methods:
+        raise ConfigError("config: give either 'method' (one run) or 'methods' (a benchmark), not both")
+    if cfg.method is None and not cfg.methods:
+        raise ConfigError("config: missing 'method' (e.g. method: {name: selective, targets: {policy: kappa}})")
+    specs = cfg.method_specs()
+    for i, m in enumerate(specs):
+        _check_method(m, "method" if cfg.method is not None else f"methods[{i}]")
+    disp = [m.display for m in specs]
+    dup = sorted({x for x in disp if disp.count(x) > 1})
+    if dup:
+        raise ConfigError(f"config: method label {dup[0]!r} is used twice; give each entry a distinct 'label'")
+    for d in disp:
+        if not d or "/" in d or d.startswith(".") or os.sep in d:
+            raise ConfigError(f"config: method label {d!r} must be a plain name (it becomes a directory name)")
+    _positive(cfg.budget, "budget")
+    if cfg.seeds is not None:
+        if not cfg.seeds:
+            raise ConfigError("config: seeds must list at least one seed")
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            raise ConfigError(f"config: seeds must be distinct, got {cfg.seeds}")
+    t = cfg.training
+    if t.steps is None and t.tokens is None:
+        raise ConfigError("config: training.steps (or training.tokens) is required: how long each stage trains")
+    if t.steps is not None and t.tokens is not None:
+        raise ConfigError("config: give training.steps or training.tokens, not both")
+    _positive(t.steps, "training.steps")
+    _positive(t.tokens, "training.tokens")
+    _positive(t.batch_size, "training.batch_size", allow_none=False)
+    _positive(t.micro_batch_size, "training.micro_batch_size")
+    if t.micro_batch_size is not None and t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"config: training.batch_size ({t.batch_size}) must be a multiple of training.micro_batch_size ({t.micro_batch_size})"
+        )
+    if t.seq_len < 2:
+        raise ConfigError(f"config: training.seq_len must be >= 2, got {t.seq_len}")
+    _positive(t.lr, "training.lr", allow_none=False)
+    if t.schedule not in SCHEDULES:
+        hint = difflib.get_close_matches(t.schedule, SCHEDULES, n=1)
+        raise ConfigError(
+            f"config: training.schedule: unknown schedule {t.schedule!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; choose one of {', '.join(SCHEDULES)}"
+        )
+    _positive(t.warmup_steps, "training.warmup_steps", zero_ok=True)
+    if t.warmup_steps >= cfg.steps_per_stage() and t.warmup_steps > 0:
+        raise ConfigError(
+            f"config: training.warmup_steps ({t.warmup_steps}) must be smaller than the steps per stage ({cfg.steps_per_stage()})"
+        )
+    _positive(t.weight_decay, "training.weight_decay", zero_ok=True)
+    _positive(t.max_grad_norm, "training.max_grad_norm")
+    _positive(t.max_train_blocks, "training.max_train_blocks")
+    _positive(t.checkpoint_every, "training.checkpoint_every", zero_ok=True)
+    if t.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"config: training.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {t.mixed_precision!r}")
+    e = cfg.eval
+    _positive(e.max_blocks, "eval.max_blocks", allow_none=False)
+    _positive(e.batch_size, "eval.batch_size", allow_none=False)
+    if not (0.0 < e.eval_fraction < 1.0):
+        raise ConfigError(f"config: eval.eval_fraction must be in (0, 1), got {e.eval_fraction!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------------------------------------------
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (value parsed as YAML: ``5``, ``1e-4``, ``[0, 1]``, ``null``)."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. training.steps=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part")
+        node = data
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(p)]
+                    continue
+                except (ValueError, IndexError):
+                    raise ConfigError(f"override {item!r}: {p!r} is not an index of the list") from None
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        if isinstance(node, list):
+            try:
+                node[int(parts[-1])] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"override {item!r}: {parts[-1]!r} is not an index of the list") from None
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Build and statically validate a :class:`RunConfig` from plain data (as YAML gives it)."""
+    if data is None:
+        raise ConfigError("config is empty; it needs at least 'model', 'tasks', 'method' and 'training.steps'")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    cfg = _build(RunConfig, data)
+    return validate_static(cfg)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config file (``yaml.safe_load``), apply overrides and validate statically."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
+    return config_from_dict(data, overrides)
+
+
+# Keys that do not change results: excluded from the fingerprint that guards --resume.
+_NON_RESULT_KEYS = ("output_dir", "progress", "name")
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """A hash of everything in the config that affects results (not the output dir or progress display)."""
+    d = cfg.to_dict()
+    for k in _NON_RESULT_KEYS:
+        d.pop(k, None)
+    d["training"].pop("checkpoint_every", None)
+    d["output"] = {}
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,737 @@
+"""Continual-learning runs and fair benchmarks: train stage by stage, measure what is learned and what is forgotten.
+
+:func:`run` executes one config: it evaluates the base model, then for every task in sequence trains one stage
+(:func:`kappatune.training.train_stage`) and evaluates perplexity on *every* task's eval split and on the control
+corpus, building the forgetting matrix ``R[stage][task]``. Each finished stage is committed atomically (trained
+tensors as safetensors, then ``state.json`` — the commit point), so ``resume=True`` continues after the last
+finished stage (or from a mid-stage checkpoint) and ends with exactly the metrics an uninterrupted run gives.
+The output directory holds ``results.json`` (everything: config, library versions, matrix, metrics, per-stage
+time and memory), ``results.md``, PNG plots and the final adapter (optionally the merged model).
+
+:func:`bench` runs several methods × seeds with the same tasks, steps, data order per seed and (with ``budget``)
+the same trainable-parameter count via each method's ``for_budget``; it aggregates mean ± std per metric and draws
+the Pareto plot of task gain vs control degradation. Cells already finished are not re-run.
+
+Everything that can be checked before training is checked first (:func:`validate`): config, model, corpora,
+method names/options and budgets. On CPU a run is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
+from .errors import CacheError, ConfigError, KappaTuneError
+from .storage import atomic_write_json, atomic_write_text, sha256_file
+
+__all__ = ["run", "bench", "validate", "compute_metrics", "library_versions", "load_results", "aggregate_bench"]
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers.
+# ---------------------------------------------------------------------------------------------------------------
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python, kappatune and the libraries that determine the numbers."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "kappatune": __version__}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "numpy", "eigentune"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["torch_threads"] = str(torch.get_num_threads())
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+def _as_config(config: RunConfig | str | os.PathLike | dict, overrides: Sequence[str] = ()) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if overrides:
+            return config_from_dict(_plain(config), overrides)
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config, overrides)
+    return load_config(config, overrides)
+
+
+def _plain(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    # None-valued optional sections round-trip as null, which _build accepts.
+    return d
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    ignore = ("output_dir", "progress", "name", "training.checkpoint_every")
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(ignore) and not k.startswith("output."))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _log(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics.
+# ---------------------------------------------------------------------------------------------------------------
+
+def compute_metrics(task_ppl: Sequence[Sequence[float]], control_ppl: Sequence[float], tasks: Sequence[str]) -> dict[str, Any]:
+    """Continual-learning metrics from the perplexity matrix.
+
+    ``task_ppl[s][j]``: perplexity on task ``j``'s eval split after stage ``s`` (row 0 = base model; task ``j`` is
+    trained in stage ``j+1``). ``control_ppl[s]``: control perplexity after stage ``s``. Perplexity is lower-is-better,
+    so the accuracy-style definitions are mirrored to keep their usual sign:
+
+    * ``bwt_ppl`` = mean over tasks ``j < T`` of ``R[j+1][j] − R[T][j]`` (negative = forgetting);
+    * ``forgetting_per_task[j]`` = ``R[T][j] − min_{j+1 ≤ l < T} R[l][j]`` (positive = forgotten), not defined for the last task;
+    * ``task_gain_pct`` = mean of ``(R[0][j] − R[T][j]) / R[0][j]`` × 100 (what the run learned and kept);
+    * ``learning_gain_pct`` = mean of ``(R[0][j] − R[j+1][j]) / R[0][j]`` × 100 (gain right after each stage);
+    * ``control_change_abs`` / ``control_change_pct``: final minus base control perplexity, absolute and in %.
+    """
+    T = len(tasks)
+    if len(task_ppl) < 1 or any(len(r) != T for r in task_ppl):
+        raise ValueError("task_ppl must have one row per evaluation point and one column per task")
+    done = len(task_ppl) - 1
+    final = task_ppl[-1]
+    out: dict[str, Any] = {
+        "stages_done": done,
+        "final_avg_task_ppl": _mean(final),
+        "base_avg_task_ppl": _mean(task_ppl[0]),
+        "final_task_ppl": dict(zip(tasks, final)),
+        "control_ppl_base": control_ppl[0],
+        "control_ppl_final": control_ppl[-1],
+        "control_change_abs": control_ppl[-1] - control_ppl[0],
+        "control_change_pct": (control_ppl[-1] / control_ppl[0] - 1.0) * 100.0,
+    }
+    trained = list(range(min(done, T)))  # tasks trained so far
+    if trained:
+        out["task_gain_pct"] = _mean([(task_ppl[0][j] - final[j]) / task_ppl[0][j] * 100.0 for j in trained])
+        out["learning_gain_pct"] = _mean([(task_ppl[0][j] - task_ppl[j + 1][j]) / task_ppl[0][j] * 100.0 for j in trained])
+    earlier = [j for j in trained if j + 1 < done]
+    if earlier:
+        out["bwt_ppl"] = _mean([task_ppl[j + 1][j] - final[j] for j in earlier])
+        forgetting = {tasks[j]: final[j] - min(task_ppl[l][j] for l in range(j + 1, done)) for j in earlier}
+        out["forgetting_per_task"] = forgetting
+        out["avg_forgetting_ppl"] = _mean(list(forgetting.values()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup: model, data, method — everything that can fail before training.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Data:
+    tasks: list[str]
+    train: dict[str, torch.Tensor]
+    eval: dict[str, torch.Tensor]
+    control_label: str
+    control: torch.Tensor
+    corpora: dict[str, dict[str, Any]]
+
+
+def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
+    from . import data as kdata
+
+    seq = cfg.training.seq_len
+    e = cfg.eval
+    train: dict[str, torch.Tensor] = {}
+    evals: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for task in [*cfg.tasks, cfg.control]:
+        corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
+        common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
+        if task is not cfg.control:
+            train[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
+        evals[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
+        info[task.label] = {
+            "corpus": task.corpus, "source": getattr(corpus, "source", ""), "license": getattr(corpus, "license", ""),
+            "documents": len(corpus.documents),
+            "train_blocks": int(train[task.label].shape[0]) if task.label in train else 0,
+            "eval_blocks": int(evals[task.label].shape[0]),
+        }
+    control = evals.pop(cfg.control.label)
+    return _Data([t.label for t in cfg.tasks], train, evals, cfg.control.label, control, info)
+
+
+def _method_options(spec: MethodSpec, seed: int) -> dict[str, Any]:
+    """The method's options, with ``seed`` defaulting to the run seed when the method has one (random policy, LoRA init)."""
+    from .methods import METHODS, _load_all
+
+    _load_all()
+    opts = dict(spec.options)
+    cls = METHODS.get(spec.name)
+    if cls is not None and "seed" not in opts and any(f.name == "seed" for f in dataclasses.fields(cls.config_cls)):
+        opts["seed"] = seed
+    return opts
+
+
+def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed: int) -> Any:
+    """A configured (not yet prepared) method; with a budget, matched through the method's ``for_budget``."""
+    from . import methods
+
+    opts = _method_options(spec, seed)
+    budget = spec.budget if spec.budget is not None else cfg.budget
+    where = f"method {spec.display!r}"
+    try:
+        if budget is not None:
+            return methods.for_budget(spec.name, model, int(budget), None, **opts)
+        return methods.get_method(spec.name, opts)
+    except KappaTuneError as exc:
+        msg = str(exc)
+        raise type(exc)(msg if spec.name in msg or spec.display in msg else f"{where}: {msg}") from None
+    except TypeError as exc:  # a method's constructor rejecting an option
+        raise ConfigError(f"{where}: invalid options {spec.options}: {exc}") from None
+
+
+def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
+    from . import data as kdata
+    from .models import load_model
+
+    model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = kdata.get_tokenizer(tok if tok is not None else (cfg.model if cfg.model in ("tiny-llama", "tiny-moe") else model))
+    return model, tokenizer
+
+
+def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequence[str] = (), progress: bool = False,
+             deep: bool = True) -> dict[str, Any]:
+    """Check everything a run/bench needs before training: config, model, corpora, every method and its budget.
+
+    With ``deep=True`` each method is also prepared on a copy of the model (catches e.g. a LoRA rank larger
+    than a matrix). Returns ``{label: trainable parameters}``. Raises one :class:`KappaTuneError` on the first problem.
+    """
+    import copy
+
+    cfg = _as_config(config, overrides)
+    model, tokenizer = _load(cfg)
+    _load_data(cfg, tokenizer, progress)
+    steps = cfg.steps_per_stage()
+    if steps < 1:
+        raise ConfigError("config: training.steps must be > 0")
+    out: dict[str, Any] = {}
+    for spec in cfg.method_specs():
+        method = _build_method(spec, model, cfg, cfg.seed_list()[0])
+        if deep:
+            clone = copy.deepcopy(model)
+            try:
+                method.prepare(clone)
+            except KappaTuneError as exc:
+                raise type(exc)(f"method {spec.display!r}: {exc}") from None
+            out[spec.display] = method.num_trainable()
+            del clone
+        else:
+            out[spec.display] = method.budget_report.num_params if method.budget_report else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State (the commit record of a run).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _read_state(out: Path) -> dict[str, Any] | None:
+    p = out / STATE_FILE
+    if not p.is_file():
+        return None
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{p} is unreadable or corrupt ({exc}); rerun with --force to start the run over") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise CacheError(f"{p} was written by another kappatune version; rerun with --force to start over")
+    return state
+
+
+_RUN_ARTIFACTS = ("state.json", "results.json", "results.md", "checkpoints", "final", "plots")
+
+
+def _clear_run_dir(out: Path) -> None:
+    """Remove only the files a run writes (never the whole directory: it may be the user's)."""
+    for name in _RUN_ARTIFACTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bool) -> tuple[dict[str, float], float]:
+    from .evaluation import perplexity
+    from .training import fault_point
+
+    fault_point("eval")
+    task = {t: perplexity(model, data.eval[t], batch_size=batch_size, progress=progress) for t in data.tasks}
+    ctrl = perplexity(model, data.control, batch_size=batch_size, progress=progress)
+    return task, ctrl
+
+
+def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
+    from .storage import fingerprint_model, fingerprint_tensors
+
+    blocks = [(f"task:{t}", data.eval[t]) for t in data.tasks] + [("control", data.control)]
+    h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}".encode())
+    return h.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------------------------
+
+def run(
+    config: RunConfig | str | os.PathLike | dict,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+    overrides: Sequence[str] = (),
+    base_eval_cache: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run one continual-learning config; returns the ``results.json`` content.
+
+    ``resume``: continue the run in the output directory after its last finished stage (refused if the config
+    changed, unless ``force``). ``force`` without ``resume``: start over in a directory that already holds a run.
+    ``base_eval_cache``: a JSON file sharing the base model's evaluation between runs (used by :func:`bench`).
+    """
+    from . import data as kdata  # noqa: F401  (fail early if the data layer is missing)
+    from .training import PeakMemory, fault_point, make_accelerator, train_stage
+
+    cfg = _as_config(config, overrides)
+    progress = cfg.progress if progress is None else progress
+    specs = cfg.method_specs()
+    if len(specs) != 1 or len(cfg.seed_list()) != 1:
+        raise ConfigError("this config lists several methods or seeds: run it with `kappatune bench` (or give one 'method' and one 'seed')")
+    spec, seed = specs[0], cfg.seed_list()[0]
+    out = cfg.out_dir()
+    fp = config_fingerprint(cfg)
+    T = len(cfg.tasks)
+    steps = cfg.steps_per_stage()
+
+    accelerator = make_accelerator(cfg.training.mixed_precision)
+    main = accelerator.is_main_process
+    talk = progress and main
+
+    state = _read_state(out)
+    if state is not None:
+        if not resume and not force:
+            raise ConfigError(
+                f"{out} already holds a run ({state.get('stages_done', 0)}/{state.get('num_stages', '?')} stages done); "
+                "pass --resume to continue it, --force to start over, or choose another output_dir"
+            )
+        if not resume:  # force: start over
+            accelerator.wait_for_everyone()
+            if main:
+                _clear_run_dir(out)
+            accelerator.wait_for_everyone()
+            state = None
+        elif state.get("config_fingerprint") != fp:
+            diff = _config_diff(state.get("config", {}), cfg.to_dict())
+            if not force:
+                raise ConfigError(
+                    f"cannot resume {out}: the config differs from the one that started it ("
+                    + ("; ".join(diff[:4]) or "fingerprint differs") + ("; ..." if len(diff) > 4 else "")
+                    + "); pass --force to resume anyway, or choose another output_dir"
+                )
+            state["forced_resume"] = state.get("forced_resume", []) + [{"from": state.get("config_fingerprint"), "changes": diff}]
+            state["config_fingerprint"], state["config"] = fp, cfg.to_dict()
+        if state is not None and state.get("num_stages") != T:
+            raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
+        if state is not None and state.get("complete") and (out / "results.json").is_file():
+            _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
+            return load_results(out)
+
+    # -- fail-fast setup: model, data, method (budget) -- nothing trains before all of this succeeded ------------
+    t0 = time.perf_counter()
+    model, tokenizer = _load(cfg)
+    data = _load_data(cfg, tokenizer, progress)
+    method = _build_method(spec, model, cfg, seed)
+    total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    model.to(accelerator.device)
+    setup_s = time.perf_counter() - t0
+
+    if state is None:
+        state = {
+            "version": STATE_VERSION, "config_fingerprint": fp, "config": cfg.to_dict(), "num_stages": T,
+            "stages_done": 0, "complete": False, "base": None, "stages": [], "checkpoint": None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    if state.get("base") is None:
+        state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main)
+        if main:
+            atomic_write_json(out / STATE_FILE, state)
+        _log(talk, f"base model: " + _ppl_line(data.tasks, state["base"]["task_ppl"], data.control_label, state["base"]["control_ppl"]))
+
+    try:
+        method.prepare(model)
+    except KappaTuneError as exc:
+        raise type(exc)(f"method {spec.display!r}: {exc}") from None
+    trainable = method.num_trainable()
+    budget_report = method.budget_report.to_dict() if getattr(method, "budget_report", None) is not None else None
+    if state["stages_done"] > 0:
+        ck = state["checkpoint"]
+        path = out / ck["file"]
+        if not path.is_file() or sha256_file(path) != ck["sha256"]:
+            raise CacheError(f"stage checkpoint {path} is missing or corrupt (checksum mismatch); rerun with --force to start over")
+        method.load(path)
+        _log(talk, f"resuming {out} after stage {state['stages_done']}/{T}")
+    accelerator.wait_for_everyone()
+
+    for k in range(state["stages_done"] + 1, T + 1):
+        task = data.tasks[k - 1]
+        with PeakMemory() as mem:
+            t_stage = time.perf_counter()
+            res = train_stage(
+                method, data.train[task], accelerator=accelerator, steps=steps, batch_size=cfg.training.batch_size,
+                micro_batch_size=cfg.training.micro_batch_size, lr=cfg.training.lr, schedule=cfg.training.schedule,
+                warmup_steps=cfg.training.warmup_steps, weight_decay=cfg.training.weight_decay,
+                max_grad_norm=cfg.training.max_grad_norm, seed=seed, stage=k,
+                checkpoint_dir=out / "checkpoints" / "mid", checkpoint_every=cfg.training.checkpoint_every,
+                checkpoint_meta={"config_fingerprint": fp}, progress=progress, desc=f"stage {k}/{T} {task}",
+            )
+            t_eval = time.perf_counter()
+            task_ppl, ctrl_ppl = _eval_all(method.model, data, cfg.eval.batch_size, progress)
+            eval_s = time.perf_counter() - t_eval
+        record = {
+            "stage": k, "task": task, "steps": res.steps, "tokens": res.tokens, "losses": res.losses,
+            "train_time_s": res.train_time_s, "tokens_per_s": res.tokens / res.train_time_s if res.train_time_s > 0 else None,
+            "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
+            "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
+        }
+        # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
+        if main:
+            fault_point("stage_commit")
+            ck_rel = f"checkpoints/stage-{k}.safetensors"
+            method.save(out / ck_rel)
+            prev = state.get("checkpoint")
+            state["stages"] = [s for s in state["stages"] if s["stage"] < k] + [record]
+            state["stages_done"] = k
+            state["checkpoint"] = {"file": ck_rel, "sha256": sha256_file(out / ck_rel)}
+            state["complete"] = k == T
+            fault_point("stage_commit")
+            atomic_write_json(out / STATE_FILE, state)
+            if prev and prev["file"] != ck_rel:
+                (out / prev["file"]).unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints" / "mid", ignore_errors=True)
+            results = _results(cfg, state, data, trainable, total_params, budget_report, spec, setup_s, fp)
+            _write_reports(out, results, plots=cfg.output.plots, final=False)
+        else:
+            state["stages"] = [s for s in state["stages"] if s["stage"] < k] + [record]
+            state["stages_done"], state["complete"] = k, k == T
+        accelerator.wait_for_everyone()
+        base = state["base"]
+        _log(talk, (
+            f"stage {k}/{T} [{task}] {res.steps} steps, loss {res.losses[0]:.3f}->{res.losses[-1]:.3f}, "
+            f"{record['tokens_per_s'] or 0:,.0f} tok/s, {record['wall_time_s']:.1f} s | "
+            + _ppl_line(data.tasks, task_ppl, data.control_label, ctrl_ppl, base)
+        ))
+
+    results = _results(cfg, state, data, trainable, total_params, budget_report, spec, setup_s, fp)
+    if main:
+        results = _finalize(cfg, out, method, results, progress)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str, ctrl: float, base: dict[str, Any] | None = None) -> str:
+    parts = []
+    for t in tasks:
+        if base:
+            parts.append(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}")
+        else:
+            parts.append(f"{t} {task_ppl[t]:.2f}")
+    if base:
+        pct = (ctrl / base["control_ppl"] - 1) * 100
+        parts.append(f"control({control}) {base['control_ppl']:.2f}->{ctrl:.2f} ({pct:+.1f}%)")
+    else:
+        parts.append(f"control({control}) {ctrl:.2f}")
+    return "ppl " + ", ".join(parts)
+
+
+def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, progress: bool, main: bool) -> dict[str, Any]:
+    """Perplexities of the untouched base model (shared through ``cache`` between the cells of a benchmark)."""
+    key = _base_eval_key(model, data, cfg) if cache is not None else None
+    if cache is not None:
+        p = Path(cache)
+        try:
+            entries = json.loads(p.read_text("utf-8")) if p.is_file() else {}
+        except (OSError, ValueError):
+            entries = {}
+        if key in entries:
+            return entries[key]
+    t = time.perf_counter()
+    task_ppl, ctrl = _eval_all(model, data, cfg.eval.batch_size, progress)
+    base = {"task_ppl": task_ppl, "control_ppl": ctrl, "eval_time_s": time.perf_counter() - t}
+    if cache is not None and main:
+        p = Path(cache)
+        try:
+            entries = json.loads(p.read_text("utf-8")) if p.is_file() else {}
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = base
+        atomic_write_json(p, entries)
+    return base
+
+
+def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int, total: int, budget_report: Any,
+             spec: MethodSpec, setup_s: float, fp: str) -> dict[str, Any]:
+    tasks = data.tasks
+    base = state["base"]
+    stages = sorted(state["stages"], key=lambda s: s["stage"])
+    rows = ["base"] + [f"after {s['stage']}: {s['task']}" for s in stages]
+    task_ppl = [[base["task_ppl"][t] for t in tasks]] + [[s["task_ppl"][t] for t in tasks] for s in stages]
+    ctrl = [base["control_ppl"]] + [s["control_ppl"] for s in stages]
+    metrics = compute_metrics(task_ppl, ctrl, tasks)
+    train_s = sum(s["train_time_s"] for s in stages)
+    n_steps = sum(s["steps"] for s in stages)
+    metrics.update(
+        trainable_params=trainable, trainable_pct=100.0 * trainable / total if total else None,
+        train_time_s=train_s, sec_per_step=train_s / n_steps if n_steps else None,
+        peak_rss_mb=max((s.get("peak_rss_mb") or 0 for s in stages), default=None),
+        peak_gpu_mb=max((s.get("peak_gpu_mb") or 0 for s in stages), default=None),
+        wall_time_s=sum(s["wall_time_s"] for s in stages) + base.get("eval_time_s", 0.0),
+    )
+    return {
+        "kappatune_results": 1,
+        "name": cfg.name,
+        "status": "complete" if state["stages_done"] == len(tasks) else f"partial ({state['stages_done']}/{len(tasks)} stages)",
+        "config_fingerprint": fp,
+        "config": cfg.to_dict(),
+        "libraries": library_versions(),
+        "method": {"label": spec.display, "name": spec.name, "options": _method_options(spec, cfg.seed_list()[0])},
+        "seed": cfg.seed_list()[0],
+        "tasks": tasks,
+        "control": data.control_label,
+        "corpora": data.corpora,
+        "steps_per_stage": cfg.steps_per_stage(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "budget_report": budget_report,
+        "matrix": {"rows": rows, "tasks": tasks, "task_ppl": task_ppl, "control_ppl": ctrl},
+        "metrics": metrics,
+        "base": base,
+        "stages": stages,
+        "setup_time_s": setup_s,
+        "forced_resume": state.get("forced_resume", []),
+        "plots": [],
+        "files": {},
+    }
+
+
+def _spectrum(cfg: RunConfig, merged: torch.nn.Module) -> dict[str, Any] | None:
+    """κ of every tensor the run changed, before (fresh base model) and after (merged model)."""
+    import re
+
+    from .models import load_model
+
+    try:
+        from .analysis import analyze_model
+    except ImportError:  # pragma: no cover - analysis not installed
+        return None
+    base, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    bp = dict(base.named_parameters())
+    changed = []
+    for n, p in merged.named_parameters():
+        q = bp.get(n)
+        if q is not None and q.ndim >= 2 and q.shape == p.shape and not torch.equal(q.detach().cpu(), p.detach().cpu()):
+            changed.append(n)
+    if not changed:
+        return {"names": [], "kappa_before": [], "kappa_after": []}
+    pat = ["re:^(?:" + "|".join(re.escape(n) for n in changed) + ")$"]
+
+    def kappas(m: torch.nn.Module) -> dict[str, float]:
+        rep = analyze_model(m, include=pat, cache=False, progress=False)
+        out: dict[str, float] = {}
+        for r in rep.records:
+            for n in [r.name, *getattr(r, "aliases", [])]:
+                out[n] = r.kappa
+        return out
+
+    kb, ka = kappas(base), kappas(merged.cpu())
+    names = [n for n in changed if n in kb and n in ka]
+    return {"names": names, "kappa_before": [kb[n] for n in names], "kappa_after": [ka[n] for n in names]}
+
+
+def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Final adapter/model, κ spectrum, plots and reports (idempotent: a killed finalize is simply redone)."""
+    files: dict[str, str] = {}
+    if cfg.output.save_adapter:
+        method.save(out / "final" / "adapter.safetensors")
+        files["adapter"] = "final/adapter.safetensors"
+    need_merge = cfg.output.save_model or (cfg.output.plots and cfg.output.spectrum_plot)
+    if need_merge:
+        merged = method.merge()
+        if cfg.output.plots and cfg.output.spectrum_plot:
+            try:
+                spec = _spectrum(cfg, merged)
+            except KappaTuneError as exc:  # e.g. a diverged model with NaN weights: report, don't crash the run
+                spec, results["spectrum_error"] = None, str(exc)
+            if spec is not None:
+                results["spectrum"] = spec
+        if cfg.output.save_model:
+            tmp = out / "final" / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.save_pretrained(tmp, safe_serialization=True)
+            dest = out / "final" / "model"
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+            files["model"] = "final/model"
+    results["files"] = files
+    _write_reports(out, results, plots=cfg.output.plots, final=True)
+    _log(progress, f"results: {out / 'results.json'} and {out / 'results.md'}")
+    return results
+
+
+def _write_reports(out: Path, results: dict[str, Any], *, plots: bool, final: bool) -> None:
+    from . import reporting
+
+    names: list[str] = []
+    if plots:
+        reporting.plot_forgetting_heatmap(results, out / "plots" / "forgetting_heatmap.png")
+        reporting.plot_control_vs_task(results, out / "plots" / "control_vs_task.png")
+        names += ["plots/forgetting_heatmap.png", "plots/control_vs_task.png"]
+        spec = results.get("spectrum")
+        if spec and spec.get("names"):
+            reporting.plot_spectrum(spec, out / "plots" / "kappa_spectrum.png")
+            names.append("plots/kappa_spectrum.png")
+    results["plots"] = names
+    atomic_write_text(out / "results.md", reporting.run_markdown(results))
+    atomic_write_json(out / "results.json", results)
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run's ``results.json`` (``path``: the file or its output directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"no results at {p}") from None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{p} is unreadable or corrupt: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------------
+
+_BENCH_METRICS = (
+    "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
+    "control_change_abs", "control_change_pct", "trainable_params", "train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb",
+)
+
+
+def _stat(values: list[float]) -> dict[str, Any]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    m = _mean(vals)
+    std = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": m, "std": std, "n": len(vals), "values": vals}
+
+
+def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean ± sample std over seeds of every metric, per method (``cells[label][seed]`` = results dict)."""
+    rows = []
+    for label, by_seed in cells.items():
+        res = list(by_seed.values())
+        metrics = {k: _stat([r["metrics"].get(k) for r in res]) for k in _BENCH_METRICS}
+        tasks = res[0]["tasks"] if res else []
+        per_task = {t: _stat([r["metrics"]["final_task_ppl"][t] for r in res]) for t in tasks}
+        first = res[0] if res else {}
+        rows.append({
+            "label": label, "method": first.get("method", {}).get("name"), "seeds": list(by_seed),
+            "metrics": metrics, "final_task_ppl": per_task,
+            "budget_reports": [r.get("budget_report") for r in res],
+            "dirs": {str(s): r.get("_dir") for s, r in by_seed.items()},
+        })
+    return rows
+
+
+def bench(
+    config: RunConfig | str | os.PathLike | dict,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
+
+    Writes ``bench.json``, ``bench.md`` and ``pareto.png`` to the output directory; cell ``<label>/seed-<s>/``
+    holds each run. All methods are validated (and budget-matched) before the first cell trains.
+    """
+    from . import reporting
+
+    cfg = _as_config(config, overrides)
+    progress = cfg.progress if progress is None else progress
+    specs, seeds = cfg.method_specs(), cfg.seed_list()
+    out = cfg.out_dir()
+    t0 = time.perf_counter()
+    trainable = validate(cfg, progress=progress)
+    _log(progress, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
+         + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
+    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    ran, skipped = [], []
+    for spec in specs:
+        for seed in seeds:
+            cell_dir = out / spec.display / f"seed-{seed}"
+            cell_cfg = cfg.for_method(spec, seed, cell_dir)
+            st = _read_state(cell_dir)
+            if st is not None and st.get("complete") and (cell_dir / "results.json").is_file() \
+                    and st.get("config_fingerprint") == config_fingerprint(cell_cfg):
+                res = load_results(cell_dir)
+                skipped.append(f"{spec.display}/seed-{seed}")
+            else:
+                _log(progress, f"== {spec.display} seed {seed} -> {cell_dir}")
+                res = run(cell_cfg, resume=st is not None, force=force, progress=progress,
+                          base_eval_cache=out / "base_eval.json")
+                ran.append(f"{spec.display}/seed-{seed}")
+            res["_dir"] = str(cell_dir)
+            cells.setdefault(spec.display, {})[seed] = res
+    rows = aggregate_bench(cells)
+    first = next(iter(next(iter(cells.values())).values()))
+    summary = {
+        "kappatune_bench": 1,
+        "name": cfg.name, "model": cfg.model, "tasks": first["tasks"], "control": first["control"],
+        "steps_per_stage": cfg.steps_per_stage(), "seeds": seeds, "budget": cfg.budget,
+        "config": cfg.to_dict(), "config_fingerprint": config_fingerprint(cfg), "libraries": library_versions(),
+        "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
+    }
+    if cfg.output.plots:
+        reporting.plot_pareto(summary, out / "pareto.png")
+        summary["plots"] = ["pareto.png"]
+    atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
+    atomic_write_json(out / "bench.json", summary)
+    _log(progress, reporting.bench_table(summary))
+    return summary

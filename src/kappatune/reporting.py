@@ -1,0 +1,309 @@
+"""Tables (Markdown) and plots (PNG, matplotlib Agg backend) of run and benchmark results.
+
+Every function takes the plain dicts the harness writes to ``results.json`` / ``bench.json``, so reports can be
+regenerated from the files alone (``kappatune.reporting.write_run_report(json.load(...), out_dir)``).
+PNG files go through :func:`kappatune.storage.atomic_write_bytes` like every other result.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .storage import atomic_write_bytes, atomic_write_text
+
+__all__ = [
+    "fmt",
+    "forgetting_table",
+    "metrics_table",
+    "stage_table",
+    "run_markdown",
+    "bench_table",
+    "bench_markdown",
+    "plot_forgetting_heatmap",
+    "plot_control_vs_task",
+    "plot_spectrum",
+    "plot_pareto",
+    "METRIC_LABELS",
+]
+
+# metric key -> (label, better direction) ; "lower"/"higher"/"" (informational)
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "final_avg_task_ppl": ("final avg task ppl", "lower"),
+    "task_gain_pct": ("task gain %", "higher"),
+    "learning_gain_pct": ("gain right after each stage %", "higher"),
+    "bwt_ppl": ("BWT (ppl)", "higher"),
+    "avg_forgetting_ppl": ("avg forgetting (ppl)", "lower"),
+    "control_ppl_final": ("control ppl", "lower"),
+    "control_change_abs": ("control Δppl", "lower"),
+    "control_change_pct": ("control Δ%", "lower"),
+    "trainable_params": ("trainable params", ""),
+    "train_time_s": ("train time s", "lower"),
+    "sec_per_step": ("s / step", "lower"),
+    "peak_rss_mb": ("peak RSS MiB", "lower"),
+    "peak_gpu_mb": ("peak GPU MiB", "lower"),
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables (ints with separators, floats with ``digits`` significant decimals)."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        if abs(x) >= 100:
+            return f"{x:.1f}"
+        if abs(x) >= 1 or x == 0:
+            return f"{x:.2f}"
+        if abs(x) >= 0.01:
+            return f"{x:.3f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _md(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- run tables
+def forgetting_table(results: dict[str, Any]) -> str:
+    """The forgetting matrix R[stage][task] (perplexity, lower is better) plus the control column."""
+    tasks = results["tasks"]
+    rows = []
+    for label, row, ctrl in zip(results["matrix"]["rows"], results["matrix"]["task_ppl"], results["matrix"]["control_ppl"]):
+        rows.append([label, *(fmt(v) for v in row), fmt(ctrl)])
+    return _md(rows, ["perplexity after", *tasks, f"control ({results['control']})"])
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    m = results.get("metrics") or {}
+    rows = []
+    for key, (label, better) in METRIC_LABELS.items():
+        if key in m:
+            rows.append([label, fmt(m[key]), better and f"{better} is better"])
+    for task, f in (m.get("forgetting_per_task") or {}).items():
+        rows.append([f"forgetting {task} (ppl)", fmt(f), "lower is better"])
+    return _md(rows, ["metric", "value", ""])
+
+
+def stage_table(results: dict[str, Any]) -> str:
+    rows = []
+    for s in results.get("stages", []):
+        losses = s.get("losses") or []
+        rows.append([
+            s["stage"], s["task"], s["steps"], fmt(s["tokens"]), fmt(losses[0] if losses else None),
+            fmt(losses[-1] if losses else None), fmt(s.get("train_time_s")), fmt(s.get("tokens_per_s")),
+            fmt(s.get("wall_time_s")), fmt(s.get("peak_rss_mb")), fmt(s.get("peak_gpu_mb")),
+        ])
+    return _md(rows, ["stage", "task", "steps", "tokens", "first loss", "last loss", "train s", "tok/s", "wall s",
+                      "peak RSS MiB", "peak GPU MiB"])
+
+
+def run_markdown(results: dict[str, Any]) -> str:
+    """The whole ``results.md`` of a run."""
+    cfg = results.get("config", {})
+    method = results.get("method", {})
+    lines = [
+        f"# kappatune run: {results.get('name', '')}",
+        "",
+        f"- model: `{cfg.get('model')}`; method: `{method.get('label')}` (`{method.get('name')}`, options "
+        f"`{method.get('options')}`)",
+        f"- trainable parameters: {fmt(results.get('trainable_params'))} of {fmt(results.get('total_params'))}"
+        + (f"; budget {fmt(results['budget_report'].get('param_budget'))} matched with "
+           f"{results['budget_report'].get('knob')}={results['budget_report'].get('value')}"
+           if results.get("budget_report") else ""),
+        f"- seed {cfg.get('seed')}; {results.get('steps_per_stage')} steps per stage at batch "
+        f"{cfg.get('training', {}).get('batch_size')} × {cfg.get('training', {}).get('seq_len')} tokens; "
+        f"status: {results.get('status')}",
+        "",
+        "## Forgetting matrix (perplexity on each eval split; rows: after which stage)",
+        "",
+        forgetting_table(results),
+        "",
+        "## Metrics",
+        "",
+        metrics_table(results),
+        "",
+        "BWT = mean over earlier tasks of (ppl right after learning it − final ppl): negative means forgetting. "
+        "Forgetting of a task = final ppl − best ppl it had after being learned (positive = forgot). "
+        "Task gain % = mean relative ppl drop from the base model, control Δ% = relative control ppl change.",
+        "",
+        "## Stages",
+        "",
+        stage_table(results),
+        "",
+    ]
+    plots = results.get("plots") or []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- bench tables
+def _pm(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "–"
+    mean, std, n = stat.get("mean"), stat.get("std"), stat.get("n", 1)
+    if mean is None:
+        return "–"
+    return fmt(mean) if n <= 1 or std is None else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def bench_table(bench: dict[str, Any], keys: Sequence[str] | None = None) -> str:
+    """Mean ± std over seeds per method and metric."""
+    keys = list(keys or [k for k in METRIC_LABELS if any(k in m["metrics"] for m in bench["methods"])])
+    rows = []
+    for m in bench["methods"]:
+        rows.append([m["label"], len(m.get("seeds", [])), *(_pm(m["metrics"].get(k)) for k in keys)])
+    return _md(rows, ["method", "seeds", *(METRIC_LABELS[k][0] for k in keys)])
+
+
+def bench_markdown(bench: dict[str, Any]) -> str:
+    lines = [
+        f"# kappatune bench: {bench.get('name', '')}",
+        "",
+        f"- model `{bench.get('model')}`, tasks {', '.join(bench.get('tasks', []))} (control {bench.get('control')}), "
+        f"{bench.get('steps_per_stage')} steps per stage, seeds {bench.get('seeds')}, "
+        f"trainable-parameter budget {fmt(bench.get('budget'))}",
+        "",
+        "## Mean ± std over seeds",
+        "",
+        bench_table(bench),
+        "",
+    ]
+    task_rows = []
+    for m in bench["methods"]:
+        for t, stat in (m.get("final_task_ppl") or {}).items():
+            task_rows.append([m["label"], t, _pm(stat)])
+    if task_rows:
+        lines += ["## Final perplexity per task", "", _md(task_rows, ["method", "task", "final ppl"]), ""]
+    if bench.get("plots"):
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in bench["plots"]] + [""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- plots
+def plot_forgetting_heatmap(results: dict[str, Any], path: str | Path) -> Path:
+    """Heat map of the forgetting matrix as relative perplexity change vs the base model (%), control included."""
+    import numpy as np
+
+    plt = _plt()
+    tasks = list(results["tasks"]) + [f"control ({results['control']})"]
+    vals = [list(r) + [c] for r, c in zip(results["matrix"]["task_ppl"], results["matrix"]["control_ppl"])]
+    arr = np.asarray(vals, dtype=float)
+    base = arr[0:1, :]
+    rel = (arr / base - 1.0) * 100.0
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(tasks), 1.2 + 0.6 * arr.shape[0]))
+    lim = np.nanmax(np.abs(rel[np.isfinite(rel)])) if np.isfinite(rel).any() else 1.0
+    im = ax.imshow(rel, cmap="RdBu_r", vmin=-max(lim, 1e-9), vmax=max(lim, 1e-9), aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(arr.shape[0]), results["matrix"]["rows"], fontsize=8)
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            ax.text(j, i, f"{fmt(float(arr[i, j]))}\n({rel[i, j]:+.1f}%)", ha="center", va="center", fontsize=7)
+    ax.set_title("Perplexity after each stage (colour: % change vs base; red = worse)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="% change vs base")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_control_vs_task(results: dict[str, Any], path: str | Path) -> Path:
+    """Per stage: perplexity of every task and of the control corpus (log scale)."""
+    plt = _plt()
+    rows = results["matrix"]["rows"]
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, t in enumerate(results["tasks"]):
+        ax.plot(x, [r[j] for r in results["matrix"]["task_ppl"]], marker="o", label=f"task {t}")
+    ax.plot(x, results["matrix"]["control_ppl"], marker="s", color="black", lw=2, label=f"control ({results['control']})")
+    ax.set_xticks(x, rows, rotation=15, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(f"Task vs control perplexity per stage — {results.get('method', {}).get('label', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_spectrum(spectrum: dict[str, Any], path: str | Path) -> Path:
+    """log10 κ of every adapted tensor before and after the run (sorted by κ before)."""
+    plt = _plt()
+    names = list(spectrum["names"])
+    before, after = spectrum["kappa_before"], spectrum["kappa_after"]
+    order = sorted(range(len(names)), key=lambda i: before[i])
+    lb = [math.log10(before[i]) if 0 < before[i] < math.inf else float("nan") for i in order]
+    la = [math.log10(after[i]) if 0 < after[i] < math.inf else float("nan") for i in order]
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(names) + 3), 4))
+    ax.plot(range(len(order)), lb, "o", ms=4, label="base model")
+    ax.plot(range(len(order)), la, "x", ms=5, label="after the run")
+    ax.set_xlabel(f"adapted tensor (sorted by base κ; {len(names)} tensors)")
+    ax.set_ylabel("log10 κ")
+    ax.set_title("Condition number κ of the adapted tensors", fontsize=9)
+    if len(names) <= 24:
+        ax.set_xticks(range(len(order)), [names[i].replace("model.layers.", "L") for i in order], rotation=70, fontsize=6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pareto(bench: dict[str, Any], path: str | Path) -> Path:
+    """Task gain (%) vs control degradation (%), one point per method with error bars (std over seeds)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    pts = []
+    for m in bench["methods"]:
+        x, y = m["metrics"].get("control_change_pct"), m["metrics"].get("task_gain_pct")
+        if not x or not y or x.get("mean") is None or y.get("mean") is None:
+            continue
+        pts.append((x["mean"], y["mean"]))
+        ax.errorbar(x["mean"], y["mean"], xerr=x.get("std") or 0, yerr=y.get("std") or 0, fmt="o", capsize=4, label=m["label"])
+        ax.annotate(m["label"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    # Pareto front: no other point has lower control degradation AND higher task gain.
+    front = sorted(p for p in pts if not any((q[0] <= p[0] and q[1] >= p[1]) and q != p for q in pts))
+    if len(front) > 1:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel("control perplexity change % (lower = less forgetting)")
+    ax.set_ylabel("task perplexity gain % (higher = learned more)")
+    ax.set_title(f"Learning vs forgetting, mean ± std over seeds {bench.get('seeds')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_text(path, text)

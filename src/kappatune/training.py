@@ -1,0 +1,418 @@
+"""One training stage through accelerate, with exact checkpoint/resume.
+
+:func:`train_stage` trains a prepared :class:`~kappatune.methods.Method` on token blocks for a fixed number of
+optimizer steps: a fresh optimizer (``method.make_optimizer``) and LR schedule (``transformers.get_scheduler``)
+per stage, the model and optimizer passed through ``Accelerator.prepare`` (so the same code runs single-CPU,
+single-GPU, or multi-process DDP under ``accelerate launch`` / ``torchrun``), gradient accumulation with
+``no_sync``, gradient clipping, and a tqdm bar showing loss and tokens/s.
+
+Data order is written by hand rather than with a prepared ``DataLoader``, on purpose: batch ``s`` of stage ``k``
+is a pure function of ``(seed, k, s)`` — a seeded permutation of the block indices — so that (1) every method in
+a benchmark sees the same batches for a seed, (2) a run resumed at step ``s`` continues with exactly the batches
+it would have seen, and (3) the *global* batch is identical whatever the number of processes (each process
+takes its contiguous slice), which is what makes a 2-process run match a 1-process run. accelerate's sharded
+dataloaders change the global batch with the process count and resume only approximately.
+
+Checkpoints (``checkpoint_every`` steps, and at the end of training before evaluation) hold the trained tensors
+(``method.save``: safetensors tagged with the base-weight fingerprint), the optimizer and scheduler state and the
+torch RNG state (one ``torch.save`` file read back only with ``weights_only=True``), and a ``meta.json`` with the
+step, the Python/NumPy RNG states and the SHA-256 of both files. ``meta.json`` is written last, atomically, so a
+process killed mid-checkpoint leaves the previous checkpoint valid; a checksum mismatch is detected on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import CacheError, ConfigError
+from .storage import atomic_write_bytes, atomic_write_json, sha256_file
+
+__all__ = [
+    "StageResult",
+    "make_accelerator",
+    "batch_schedule",
+    "train_stage",
+    "save_checkpoint",
+    "load_checkpoint",
+    "get_rng_state",
+    "set_rng_state",
+    "seed_everything",
+    "PeakMemory",
+    "fault_point",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fault injection for the kill/resume tests (a real SIGKILL at a named point; inert unless the env var is set).
+# ---------------------------------------------------------------------------------------------------------------
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """If ``$KAPPATUNE_FAULT`` is ``name:N``, SIGKILL this process the N-th time ``name`` is reached.
+
+    Lets tests kill a run at an exact place (mid-stage, mid-checkpoint, mid-evaluation) with a real, uncatchable
+    signal — nothing is flushed or cleaned up, as with an OOM kill or a pulled plug.
+    """
+    spec = os.environ.get("KAPPATUNE_FAULT")
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeds and RNG state.
+# ---------------------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Python/NumPy RNG states as JSON-able data, torch states as tensors."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], np.asarray(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _stage_seed(seed: int, stage: int, salt: int = 0) -> int:
+    """A seed for (run seed, stage): independent streams per stage, stable across processes and resumes."""
+    return (seed * 1_000_003 + stage * 7_919 + salt * 104_729) % (2**63 - 1)
+
+
+def batch_schedule(num_blocks: int, batch_size: int, steps: int, *, seed: int, stage: int) -> torch.Tensor:
+    """Block indices of every global batch of a stage, shape ``[steps, batch_size]``.
+
+    Epochs are consecutive seeded permutations of ``range(num_blocks)``; batches never straddle an epoch's
+    reshuffle unevenly because the permutations are simply concatenated. Depends only on ``(seed, stage)``.
+    """
+    if num_blocks <= 0:
+        raise ConfigError("no training block: the task corpus is shorter than one sequence (lower training.seq_len)")
+    need = steps * batch_size
+    gen = torch.Generator().manual_seed(_stage_seed(seed, stage))
+    perms = [torch.randperm(num_blocks, generator=gen) for _ in range(math.ceil(need / num_blocks))]
+    return torch.cat(perms)[:need].view(steps, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accelerate.
+# ---------------------------------------------------------------------------------------------------------------
+
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
+    """An :class:`accelerate.Accelerator` (reads the environment set by ``accelerate launch`` / ``torchrun``)."""
+    from accelerate import Accelerator
+
+    kwargs: dict[str, Any] = {"mixed_precision": mixed_precision}
+    if cpu is not None:
+        kwargs["cpu"] = cpu
+    return Accelerator(**kwargs)
+
+
+class PeakMemory:
+    """Peak memory while the context is open: process RSS (sampled every 20 ms) and CUDA allocator peak.
+
+    ``ru_maxrss`` is a lifetime high-water mark and cannot be reset per stage; a sampler thread on
+    ``psutil`` RSS gives a per-stage peak instead (to within the sampling interval).
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_cuda = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+            except Exception:  # pragma: no cover - process info unavailable
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if torch.cuda.is_available():
+            self.peak_cuda = int(torch.cuda.max_memory_allocated())
+
+    def to_dict(self) -> dict[str, float]:
+        return {"peak_rss_mb": round(self.peak_rss / 2**20, 1), "peak_gpu_mb": round(self.peak_cuda / 2**20, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    method: Any,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    *,
+    meta: dict[str, Any],
+) -> Path:
+    """Write trained tensors, optimizer/scheduler/torch-RNG state and ``meta.json`` (last, the commit point)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fault_point("checkpoint_write")
+    method.save(d / "trained.safetensors")
+    rng = get_rng_state()
+    blob: dict[str, Any] = {"torch_rng": rng.pop("torch")}
+    if "cuda" in rng:
+        blob["cuda_rng"] = rng.pop("cuda")
+    if optimizer is not None:
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        blob["optimizer"] = opt.state_dict()
+    if scheduler is not None:
+        blob["scheduler"] = scheduler.state_dict()
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(d / "state.pt", buf.getvalue())
+    fault_point("checkpoint_write")
+    full = dict(meta)
+    full["rng"] = rng
+    full["files"] = {name: sha256_file(d / name) for name in ("trained.safetensors", "state.pt")}
+    atomic_write_json(d / "meta.json", full)
+    return d
+
+
+def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint's ``meta.json`` if present and its files match their checksums; ``None`` if absent.
+
+    Raises :class:`CacheError` when the files are present but corrupt (checksum mismatch).
+    """
+    d = Path(directory)
+    mp = d / "meta.json"
+    if not mp.is_file():
+        return None
+    try:
+        meta = json.loads(mp.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CacheError(f"checkpoint {d} is corrupt (unreadable meta.json: {exc}); delete it to restart the stage") from exc
+    for name, digest in meta.get("files", {}).items():
+        f = d / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise CacheError(f"checkpoint {d} is corrupt ({name} does not match its checksum); delete it to restart the stage")
+    return meta
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, method: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any
+) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its meta. Never unpickles."""
+    d = Path(directory)
+    meta = read_checkpoint_meta(d)
+    if meta is None:
+        raise CacheError(f"no checkpoint in {d}")
+    method.load(d / "trained.safetensors")
+    try:
+        blob = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CacheError(f"checkpoint {d}/state.pt cannot be read safely: {exc}") from exc
+    if optimizer is not None and "optimizer" in blob:
+        getattr(optimizer, "optimizer", optimizer).load_state_dict(blob["optimizer"])
+    if scheduler is not None and "scheduler" in blob:
+        scheduler.load_state_dict(blob["scheduler"])
+    rng = dict(meta["rng"])
+    rng["torch"] = blob["torch_rng"]
+    if "cuda_rng" in blob:
+        rng["cuda"] = blob["cuda_rng"]
+    set_rng_state(rng)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage loop.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageResult:
+    """What one stage of training did."""
+
+    steps: int
+    tokens: int  # global tokens seen this stage
+    losses: list[float] = field(default_factory=list)  # mean training loss per optimizer step (all processes)
+    train_time_s: float = 0.0  # wall time spent training (summed over resumed segments)
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_stage(
+    method: Any,
+    blocks: torch.Tensor,
+    *,
+    accelerator: Any,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    stage: int,
+    micro_batch_size: int | None = None,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    checkpoint_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> StageResult:
+    """Train ``method.model`` on ``blocks`` ``[N, seq_len]`` for ``steps`` optimizer steps.
+
+    If ``checkpoint_dir`` holds a valid checkpoint of this stage (its meta matches ``checkpoint_meta``), training
+    resumes from it and ends exactly where an uninterrupted stage would. Checkpoints are written every
+    ``checkpoint_every`` steps and after the last step (when ``checkpoint_dir`` is given and ``checkpoint_every > 0``).
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if steps <= 0:
+        raise ConfigError(f"steps must be > 0, got {steps}")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if batch_size % world:
+        raise ConfigError(f"training.batch_size ({batch_size}) must be a multiple of the number of processes ({world})")
+    local_bs = batch_size // world
+    micro = min(micro_batch_size or local_bs, local_bs)
+    if local_bs % micro:
+        raise ConfigError(f"per-process batch {local_bs} is not a multiple of training.micro_batch_size {micro}")
+    n_micro = local_bs // micro
+    seq_len = blocks.shape[1]
+    order = batch_schedule(blocks.shape[0], batch_size, steps, seed=seed, stage=stage)
+
+    # Per-stage seeding (per process for dropout); overwritten by a checkpoint's RNG state on resume.
+    seed_everything(_stage_seed(seed, stage, salt=1 + rank))
+
+    base_model = method.model
+    optimizer = method.make_optimizer(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    # The scheduler is deliberately not passed to prepare(): accelerate's wrapper steps it num_processes times
+    # per step (it assumes per-process batches); our global batch is fixed, so one step per optimizer step.
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    model, optimizer = accelerator.prepare(base_model, optimizer)
+
+    meta_base = dict(checkpoint_meta or {})
+    meta_base.update({"stage": stage, "steps": steps})
+    start = 0
+    result = StageResult(steps=steps, tokens=steps * batch_size * seq_len)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        try:
+            meta = read_checkpoint_meta(ckpt)
+        except CacheError:
+            meta = None  # a torn mid-stage checkpoint is not finished work: restart the stage
+        if meta is not None and all(meta.get(k) == v for k, v in meta_base.items()):
+            load_checkpoint(ckpt, method, optimizer, scheduler)
+            start = int(meta["step"])
+            result.losses = list(meta.get("losses", []))
+            result.train_time_s = float(meta.get("train_time_s", 0.0))
+            result.resumed_from_step = start
+
+    params = [p for p in method.trainable_parameters()]
+    model.train()
+    bar = tqdm(
+        total=steps, initial=start, desc=desc, unit="step", leave=False, dynamic_ncols=True,
+        disable=not (progress and accelerator.is_local_main_process),
+    )
+    t_seg = time.perf_counter()
+    t_prev = time.perf_counter()
+    device = accelerator.device
+    try:
+        for step in range(start, steps):
+            idx = order[step, rank * local_bs : (rank + 1) * local_bs]
+            batch = blocks[idx].to(device)
+            loss_sum = torch.zeros((), device=device)
+            for m in range(n_micro):
+                x = batch[m * micro : (m + 1) * micro]
+                sync = m == n_micro - 1
+                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+                with ctx, accelerator.autocast():
+                    out = model(input_ids=x, labels=x)
+                    loss = out.loss / n_micro
+                accelerator.backward(loss)
+                loss_sum += loss.detach()
+            if max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss = accelerator.reduce(loss_sum, reduction="mean") if world > 1 else loss_sum
+            loss_val = float(mean_loss)
+            if not math.isfinite(loss_val):
+                raise ConfigError(
+                    f"training diverged at stage {stage} step {step + 1} (loss {loss_val}); lower training.lr"
+                )
+            result.losses.append(loss_val)
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{batch_size * seq_len / max(now - t_prev, 1e-9):,.0f}")
+            t_prev = now
+            bar.update(1)
+            fault_point("train_step")
+            done = step + 1
+            if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
+                elapsed = result.train_time_s + (time.perf_counter() - t_seg)
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        ckpt, method, optimizer, scheduler,
+                        meta={**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed},
+                    )
+                accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+    result.train_time_s += time.perf_counter() - t_seg
+    model.eval()
+    accelerator.free_memory()  # drop accelerate's references to this stage's optimizer (fresh one next stage)
+    del optimizer, scheduler
+    return result
