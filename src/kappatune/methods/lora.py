@@ -93,6 +93,7 @@ class LoRA(Method):
     def __init__(self, config: LoraMethodConfig | dict | None = None):
         super().__init__(config)
         self.selection: Selection | None = None
+        self.target_shapes: dict[str, tuple[int, ...]] = {}
         self.base_model: nn.Module | None = None
 
     def _selection(self, model: nn.Module, targets: Targets) -> Selection:
@@ -122,6 +123,7 @@ class LoRA(Method):
                 f"use rank ≤ {max_rank}"
             )
         self.selection = sel
+        self.target_shapes = shapes
         modules = sel.module_names
         peft_cfg = LoraConfig(
             r=c.rank,

@@ -12,6 +12,7 @@ lowest condition number first), ``snr`` (the Spectrum baseline) or ``random`` (s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -22,7 +23,7 @@ from ..errors import ConfigError
 from ..selection import Selection
 from . import register
 from .base import Method, MethodConfig, Targets, match_budget
-from .budget import POLICIES, prefix_selection, ranked_selection, resolve_selection
+from .budget import POLICIES, ranked_selection, resolve_selection, selection_from_names
 
 __all__ = ["SelectiveOptimizer", "SelectiveConfig", "SelectiveFineTuning"]
 
@@ -225,7 +226,9 @@ class SelectiveFineTuning(Method):
     def for_budget(
         cls, model: nn.Module, param_budget: int, targets: Targets = None, *, tolerance: float = 0.10, **config: Any
     ) -> "SelectiveFineTuning":
-        """Choose how many of the policy's best tensors to train so their size is within ±tolerance of ``param_budget``.
+        """Choose the policy's best tensors that fit ``param_budget`` (within ±tolerance); reports the exact count.
+
+        Tensors are taken in policy order (lowest κ first for ``kappa``), skipping any that no longer fits.
 
         ``targets``, if a Selection or names, is the candidate pool in preference order; otherwise the config's
         policy ranks every candidate tensor (lowest κ first for ``kappa``).
@@ -240,12 +243,24 @@ class SelectiveFineTuning(Method):
         if not ranked:
             raise ConfigError(f"empty selection: policy {c.policy!r} has no candidate tensor (check include/exclude)")
         sizes = dict((n, p.numel()) for n, p in model.named_parameters())
-        cum = [0]
-        for n in ranked:
-            cum.append(cum[-1] + sizes[n])
-        report = match_budget(cls.name, param_budget, range(1, len(ranked) + 1), lambda k: cum[k], knob="num_tensors", tolerance=tolerance)
+        # Walk the policy order and keep every tensor that still fits under a cap (the selection module's
+        # param_budget rule): cap = budget, and cap = budget·(1+tolerance) in case undershooting is too far.
+        options: list[list[str]] = []
+        for cap in (param_budget, int(param_budget * (1 + tolerance))):
+            kept, used = [], 0
+            for n in ranked:
+                if used + sizes[n] <= cap:
+                    kept.append(n)
+                    used += sizes[n]
+            options.append(kept)
+        report = match_budget(cls.name, param_budget, range(len(options)),
+                              lambda i: sum(sizes[n] for n in options[i]), knob="num_tensors", tolerance=tolerance)
+        chosen = options[report.value]
+        if not chosen:
+            raise ConfigError(f"param_budget {param_budget:,} is smaller than every candidate tensor of policy {c.policy!r}")
+        report = dataclasses.replace(report, value=len(chosen))
         method.budget_report = report
-        method.default_targets = prefix_selection(model, ranked, report.value, c.policy)
+        method.default_targets = selection_from_names(model, chosen, c.policy)
         return method
 
 
