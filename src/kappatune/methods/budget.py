@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 POLICIES = ("all", "kappa", "random", "snr")
+# A policy with no budget knob keeps this fraction of the candidates (the default of KappaTune's PEFT helper).
+DEFAULT_TOP_P = 0.2
 
 
 def fused_moe_parameters(model: nn.Module) -> list[str]:
@@ -110,7 +112,8 @@ def resolve_selection(
     """One :class:`Selection` for whatever the caller passed.
 
     ``targets`` wins when given (a Selection, names, or ``"all-linear"``); with ``targets=None`` the config's
-    ``policy`` and knobs decide (``"all"``: every linear layer except the output head, plus fused MoE weights).
+    ``policy`` and knobs decide (``"all"``: every linear layer except the output head, plus fused MoE weights;
+    another policy with no knob keeps the best ``DEFAULT_TOP_P`` = 20% of the candidates).
     """
     if isinstance(targets, Selection):
         if not targets.parameter_names:
@@ -123,6 +126,8 @@ def resolve_selection(
         return selection_from_names(model, names)
     if policy == "all" and not (include or exclude):
         return selection_from_names(model, resolve_linear_targets(model, "all-linear") + fused_moe_parameters(model), "all")
+    if top_p is None and num_modules is None and threshold is None and param_budget is None:
+        top_p = DEFAULT_TOP_P
     sel = _select(
         model, policy, top_p=top_p, num_modules=num_modules, threshold=threshold, param_budget=param_budget,
         balance_types=balance_types or None, seed=seed, include=include, exclude=exclude, progress=progress,
