@@ -16,8 +16,9 @@ dataloaders change the global batch with the process count and resume only appro
 Checkpoints (``checkpoint_every`` steps, and at the end of training before evaluation) hold the trained tensors
 (``method.save``: safetensors tagged with the base-weight fingerprint), the optimizer and scheduler state and the
 torch RNG state (one ``torch.save`` file read back only with ``weights_only=True``), and a ``meta.json`` with the
-step, the Python/NumPy RNG states and the SHA-256 of both files. ``meta.json`` is written last, atomically, so a
-process killed mid-checkpoint leaves the previous checkpoint valid; a checksum mismatch is detected on load.
+step, the Python/NumPy RNG states and the SHA-256 of both files. ``meta.json`` is written last, atomically, into a new
+``step-N`` directory, so a process killed mid-checkpoint leaves the previous checkpoint valid; a checksum mismatch
+is detected on load.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +51,7 @@ __all__ = [
     "train_stage",
     "save_checkpoint",
     "load_checkpoint",
+    "latest_checkpoint",
     "get_rng_state",
     "set_rng_state",
     "seed_everything",
@@ -195,15 +199,21 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(
-    directory: str | os.PathLike,
+    root: str | os.PathLike,
     method: Any,
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     *,
     meta: dict[str, Any],
 ) -> Path:
-    """Write trained tensors, optimizer/scheduler/torch-RNG state and ``meta.json`` (last, the commit point)."""
-    d = Path(directory)
+    """Write a checkpoint to ``root/step-NNNNNN/`` and then drop the older ones under ``root``.
+
+    Files: trained tensors (``method.save``), ``state.pt`` (optimizer, scheduler, torch RNG) and ``meta.json`` with
+    the checksums of both, written last. Until that meta exists the new directory does not count, so a kill at
+    any point leaves the previous checkpoint usable.
+    """
+    step = int(meta["step"])
+    d = Path(root) / f"step-{step:06d}"
     d.mkdir(parents=True, exist_ok=True)
     fault_point("checkpoint_write")
     method.save(d / "trained.safetensors")
@@ -224,6 +234,9 @@ def save_checkpoint(
     full["rng"] = rng
     full["files"] = {name: sha256_file(d / name) for name in ("trained.safetensors", "state.pt")}
     atomic_write_json(d / "meta.json", full)
+    for old in Path(root).glob("step-*"):
+        if old != d and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return d
 
 
@@ -245,6 +258,25 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
         if not f.is_file() or sha256_file(f) != digest:
             raise CacheError(f"checkpoint {d} is corrupt ({name} does not match its checksum); delete it to restart the stage")
     return meta
+
+
+def latest_checkpoint(root: str | os.PathLike, match: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete, uncorrupted checkpoint under ``root`` whose meta agrees with ``match``; else ``None``.
+
+    Incomplete (no meta yet) or corrupt directories are skipped: a mid-stage checkpoint is not finished work.
+    """
+    r = Path(root)
+    if not r.is_dir():
+        return None
+    for d in sorted((p for p in r.glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            meta = read_checkpoint_meta(d)
+        except CacheError as exc:
+            warnings.warn(f"ignoring {exc}", stacklevel=2)
+            continue
+        if meta is not None and all(meta.get(k) == v for k, v in (match or {}).items()):
+            return d, meta
+    return None
 
 
 def load_checkpoint(
@@ -348,17 +380,14 @@ def train_stage(
     start = 0
     result = StageResult(steps=steps, tokens=steps * batch_size * seq_len)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None:
-        try:
-            meta = read_checkpoint_meta(ckpt)
-        except CacheError:
-            meta = None  # a torn mid-stage checkpoint is not finished work: restart the stage
-        if meta is not None and all(meta.get(k) == v for k, v in meta_base.items()):
-            load_checkpoint(ckpt, method, optimizer, scheduler)
-            start = int(meta["step"])
-            result.losses = list(meta.get("losses", []))
-            result.train_time_s = float(meta.get("train_time_s", 0.0))
-            result.resumed_from_step = start
+    found = latest_checkpoint(ckpt, meta_base) if ckpt is not None else None
+    if found is not None:
+        d, meta = found
+        load_checkpoint(d, method, optimizer, scheduler)
+        start = int(meta["step"])
+        result.losses = list(meta.get("losses", []))
+        result.train_time_s = float(meta.get("train_time_s", 0.0))
+        result.resumed_from_step = start
 
     params = [p for p in method.trainable_parameters()]
     model.train()

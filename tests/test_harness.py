@@ -1,0 +1,356 @@
+"""Continual-learning harness: config validation, metrics, determinism, kill/resume, 2-process DDP, bench.
+
+Everything runs on tiny-llama (byte tokenizer) and small generated corpora, so the whole file takes about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kappatune.config import config_from_dict, config_fingerprint, load_config
+from kappatune.errors import ConfigError, DataError, KappaTuneError
+from kappatune.harness import bench, compute_metrics, run, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = {
+    "alpha": "the quick brown fox jumps over a lazy dog while seven wizards box".split(),
+    "beta": "def return import class lambda yield async await print range len dict".split(),
+    "ctrl": "it is a truth universally acknowledged that a single man in possession of fortune".split(),
+}
+
+
+def _write_corpus(path: Path, key: str, n_docs: int = 40, seed: int = 0) -> str:
+    rng = random.Random(f"{key}-{seed}")
+    docs = [" ".join(rng.choice(WORDS[key]) for _ in range(rng.randint(60, 100))) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("corpora")
+    return {k: _write_corpus(d / f"{k}.txt", k) for k in WORDS}
+
+
+def _cfg(corpora: dict[str, str], out: Path, **over) -> dict:
+    cfg = {
+        "name": "t",
+        "model": "tiny-llama",
+        "tasks": [{"corpus": corpora["alpha"], "name": "alpha"}, {"corpus": corpora["beta"], "name": "beta"}],
+        "control": {"corpus": corpora["ctrl"], "name": "ctrl"},
+        "method": {"name": "selective", "options": {"policy": "kappa", "top_p": 0.5}},
+        "training": {"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1},
+        "eval": {"max_blocks": 8, "batch_size": 8},
+        "output": {"plots": False},
+        "seed": 0,
+        "output_dir": str(out),
+        "progress": False,
+    }
+    for key, value in over.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def _key_metrics(results: dict) -> dict:
+    return {"matrix": results["matrix"], "losses": [s["losses"] for s in results["stages"]],
+            "trainable": results["trainable_params"]}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("KAPPATUNE_FAULT", None)
+    return env
+
+
+def _write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config validation (static)
+# ---------------------------------------------------------------------------------------------------------------
+def test_unknown_keys_are_rejected_with_the_closest_valid_key(corpora, tmp_path):
+    cfg = _cfg(corpora, tmp_path)
+    cfg["trainig"] = cfg.pop("training")
+    with pytest.raises(ConfigError, match=r"unknown key 'trainig' \(did you mean 'training'\?\)"):
+        config_from_dict(cfg)
+    cfg = _cfg(corpora, tmp_path, training__stepz=3)
+    with pytest.raises(ConfigError, match=r"'training.stepz' \(did you mean 'steps'\?\)"):
+        config_from_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "over, pattern",
+    [
+        ({"training__steps": 0}, r"training.steps must be > 0"),
+        ({"training__lr": -1.0}, r"training.lr must be > 0"),
+        ({"training__schedule": "cosin"}, r"did you mean 'cosine'"),
+        ({"eval__eval_fraction": 1.5}, r"eval.eval_fraction must be in \(0, 1\)"),
+        ({"training__batch_size": "four"}, r"training.batch_size must be an integer"),
+        ({"budget": 0}, r"budget must be > 0"),
+        ({"tasks": []}, r"tasks must list at least one corpus"),
+    ],
+)
+def test_static_config_errors(corpora, tmp_path, over, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(_cfg(corpora, tmp_path, **over))
+
+
+def test_yaml_errors_and_overrides(corpora, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny-llama\ntasks: [a, b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(bad)
+    good = _write_yaml(tmp_path / "good.yaml", _cfg(corpora, tmp_path / "o"))
+    cfg = load_config(good, ["training.steps=9", "seed=3", "method.options.top_p=0.25"])
+    assert (cfg.training.steps, cfg.seed, cfg.method.options["top_p"]) == (9, 3, 0.25)
+    assert config_fingerprint(cfg) != config_fingerprint(load_config(good))
+    # output location and progress display do not change results, so they do not change the fingerprint
+    assert config_fingerprint(load_config(good, ["output_dir=elsewhere", "progress=true"])) == config_fingerprint(load_config(good))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad configs fail before any training, with one clear line (CLI exit 2)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "over, pattern",
+    [
+        ({"method": {"name": "kapatune-selective"}}, r"unknown method 'kapatune-selective'"),
+        ({"tasks": [{"corpus": "/nonexistent/dir/task.txt"}]}, r"data file /nonexistent/dir/task.txt does not exist"),
+        ({"training__steps": 0}, r"training.steps must be > 0"),
+        ({"budget": 10**9}, r"cannot land within ±10% of 1,000,000,000 trainable parameters"),
+        ({"method": {"name": "lora", "options": {"rank": 4096}}}, r"rank 4096 is larger than the matrix"),
+    ],
+)
+def test_bad_configs_fail_before_training(corpora, tmp_path, capsys, over, pattern):
+    from kappatune.cli import main
+
+    out = tmp_path / "out"
+    path = _write_yaml(tmp_path / "c.yaml", _cfg(corpora, out, **over))
+    code = main(["run", str(path), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("kappatune: error:"), err
+    assert re.search(pattern, err), err
+    # nothing was trained: no stage checkpoint, no stage in any state file
+    assert not (out / "checkpoints").exists()
+    if (out / "state.json").exists():
+        assert json.loads((out / "state.json").read_text())["stages_done"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+def test_compute_metrics_by_hand():
+    # rows: base, after task a, after task b, after task c ; columns: tasks a, b, c
+    R = [[10.0, 20.0, 40.0], [5.0, 19.0, 41.0], [6.0, 10.0, 39.0], [8.0, 12.0, 20.0]]
+    ctrl = [30.0, 31.0, 33.0, 36.0]
+    m = compute_metrics(R, ctrl, ["a", "b", "c"])
+    assert m["final_avg_task_ppl"] == pytest.approx((8 + 12 + 20) / 3)
+    assert m["bwt_ppl"] == pytest.approx(((5 - 8) + (10 - 12)) / 2)  # negative: forgetting
+    assert m["forgetting_per_task"] == pytest.approx({"a": 8 - 5, "b": 12 - 10})
+    assert m["task_gain_pct"] == pytest.approx(((10 - 8) / 10 + (20 - 12) / 20 + (40 - 20) / 40) / 3 * 100)
+    assert m["learning_gain_pct"] == pytest.approx(((10 - 5) / 10 + (20 - 10) / 20 + (40 - 20) / 40) / 3 * 100)
+    assert m["control_change_abs"] == pytest.approx(6.0)
+    assert m["control_change_pct"] == pytest.approx(20.0)
+    one = compute_metrics(R[:2], ctrl[:2], ["a", "b", "c"])  # partial run: no BWT yet
+    assert "bwt_ppl" not in one and one["stages_done"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run: outputs, determinism, refusal to clobber / resume a different config
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(corpora, tmp_path_factory):
+    """One uninterrupted run every resume test compares with (checkpoint_every does not affect results)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return run(_cfg(corpora, out, output__plots=True))
+
+
+def test_run_writes_everything_and_learns(reference, corpora):
+    out = Path(reference["config"]["output_dir"])
+    for f in ("results.json", "results.md", "state.json", "final/adapter.safetensors",
+              "plots/forgetting_heatmap.png", "plots/control_vs_task.png", "plots/kappa_spectrum.png"):
+        assert (out / f).is_file(), f
+    r = reference
+    assert r["status"] == "complete" and len(r["matrix"]["task_ppl"]) == 3 and r["matrix"]["rows"][0] == "base"
+    # each task's perplexity drops when it is trained (lr 3e-3 on a random tiny model)
+    assert r["matrix"]["task_ppl"][1][0] < r["matrix"]["task_ppl"][0][0]
+    assert r["matrix"]["task_ppl"][2][1] < r["matrix"]["task_ppl"][1][1]
+    assert r["libraries"]["torch"] and r["config"]["model"] == "tiny-llama"
+    # selective training: only the selected tensors changed, and the spectrum covers exactly those
+    assert 0 < r["trainable_params"] < r["total_params"]
+    assert len(r["spectrum"]["names"]) > 0
+    assert all(s["peak_rss_mb"] > 0 and s["wall_time_s"] > 0 for s in r["stages"])
+    assert "| base |" in (out / "results.md").read_text()
+
+
+def test_same_config_same_metrics(reference, corpora, tmp_path):
+    again = run(_cfg(corpora, tmp_path / "again", output__plots=True))
+    assert _key_metrics(again) == _key_metrics(reference)
+
+
+def test_existing_run_is_not_clobbered_and_changed_config_not_resumed(reference, corpora, tmp_path):
+    out = Path(reference["config"]["output_dir"])
+    cfg = _cfg(corpora, out, output__plots=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(cfg)
+    assert run(cfg, resume=True)["matrix"] == reference["matrix"]  # complete: returned, not re-run
+    changed = _cfg(corpora, out, output__plots=True, training__lr=1e-3)
+    with pytest.raises(ConfigError, match=r"config differs.*training.lr: 0.003 -> 0.001.*--force"):
+        run(changed, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kill -9 and resume
+# ---------------------------------------------------------------------------------------------------------------
+def _spawn(cfg_path: Path, *args: str, fault: str | None = None) -> subprocess.Popen:
+    env = _env()
+    if fault:
+        env["KAPPATUNE_FAULT"] = fault
+    return subprocess.Popen([sys.executable, "-m", "kappatune.cli", "run", str(cfg_path), "-q", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(
+    "fault, every, resumed_from",
+    [
+        ("train_step:9", 2, 2),  # stage 2, step 3: resumes from the step-2 mid-stage checkpoint
+        ("checkpoint_write:10", 2, 2),  # killed mid-write of the stage-2 step-4 checkpoint: the step-2 one is used
+        ("stage_commit:4", 0, 0),  # killed after the stage-2 tensors, before state.json: stage 2 is redone
+    ],
+)
+def test_sigkill_mid_stage_then_resume_gives_identical_metrics(reference, corpora, tmp_path, fault, every, resumed_from):
+    out = tmp_path / "run"
+    path = _write_yaml(tmp_path / "c.yaml", _cfg(corpora, out, output__plots=True, training__checkpoint_every=every))
+    proc = _spawn(path, fault=fault)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    state = json.loads((out / "state.json").read_text())
+    assert state["stages_done"] == 1 and not state["complete"]  # died inside stage 2
+    proc = _spawn(path, "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["stages"][1]["resumed_from_step"] == resumed_from
+    assert _key_metrics(resumed) == _key_metrics(reference)
+
+
+def test_external_sigkill_then_resume(reference, corpora, tmp_path):
+    """The test itself kills the process (kill -9) as soon as stage 1 is committed, wherever it then is."""
+    out = tmp_path / "run"
+    path = _write_yaml(tmp_path / "c.yaml", _cfg(corpora, out, output__plots=True, training__checkpoint_every=1))
+    proc = _spawn(path)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        st = out / "state.json"
+        try:
+            if st.is_file() and json.loads(st.read_text())["stages_done"] >= 1:
+                break
+        except (ValueError, OSError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    proc = _spawn(path, "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert _key_metrics(json.loads((out / "results.json").read_text())) == _key_metrics(reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes (gloo DDP through accelerate) match one process
+# ---------------------------------------------------------------------------------------------------------------
+def test_two_process_gloo_matches_single_process(reference, corpora, tmp_path):
+    out = tmp_path / "ddp"
+    path = _write_yaml(tmp_path / "c.yaml", _cfg(corpora, out, output__plots=True))
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+           "-m", "kappatune.cli", "run", str(path), "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "results.json").read_text())
+    assert ddp["config"]["training"]["batch_size"] == 4  # global batch: 2 per process
+    import numpy as np
+
+    np.testing.assert_allclose(ddp["matrix"]["task_ppl"], reference["matrix"]["task_ppl"], rtol=2e-3)
+    np.testing.assert_allclose(ddp["matrix"]["control_ppl"], reference["matrix"]["control_ppl"], rtol=2e-3)
+    np.testing.assert_allclose(ddp["stages"][0]["losses"], reference["stages"][0]["losses"], rtol=2e-3)
+    assert ddp["trainable_params"] == reference["trainable_params"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bench: 3 methods x 2 seeds at a matched budget, finished cells not re-run
+# ---------------------------------------------------------------------------------------------------------------
+def test_bench_three_methods_two_seeds(corpora, tmp_path):
+    cfg = _cfg(corpora, tmp_path / "bench", output__plots=True, output__spectrum_plot=False)
+    del cfg["method"]
+    cfg.update(
+        name="bench-tiny", budget=20480, seeds=[0, 1],
+        methods=[
+            {"name": "selective", "label": "kappatune", "options": {"policy": "kappa"}},
+            {"name": "selective", "label": "random-selective", "options": {"policy": "random"}},
+            {"name": "lora", "label": "lora"},
+        ],
+    )
+    t0 = time.time()
+    summary = bench(cfg)
+    elapsed = time.time() - t0
+    assert elapsed < 120, elapsed
+    labels = [m["label"] for m in summary["methods"]]
+    assert labels == ["kappatune", "random-selective", "lora"] and len(summary["ran"]) == 6
+    for m in summary["methods"]:
+        tp = m["metrics"]["trainable_params"]
+        assert abs(tp["mean"] - 20480) <= 0.10 * 20480  # matched budget
+        assert m["metrics"]["task_gain_pct"]["n"] == 2 and m["metrics"]["task_gain_pct"]["std"] is not None
+    # the base model is evaluated once and shared by every cell
+    bases = set()
+    for m in summary["methods"]:
+        for d in m["dirs"].values():
+            bases.add(json.dumps(json.loads((Path(d) / "results.json").read_text())["base"]["task_ppl"], sort_keys=True))
+    assert len(bases) == 1
+    # random selection depends on the seed, κ selection does not
+    rnd = summary["methods"][1]["dirs"]
+    r0, r1 = (json.loads((Path(rnd[s]) / "results.json").read_text()) for s in ("0", "1"))
+    assert r0["matrix"] != r1["matrix"]
+    out = tmp_path / "bench"
+    assert (out / "pareto.png").is_file() and (out / "bench.md").is_file() and (out / "bench.json").is_file()
+    assert "±" in (out / "bench.md").read_text()
+    again = bench(cfg)
+    assert again["ran"] == [] and len(again["skipped"]) == 6
+    assert again["methods"][0]["metrics"] == summary["methods"][0]["metrics"]
+
+
+def test_batch_schedule_depends_only_on_seed_and_stage():
+    from kappatune.training import batch_schedule
+
+    a = batch_schedule(10, 4, 6, seed=0, stage=1)
+    assert a.shape == (6, 4) and a.equal(batch_schedule(10, 4, 6, seed=0, stage=1))
+    assert not a.equal(batch_schedule(10, 4, 6, seed=1, stage=1)) and not a.equal(batch_schedule(10, 4, 6, seed=0, stage=2))
+    flat = a.flatten().tolist()
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs = permutations
+
+
+def test_shipped_configs_are_valid():
+    for name in ("tiny.yaml", "demo.yaml", "bench_tiny.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.steps_per_stage() > 0 and cfg.method_specs()
