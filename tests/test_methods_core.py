@@ -325,6 +325,10 @@ def test_lora_save_load_round_trip_and_refuse_other_base(tmp_path):
     sel.prepare(build_tiny_llama())
     with pytest.raises(CacheError, match="method"):
         sel.load(path)
+    bigger = get_method("lora", {**cfg, "rank": 4})
+    bigger.prepare(build_tiny_llama())
+    with pytest.raises(CacheError, match="shape mismatch"):
+        bigger.load(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -220,6 +220,10 @@ class Method(ABC):
         missing = [k for k in state if k not in params]
         if missing:
             raise CacheError(f"adapter {path} has tensors this model lacks: {missing[:3]}")
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in state.items() if v.shape != params[k].shape]
+        if wrong:
+            raise CacheError(f"adapter {path} does not fit this method's config (shape mismatch: {wrong[0]}); "
+                             "prepare the method with the config it was saved with")
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
