@@ -338,7 +338,8 @@ def test_lora_save_load_round_trip_and_refuse_other_base(tmp_path):
     "name, config, budget",
     [("selective", {"policy": "kappa"}, 30000), ("selective", {"policy": "random", "seed": 1}, 30000),
      ("selective", {"policy": "snr"}, 50000), ("lora", {"policy": "all"}, 9000), ("lora", {"policy": "kappa", "top_p": 0.5}, 6000),
-     ("lora", {"policy": "snr", "top_p": 0.5}, 6000)],
+     ("lora", {"policy": "snr", "top_p": 0.5}, 6000),
+     ("lora", {"policy": "all"}, 3000), ("lora", {"policy": "all"}, 5000)],  # between ranks: r+1 on some modules
 )
 def test_budget_matching_within_ten_percent(name, config, budget):
     model = build_tiny_llama()
@@ -420,6 +421,10 @@ def test_bad_configs_give_clear_errors():
         get_method("selective", {"policy": "kapa"})
     with pytest.raises(ConfigError, match="rank must be a positive integer"):
         get_method("lora", {"rank": 0})
+    with pytest.raises(ConfigError, match="rank_pattern names 'lm_head'"):
+        get_method("lora", {"rank_pattern": {"lm_head": 2}}).prepare(build_tiny_llama())
+    with pytest.raises(ConfigError, match="must be an integer in \\[1, 32\\]"):
+        get_method("lora", {"rank_pattern": {"model.layers.0.self_attn.k_proj": 33}}).prepare(build_tiny_llama())
     with pytest.raises(ConfigError, match="neither a module nor a parameter"):
         get_method("selective").prepare(build_tiny_llama(), ["model.layers.9.mlp.up_proj"])
 

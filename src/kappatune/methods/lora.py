@@ -8,6 +8,7 @@ are adapted through PEFT's ``target_parameters``. Merging uses PEFT's ``merge_an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,8 @@ class LoraMethodConfig(MethodConfig):
     but the output head, plus fused MoE weights), ``kappa`` (κ-LoRA), ``random``, ``snr``; ``top_p``,
     ``num_modules``, ``threshold``, ``balance_types``, ``seed``, ``include``, ``exclude`` go to the selection.
     ``param_budget``: trainable LoRA parameters wanted — the rank is then chosen to land within ±10%.
-    ``seed`` also seeds the LoRA A initialisation, so runs are reproducible.
+    ``seed`` also seeds the LoRA A initialisation, so runs are reproducible. ``rank_pattern``: per-module rank
+    overrides (full module names), which budget matching uses to give some modules ``rank + 1``.
     """
 
     rank: int = 8
@@ -48,6 +50,7 @@ class LoraMethodConfig(MethodConfig):
     include: list[str] | None = None
     exclude: list[str] | None = None
     use_rslora: bool = False
+    rank_pattern: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -122,6 +125,16 @@ class LoRA(Method):
                 f"LoRA rank {c.rank} is larger than the matrix {worst} {shapes[worst]} allows (smallest side {max_rank}); "
                 f"use rank ≤ {max_rank}"
             )
+        pattern = dict(c.rank_pattern or {})
+        by_module = {m: f"{m}.weight" if f"{m}.weight" in shapes else None for m in sel.module_names}
+        params = dict(model.named_parameters())
+        for m, r in pattern.items():
+            if m not in by_module:
+                raise ConfigError(f"rank_pattern names {m!r}, which is not among the LoRA target modules")
+            w = params.get(f"{m}.weight")
+            side = min(w.shape[-2:]) if w is not None else max_rank
+            if not isinstance(r, int) or not 1 <= r <= side:
+                raise ConfigError(f"rank_pattern[{m!r}] = {r!r} must be an integer in [1, {side}] (smallest side of the matrix)")
         self.selection = sel
         self.target_shapes = shapes
         modules = sel.module_names
@@ -134,6 +147,9 @@ class LoRA(Method):
             target_parameters=list(sel.moe_parameter_names) or None,
             bias="none",
             use_rslora=c.use_rslora,
+            # PEFT reads pattern keys as regexes: escape the exact names.
+            rank_pattern={re.escape(m): r for m, r in pattern.items()},
+            alpha_pattern={re.escape(m): 2 * r for m, r in pattern.items()} if c.alpha is None else {},
         )
         for p in model.parameters():
             p.requires_grad_(False)
@@ -158,14 +174,34 @@ class LoRA(Method):
 
         ``targets``: a Selection / names / ``"all-linear"``; ``None`` uses the config's ``policy``.
         """
-        config = {k: v for k, v in config.items() if k != "param_budget"}
+        config = {k: v for k, v in config.items() if k not in ("param_budget", "rank_pattern")}
         probe = cls(config)
         sel = probe._selection(model, targets)
         shapes = lora_shapes(model, sel)
         per_rank = lora_params_per_rank(shapes)
         max_rank, _ = _max_rank(shapes)
-        report = match_budget(cls.name, param_budget, range(1, max_rank + 1), lambda r: r * per_rank, knob="rank", tolerance=tolerance)
-        method = cls({**probe.config.to_dict(), "rank": report.value})
+        try:  # one rank for every module when that lands inside the tolerance
+            report = match_budget(cls.name, param_budget, range(1, max_rank + 1), lambda r: r * per_rank, knob="rank", tolerance=tolerance)
+            pattern: dict[str, int] = {}
+        except ConfigError as uniform_error:
+            # Otherwise rank r everywhere and r + 1 on the first j linear modules (policy order): the count then
+            # moves in steps of one module's in+out instead of the whole model's, so small budgets are reachable.
+            mods = [m for m in sel.module_names if f"{m}.weight" in shapes]
+            sizes = [sum(shapes[f"{m}.weight"]) for m in mods]
+            cum = [0]
+            for n in sizes:
+                cum.append(cum[-1] + n)
+            cands = [(r, j) for r in range(1, max_rank) for j in range(0, len(mods) + 1)]
+            try:
+                report = match_budget(cls.name, param_budget, cands, lambda rj: rj[0] * per_rank + cum[rj[1]],
+                                      knob="rank", tolerance=tolerance)
+            except ConfigError:
+                raise uniform_error from None
+            r, j = report.value
+            pattern = {m: r + 1 for m in mods[:j]}
+            report = dataclasses.replace(report, value=r if not pattern else f"{r} (+1 on {j} of {len(shapes)} targets)")
+        rank = report.value if not pattern else int(str(report.value).split()[0])
+        method = cls({**probe.config.to_dict(), "rank": rank, "rank_pattern": pattern or None})
         method.budget_report = report
         method.default_targets = sel
         return method
