@@ -272,6 +272,22 @@ def test_osf_update_has_no_component_in_preserved_subspace(opt_cls, lr):
         assert torch.allclose((PU.T @ U[:, :k]).abs().det().abs(), torch.tensor(1.0), atol=1e-4)
 
 
+def test_osf_dense_forward_matches_peft_factored_forward():
+    model, m = _osf(effective_rank=0.25)
+    pm = m.prepare(model, SOME)
+    train(m, pm, steps=2)  # non-trivial factors
+    layer = m.layers()[SOME[1]]  # down_proj: 64 x 160, dense path once tokens > 64*160/224 ~ 46
+    x = torch.randn(4, 32, 160, requires_grad=True)
+    y_dense = layer(x)
+    y_peft = type(layer).forward(layer, x)
+    assert torch.allclose(y_dense, y_peft, atol=1e-5)
+    params = list(layer.osf_svd_params["default"].values())
+    g_dense = torch.autograd.grad(y_dense.square().sum(), params + [x])
+    g_peft = torch.autograd.grad(y_peft.square().sum(), params + [x])
+    for a, b in zip(g_dense, g_peft):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_osf_sequential_tasks_keep_earlier_task_directions():
     model, m = _osf(task_energy=0.9)
     pm = m.prepare(model)

@@ -88,8 +88,9 @@ class CURLinear(nn.Module):
         y = self.base(x, *args, **kwargs)
         if self.merged:
             return y
-        h = F.linear(F.linear(F.linear(x.to(self.R.dtype), self.R), self.U), self.C)  # x R^T U^T C^T
-        return y + (self.alpha * h).to(y.dtype)
+        U = self.U if self.alpha == 1.0 else self.U * self.alpha  # scale the r x r core, not the [T, out] output
+        h = F.linear(F.linear(F.linear(x.to(self.R.dtype), self.R), U), self.C)  # x R^T U^T C^T, never C U R
+        return y + h.to(y.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

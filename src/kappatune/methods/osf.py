@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,25 @@ def _energy_rank(s: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor(energy, dtype=torch.float64)).item()) + 1
 
 
+def _osf_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's OSF forward, plus a dense path when it is cheaper.
+
+    PEFT applies the update factored, ``x B^T A^T`` with inner width ``2r``: ideal for LoRA-sized ranks, but OSF's
+    trainable rank is a large share of ``min(m, n)``, so for ``T`` tokens that costs ``2rT(m + n)`` on top of the base
+    matmul. Materialising ``W + dW`` costs ``2rmn`` once per call instead, cheaper whenever ``T > mn / (m + n)``
+    (about half the width; true for any real batch). Same values and gradients (PEFT's projection hooks sit on the
+    factors and still apply).
+    """
+    base = self.get_base_layer()
+    active = self.active_adapters[0] if self.active_adapters else None
+    m, n = base.weight.shape
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if self.disable_adapters or self.merged or active not in self.osf_svd_params or tokens * (m + n) <= m * n:
+        return type(self).forward(self, x, *args, **kwargs)
+    w = base.weight
+    return nn.functional.linear(x, w + self.get_delta_weight(active).to(w.dtype), base.bias)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------------------
@@ -286,6 +306,7 @@ class OSF(Method):
         from peft.tuners.osf.utils import decompose_weight_matrix
 
         for name, layer in self.layers().items():
+            layer.forward = types.MethodType(_osf_forward, layer)
             k = layer.effective_rank[_ADAPTER]
             need_u, need_v = _ADAPTER not in layer._osf_U_high, _ADAPTER not in layer._osf_V_high
             if need_u or need_v:
