@@ -360,6 +360,8 @@ def test_osf_merge_save_load(tmp_path):
     ("curlora", 500, {}),
     ("eigentune", 300, {}),
     ("eigentune", 2000, {"variant": "spectral_core"}),
+    ("eigentune", 17920, {"variant": "spectral_core"}),  # LoRA r=8 on tiny-llama: needs rank > 32 (k/v are 32 x 64)
+    ("curlora", 17920, {}),
     ("osf", 30000, {"progress": False}),
     ("osf", 30000, {"progress": False, "effective_rank": 8}),
 ])

@@ -36,13 +36,16 @@ __all__ = ["CURLoRAConfig", "CURLoRA", "CURLinear", "inverse_importance_probs"]
 class CURLoRAConfig(MethodConfig):
     """``rank``: columns/rows sampled per layer (``U`` is ``rank x rank``); ``alpha``: scale of the update;
     ``seed``: sampling seed (each layer gets its own stream derived from it); ``replacement``: sample with
-    replacement as the paper does; ``eps``: relative offset added to each probability before inverting it."""
+    replacement as the paper does; ``eps``: relative offset added to each probability before inverting it;
+    ``clamp_rank``: give a layer smaller than ``rank`` its ``min(out, in)`` instead of raising (budget matching
+    sets it when the matched rank exceeds the smallest target)."""
 
     rank: int = 8
     alpha: float = 1.0
     seed: int = 0
     replacement: bool = True
     eps: float = 1e-3
+    clamp_rank: bool = False
 
 
 def inverse_importance_probs(W: torch.Tensor, dim: int, eps: float = 1e-3) -> torch.Tensor:
@@ -137,9 +140,7 @@ class CURLoRA(Method):
     def _prepare(self, model: nn.Module, targets: Targets) -> nn.Module:
         cfg = self.config
         names = resolve_targets(model, targets, self.name)
-        check_rank(self.name, cfg.rank, names, model)
-        if not cfg.replacement and cfg.rank > min(min(model.get_submodule(n).weight.shape) for n in names):
-            raise ConfigError("curlora: rank larger than a matrix dimension needs replacement=True")
+        check_rank(self.name, cfg.rank, [] if cfg.clamp_rank else names, model)
         if cfg.eps <= 0:
             raise ConfigError(f"curlora: eps must be > 0, got {cfg.eps}")
         model.requires_grad_(False)
@@ -147,7 +148,9 @@ class CURLoRA(Method):
             # One seeded stream per layer (seed, layer index): changing the targets does not reshuffle the others' draws
             # more than necessary, and the whole model is reproducible from (seed, targets).
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
-            replace_module(model, n, CURLinear(model.get_submodule(n), cfg.rank, alpha=cfg.alpha, generator=gen,
+            mod = model.get_submodule(n)
+            rank = min(cfg.rank, min(mod.weight.shape)) if cfg.clamp_rank else cfg.rank
+            replace_module(model, n, CURLinear(mod, rank, alpha=cfg.alpha, generator=gen,
                                                replacement=cfg.replacement, eps=cfg.eps))
         self.target_names = names
         return model
@@ -155,18 +158,18 @@ class CURLoRA(Method):
     # -- budget ----------------------------------------------------------------------------------------------
     @staticmethod
     def count(model: nn.Module, names: list[str], rank: int) -> int:
-        """Trainable parameters for ``rank`` on ``names``: one ``rank x rank`` U per layer."""
-        return len(names) * rank * rank
+        """Trainable parameters for ``rank`` on ``names``: one ``r x r`` U per layer, ``r = min(rank, min(out, in))``."""
+        return sum(min(rank, min(model.get_submodule(n).weight.shape)) ** 2 for n in names)
 
     @classmethod
     def for_budget(cls, model: nn.Module, param_budget: int, targets: Targets = "all-linear", *,
                    tolerance: float = 0.10, **config: Any) -> "CURLoRA":
         """Pick the rank whose ``n_layers * rank^2`` is closest to ``param_budget`` (must be within ±tolerance)."""
         names = resolve_targets(model, targets, cls.name)
-        max_rank = min(min(model.get_submodule(n).weight.shape) for n in names)
-        report: BudgetReport = match_budget(cls.name, param_budget, range(1, max_rank + 1),
+        dims = [min(model.get_submodule(n).weight.shape) for n in names]
+        report: BudgetReport = match_budget(cls.name, param_budget, range(1, max(dims) + 1),
                                             lambda r: cls.count(model, names, r), knob="rank", tolerance=tolerance)
-        m = cls(CURLoRAConfig.from_dict({**config, "rank": report.value}))
+        m = cls(CURLoRAConfig.from_dict({**config, "rank": report.value, "clamp_rank": report.value > min(dims)}))
         m.budget_report = report
         m.default_targets = targets
         return m

@@ -34,7 +34,9 @@ class EigenTuneMethodConfig(MethodConfig):
     ``"spectral_core"`` (the package's ``method``); the rest pass through to ``eigentune.EigenTuneConfig``:
     ``core_bandwidth`` (spectral_core only; None = dense core), ``selection`` (principal/minor/mixed directions),
     ``update`` (additive/relative), ``svd_backend``, ``backend`` (kernel), ``rank_budget`` (global budget of
-    directions spread by spectral energy; ``rank`` is then the per-layer maximum), ``svd_seed``."""
+    directions spread by spectral energy; ``rank`` is then the per-layer maximum), ``svd_seed``.
+    ``clamp_rank``: give a layer smaller than ``rank`` its ``min(out, in)`` instead of raising (budget matching
+    sets it when the matched rank exceeds the smallest target)."""
 
     rank: int = 8
     variant: str = "diagonal"
@@ -45,6 +47,7 @@ class EigenTuneMethodConfig(MethodConfig):
     backend: str = "auto"
     rank_budget: Optional[int] = None
     svd_seed: int = 0
+    clamp_rank: bool = False
 
 
 @register
@@ -78,7 +81,8 @@ class EigenTune(Method):
         conv = [n for n in names if is_conv1d(model.get_submodule(n))]
         if conv:
             raise ConfigError(f"eigentune: the eigentune package adapts nn.Linear only, not Conv1D ({conv[0]})")
-        check_rank(self.name, self.config.rank, names, model)
+        # the package itself silently clamps rank to min(out, in); kappatune raises unless clamp_rank is set
+        check_rank(self.name, self.config.rank, [] if self.config.clamp_rank else names, model)
         cfg = self._package_config(names)
         try:
             eigentune.get_eigentune_model(model, cfg)
@@ -89,10 +93,10 @@ class EigenTune(Method):
 
     # -- budget ----------------------------------------------------------------------------------------------
     @staticmethod
-    def count(variant: str, n_layers: int, rank: int) -> int:
-        """Trainable parameters: ``rank`` per layer (diagonal) or ``rank^2`` (spectral_core; the whole core tensor
-        is a parameter even when ``core_bandwidth`` masks part of it)."""
-        return n_layers * (rank if variant == "diagonal" else rank * rank)
+    def count(variant: str, dims: list[int], rank: int) -> int:
+        """Trainable parameters: ``r`` per layer (diagonal) or ``r^2`` (spectral_core; the whole core tensor is a
+        parameter even when ``core_bandwidth`` masks part of it), ``r = min(rank, min(out, in))``."""
+        return sum(min(rank, d) if variant == "diagonal" else min(rank, d) ** 2 for d in dims)
 
     @classmethod
     def for_budget(cls, model: nn.Module, param_budget: int, targets: Targets = "all-linear", *,
@@ -104,10 +108,10 @@ class EigenTune(Method):
         if variant not in VARIANTS:
             raise ConfigError(f"eigentune: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         names = resolve_targets(model, targets, cls.name)
-        max_rank = min(min(model.get_submodule(n).weight.shape) for n in names)
-        report = match_budget(cls.name, param_budget, range(1, max_rank + 1),
-                              lambda r: cls.count(variant, len(names), r), knob="rank", tolerance=tolerance)
-        m = cls(EigenTuneMethodConfig.from_dict({**config, "rank": report.value}))
+        dims = [min(model.get_submodule(n).weight.shape) for n in names]
+        report = match_budget(cls.name, param_budget, range(1, max(dims) + 1),
+                              lambda r: cls.count(variant, dims, r), knob="rank", tolerance=tolerance)
+        m = cls(EigenTuneMethodConfig.from_dict({**config, "rank": report.value, "clamp_rank": report.value > min(dims)}))
         m.budget_report = report
         m.default_targets = targets
         return m
