@@ -42,6 +42,22 @@ def for_budget(name: str, model: Any, param_budget: int, targets: Targets = None
     return METHODS[name].for_budget(model, param_budget, targets, **config)
 
 
+# Public names of the method modules, importable as ``kappatune.methods.<name>`` (loaded on first use so that
+# ``import kappatune.methods`` stays cheap and a module being written does not break the others).
+_LAZY = {
+    "FullFineTuning": "full", "SelectiveFineTuning": "selective", "SelectiveOptimizer": "selective",
+    "selective_optimizer": "selective", "LoRA": "lora", "match_budgets": "budget", "resolve_selection": "budget",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _load_all() -> None:
     """Import every method module so its ``@register`` runs (modules not written yet are skipped)."""
     import importlib
@@ -56,5 +72,5 @@ def _load_all() -> None:
 
 __all__ = [
     "Method", "MethodConfig", "Targets", "METHODS", "register", "get_method", "resolve_linear_targets",
-    "BudgetReport", "match_budget", "for_budget",
+    "BudgetReport", "match_budget", "for_budget", *_LAZY,
 ]
