@@ -263,8 +263,8 @@ def test_osf_update_has_no_component_in_preserved_subspace(opt_cls, lr):
     for name, dW in m.delta_weights().items():
         PU, PV = bases[name]
         assert dW.norm() > 1e-4, name  # it did train
-        assert (PU.T @ dW).norm() <= 1e-5 * dW.norm() + 1e-6, name  # U_k^T dW = 0
-        assert (dW @ PV.T).norm() <= 1e-5 * dW.norm() + 1e-6, name  # dW V_k = 0
+        assert (PU.T @ dW).norm() <= 1e-4 * dW.norm() + 1e-6, name  # U_k^T dW = 0 (PEFT alone + AdamW: ~0.2)
+        assert (dW @ PV.T).norm() <= 1e-4 * dW.norm() + 1e-6, name  # dW V_k = 0
         # the preserved directions are the top singular directions of the base weight
         W = m.layers()[name].get_base_layer().weight
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -314,6 +314,52 @@ def test_osf_sequential_tasks_keep_earlier_task_directions():
         assert k >= 1
         W2 = W_after_1[name] + dW2
         assert torch.allclose(U1[:, :k].T @ W2 @ V1h[:k].T, U1[:, :k].T @ W_after_1[name] @ V1h[:k].T, atol=1e-5)
+
+
+def test_osf_save_load_after_next_task(tmp_path):
+    model, m = _osf()
+    pm = m.prepare(model, SOME)
+    train(m, pm, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.next_task()
+    # the plain model with task 1 merged: the base that task 2's adapter belongs to
+    merged = {n.replace(".base_layer.", "."): p.detach().clone()
+              for n, p in m.model.get_base_model().named_parameters() if "osf_" not in n}
+    train(m, pm, lr=1e-3)
+    want = logits(pm)
+    path = m.save(tmp_path / "t2.safetensors")
+    base2 = build_tiny_llama()
+    base2.load_state_dict(merged, strict=False)  # lm_head is tied to the embedding
+    _, m2 = _osf()
+    pm2 = m2.prepare(base2, SOME)
+    m2.load(path)  # re-installs task 2's preserved bases and factors (other ranks than a fresh prepare)
+    assert torch.allclose(logits(pm2), want, atol=1e-5)
+    assert {n: b[0].shape for n, b in m2.preserved_bases().items()} == {n: b[0].shape for n, b in m.preserved_bases().items()}
+    _, m3 = _osf()
+    m3.prepare(build_tiny_llama(), SOME)  # the original base, without task 1
+    with pytest.raises(CacheError, match="different base"):
+        m3.load(path)
+
+
+@pytest.mark.parametrize("name", ["osf", "eigentune", "curlora"])
+def test_moe_model_and_fused_expert_selection(name):
+    from kappatune.models import build_tiny_moe
+
+    model = build_tiny_moe()
+    ref = logits(model)
+    attn = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]
+    sel = Selection("kappa", attn, [f"{n}.weight" for n in attn] + ["model.layers.0.mlp.experts.down_proj"],
+                    moe_parameter_names=["model.layers.0.mlp.experts.down_proj"])
+    m = get_method(name, {"rank": 4} if name != "osf" else {"progress": False})
+    with pytest.warns(UserWarning, match="fused MoE"):
+        pm = m.prepare(model, sel)
+    assert torch.allclose(logits(pm), ref, atol=1e-5)
+    assert all(any(f"{a}." in t for a in attn) for t in trainable_names(pm))  # PEFT adds a prefix
+    only_moe = Selection("kappa", [], ["model.layers.0.mlp.experts.down_proj"], moe_parameter_names=["model.layers.0.mlp.experts.down_proj"])
+    with pytest.raises(ConfigError, match="only fused MoE"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_method(name).prepare(build_tiny_moe(), only_moe)
 
 
 def test_osf_uniform_fallback_fixed_rank_and_errors():
