@@ -264,6 +264,28 @@ def test_python_docs_corpus_needs_no_download():
     assert blocks.shape == (8, 128)
 
 
+def test_missing_apt_names_the_debian_package(monkeypatch):
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    with pytest.raises(DataError, match="r-cran-janeaustenr") as err:
+        data._debian_root("r-cran-janeaustenr", "usr/share/kappatune-test/does-not-exist")
+    assert "apt-get install r-cran-janeaustenr" in str(err.value)
+
+
+def test_unknown_debian_package_is_a_clear_error():
+    if data.shutil.which("apt-get") is None:
+        pytest.skip("no apt-get here")
+    with pytest.raises(DataError, match="kappatune-no-such-package"):
+        data._debian_root("kappatune-no-such-package", "usr/share/kappatune-test/x")
+    assert not any(data.cache_dir("debian").iterdir())  # nothing half-unpacked left behind
+
+
+def test_byte_tokenizer_blocks_match_encode():
+    corpus = make_corpus("t", ["héllo wörld", "second"])
+    blocks = build_blocks(corpus, TOK, 4, split="all")
+    stream = TOK.encode("héllo wörld") + [2] + TOK.encode("second")
+    assert blocks.reshape(-1).tolist() == stream[: len(stream) // 4 * 4]
+
+
 def test_r_serialization_reader_on_a_hand_made_string_vector():
     import struct
 

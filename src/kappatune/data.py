@@ -653,9 +653,9 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if isinstance(tokenizer, ByteTokenizer):
-        return [tokenizer.encode(t) for t in texts]
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[Any]:
+    if isinstance(tokenizer, ByteTokenizer):  # vectorised: megabytes of text in milliseconds
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) + tokenizer.offset for t in texts]
     out = tokenizer(texts, add_special_tokens=False, verbose=False)  # verbose=False: no "longer than max length" warning
     return [list(x) for x in out["input_ids"]]
 
