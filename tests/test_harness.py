@@ -38,6 +38,18 @@ def _write_corpus(path: Path, key: str, n_docs: int = 40, seed: int = 0) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """One torch thread (here and in subprocesses): tiny ops with 2 threads on a shared 2-core CPU are ~100x slower."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("corpora")

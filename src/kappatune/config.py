@@ -160,6 +160,7 @@ class RunConfig:
     output_dir: str | None = None  # default: runs/<name>
     trust_remote_code: bool = False
     progress: bool = True
+    num_threads: int | None = None  # torch CPU threads (None: torch's default); 1 is far faster on a busy small CPU
 
     # -- derived ---------------------------------------------------------------------------------------------
     def steps_per_stage(self) -> int:
@@ -400,6 +401,7 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     _positive(t.checkpoint_every, "training.checkpoint_every", zero_ok=True)
     if t.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"config: training.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {t.mixed_precision!r}")
+    _positive(cfg.num_threads, "num_threads")
     e = cfg.eval
     _positive(e.max_blocks, "eval.max_blocks", allow_none=False)
     _positive(e.batch_size, "eval.batch_size", allow_none=False)

@@ -338,6 +338,8 @@ def run(
     T = len(cfg.tasks)
     steps = cfg.steps_per_stage()
 
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg.training.mixed_precision)
     main = accelerator.is_main_process
     talk = progress and main
@@ -616,7 +618,7 @@ def _write_reports(out: Path, results: dict[str, Any], *, plots: bool, final: bo
     from . import reporting
 
     names: list[str] = []
-    if plots:
+    if plots and final:  # plots only once at the end: matplotlib costs ~1 s per figure on a busy 2-core CPU
         reporting.plot_forgetting_heatmap(results, out / "plots" / "forgetting_heatmap.png")
         reporting.plot_control_vs_task(results, out / "plots" / "control_vs_task.png")
         names += ["plots/forgetting_heatmap.png", "plots/control_vs_task.png"]
