@@ -233,6 +233,11 @@ def test_missing_file_and_unsupported_type(tmp_path):
         load_corpus(p)
 
 
+def test_typo_of_a_builtin_name_suggests_it():
+    with pytest.raises(DataError, match="did you mean 'control'"):
+        load_corpus("contrl")
+
+
 def test_hub_dataset_name_offline_is_a_clear_error(monkeypatch):
     import datasets
     import huggingface_hub.constants as hub_constants

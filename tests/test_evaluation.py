@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -171,3 +172,7 @@ def test_cli_models_and_data_listings(capsys):
     out = capsys.readouterr().out
     for name in ("control", "shakespeare", "python-docs", "wordnet"):
         assert name in out
+    assert main(["data", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert all(1 < r["base_perplexity"] < 100 for r in rows.values())
+    assert rows["control"]["kind"] == "control"

@@ -62,6 +62,11 @@ def test_bad_paths_are_clear_errors(tmp_path):
         load_model(tmp_path / "empty")
 
 
+def test_typo_of_a_builtin_model_suggests_it():
+    with pytest.raises(ModelError, match="did you mean 'smollm2-135m'"):
+        load_model("smollm2-135")
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants as hub_constants
 

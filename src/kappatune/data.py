@@ -552,6 +552,11 @@ def load_corpus(name_or_path: str | os.PathLike | Corpus, *, text_field: str = "
         return Corpus(path.stem, docs, source=str(path))
     if path.suffix.lower() in (".txt", ".jsonl", ".json", ".csv", ".parquet", ".md") or name.startswith((".", "/", "~")):
         raise DataError(f"data file {path} does not exist (built-in corpora: {', '.join(BUILTIN_CORPORA)})")
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(BUILTIN_CORPORA), n=1, cutoff=0.75)
+    if close and "/" not in name:  # a typo of a built-in name: say so instead of asking the hub
+        raise DataError(f"unknown corpus {name!r}; did you mean {close[0]!r}? (built-in: {', '.join(BUILTIN_CORPORA)})")
     return Corpus(name, [d.strip() for d in _load_hf_dataset(name, text_field) if d and d.strip()], source=f"datasets:{name}")
 
 

@@ -243,6 +243,11 @@ def load_model(
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a transformers model directory (no config.json)")
         return _load_dir(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(BUILTIN_MODELS), n=1, cutoff=0.75)
+    if close and "/" not in name:  # a typo of a built-in name: say so instead of asking the hub
+        raise ModelError(f"unknown model {name!r}; did you mean {close[0]!r}? (built-in: {', '.join(BUILTIN_MODELS)})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
