@@ -197,9 +197,13 @@ def _debian_root(package: str, probe: str) -> Path:
                               stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not (out / probe).exists():
             raise DataError(f"could not unpack the Debian package {package} ({proc.stdout.strip()[:200]}): {how}")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(out, root)
+        if root.exists() and not (root / probe).exists():
+            shutil.rmtree(root)  # an incomplete earlier unpack
+        try:
+            os.replace(out, root)
+        except OSError:
+            if not (root / probe).exists():  # not just a concurrent process that finished first
+                raise
     return root
 
 

