@@ -520,7 +520,7 @@ def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int,
         trainable_params=trainable, trainable_pct=100.0 * trainable / total if total else None,
         train_time_s=train_s, sec_per_step=train_s / n_steps if n_steps else None,
         peak_rss_mb=max((s.get("peak_rss_mb") or 0 for s in stages), default=None),
-        peak_gpu_mb=max((s.get("peak_gpu_mb") or 0 for s in stages), default=None),
+        peak_gpu_mb=max((s["peak_gpu_mb"] for s in stages if s.get("peak_gpu_mb") is not None), default=None),
         wall_time_s=sum(s["wall_time_s"] for s in stages) + base.get("eval_time_s", 0.0),
     )
     return {

@@ -110,7 +110,7 @@ def metrics_table(results: dict[str, Any]) -> str:
     m = results.get("metrics") or {}
     rows = []
     for key, (label, better) in METRIC_LABELS.items():
-        if key in m:
+        if m.get(key) is not None:
             rows.append([label, fmt(m[key]), better and f"{better} is better"])
     for task, f in (m.get("forgetting_per_task") or {}).items():
         rows.append([f"forgetting {task} (ppl)", fmt(f), "lower is better"])
@@ -182,7 +182,8 @@ def _pm(stat: dict[str, Any] | None) -> str:
 
 def bench_table(bench: dict[str, Any], keys: Sequence[str] | None = None) -> str:
     """Mean ± std over seeds per method and metric."""
-    keys = list(keys or [k for k in METRIC_LABELS if any(k in m["metrics"] for m in bench["methods"])])
+    keys = list(keys or [k for k in METRIC_LABELS
+                         if any((m["metrics"].get(k) or {}).get("mean") is not None for m in bench["methods"])])
     rows = []
     for m in bench["methods"]:
         rows.append([m["label"], len(m.get("seeds", [])), *(_pm(m["metrics"].get(k)) for k in keys)])

@@ -191,7 +191,8 @@ class PeakMemory:
             self.peak_cuda = int(torch.cuda.max_memory_allocated())
 
     def to_dict(self) -> dict[str, float]:
-        return {"peak_rss_mb": round(self.peak_rss / 2**20, 1), "peak_gpu_mb": round(self.peak_cuda / 2**20, 1)}
+        gpu = round(self.peak_cuda / 2**20, 1) if torch.cuda.is_available() else None
+        return {"peak_rss_mb": round(self.peak_rss / 2**20, 1), "peak_gpu_mb": gpu}
 
 
 # ---------------------------------------------------------------------------------------------------------------
