@@ -150,7 +150,7 @@ def fetch_pypi_file(requirement: str, filename: str, sha256: str, *, sdist: bool
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     lines.append(line.rstrip())
-                    if progress:
+                    if progress and not line.startswith("Looking in") and "is ignored" not in line:
                         print(f"  pip: {line.rstrip()}", file=sys.stderr, flush=True)
         except OSError as exc:
             raise DataError(f"cannot run pip to fetch {requirement}: {exc} (put {filename} into {dest.parent})") from exc
