@@ -624,8 +624,7 @@ def get_tokenizer(model_name_or_tokenizer: Any) -> Any:
     from . import models
 
     if name in models.BUILTIN_MODELS:
-        tok = models.builtin_tokenizer(name) if hasattr(models, "builtin_tokenizer") else None
-        return tok if tok is not None else ByteTokenizer()
+        return models.builtin_tokenizer(name)
     from transformers import AutoTokenizer
 
     try:
