@@ -432,4 +432,7 @@ def test_bad_configs_give_clear_errors():
 def test_registry_names():
     get_method("full")  # loads all modules
     assert {"full", "selective", "lora"} <= set(METHODS)
+    from kappatune import methods
+
+    assert methods.SelectiveOptimizer is SelectiveOptimizer and methods.LoRA is METHODS["lora"]
     assert selection_from_names(build_tiny_llama(), ["lm_head"]).parameter_names == ["model.embed_tokens.weight"]

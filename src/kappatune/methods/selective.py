@@ -229,9 +229,8 @@ class SelectiveFineTuning(Method):
         """Choose the policy's best tensors that fit ``param_budget`` (within ±tolerance); reports the exact count.
 
         Tensors are taken in policy order (lowest κ first for ``kappa``), skipping any that no longer fits.
-
         ``targets``, if a Selection or names, is the candidate pool in preference order; otherwise the config's
-        policy ranks every candidate tensor (lowest κ first for ``kappa``).
+        policy ranks every candidate tensor.
         """
         config = {k: v for k, v in config.items() if k != "param_budget"}
         method = cls(config)
