@@ -18,7 +18,8 @@ is added here:
 * **Optimizer-independent guarantee**: PEFT projects *gradients*; Adam's element-wise rescaling of a projected
   gradient is not itself in the complement, so the weights would drift into the preserved subspace. The
   optimizer from :meth:`OSF.make_optimizer` therefore re-projects ``U_low``/``V_low`` after every step
-  (:meth:`OSF.project_`, cost ``O((m + n) k r)`` per layer per step, no extra forward work).
+  (:meth:`OSF.project_`, cost ``O(m d r)`` per side per layer per step with ``d = min(k, complement)``; the
+  gradient hooks use the same narrower basis, see :func:`_set_projector`).
 * **Sequential tasks** (:meth:`OSF.next_task`): PEFT can only preserve the top-k singular directions of the current
   weight, which after merging a task's update are not the directions that task used. So after a task the update
   ``dW`` is merged, the directions carrying ``task_energy`` of its squared norm (left and right singular vectors)
@@ -29,6 +30,7 @@ is added here:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -193,6 +195,41 @@ def _osf_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     return nn.functional.linear(x, w + self.get_delta_weight(active).to(w.dtype), base.bias)
 
 
+def _set_projector(layer: Any) -> None:
+    """Choose, per side, the cheaper exact projector onto the complement of the preserved subspace, and hook it.
+
+    Removing ``P`` (``g - P P^T g``, ``a`` preserved columns) and keeping ``Q`` (``Q Q^T g``, ``Q`` an orthonormal
+    basis of the complement) give the same result; the cost is proportional to the basis width. The init factor
+    (``U_low_init`` / ``V_low_init``) *is* such a ``Q`` when it spans the whole complement (the square side of a
+    weight), so it is used when narrower than ``P`` -- e.g. a layer preserving 560 of 576 directions projects with
+    16 columns, not 560. Replaces PEFT's gradient hooks (which always use ``P`` once it is stored) with the same
+    projection, and :meth:`OSF.project_` uses it for the parameters.
+    """
+    PU, PV = layer._osf_U_high[_ADAPTER], layer._osf_V_high[_ADAPTER]
+    U0, V0 = layer._osf_U_low_init[_ADAPTER], layer._osf_V_low_init[_ADAPTER]
+    m, n = PU.shape[0], PV.shape[1]
+    layer._osf_kt_keep = {
+        "U": U0.shape[1] == m - PU.shape[1] and U0.shape[1] < PU.shape[1],
+        "V": V0.shape[0] == n - PV.shape[0] and V0.shape[0] < PV.shape[0],
+    }
+    layer._detach_hooks()
+    params = layer.osf_svd_params[_ADAPTER]
+    for side, key in (("U", "U_low"), ("V", "V_low")):
+        layer.hook_handles.append(params[key].register_hook(functools.partial(_project, layer, side)))
+
+
+def _project(layer: Any, side: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``U_low``-shaped ``[m, r]`` or ``V_low``-shaped ``[r, n]``) without its preserved-subspace component."""
+    keep = layer._osf_kt_keep[side]
+    if side == "U":
+        B = layer._osf_U_low_init[_ADAPTER] if keep else layer._osf_U_high[_ADAPTER]  # columns [m, d]
+        c = B.T @ t
+        return B @ c if keep else t - B @ c
+    B = layer._osf_V_low_init[_ADAPTER] if keep else layer._osf_V_high[_ADAPTER]  # rows [d, n]
+    c = t @ B.T
+    return c @ B if keep else t - c @ B
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------------------------
@@ -315,6 +352,7 @@ class OSF(Method):
                     layer._osf_U_high[_ADAPTER] = svd["U_high"].detach().clone()
                 if need_v:
                     layer._osf_V_high[_ADAPTER] = svd["V_high"].detach().clone()
+            _set_projector(layer)
         return peft_model
 
     def layers(self) -> dict[str, Any]:
@@ -340,10 +378,8 @@ class OSF(Method):
         """Remove any component of the trainable factors inside the preserved subspaces (idempotent)."""
         for layer in self.layers().values():
             p = layer.osf_svd_params[_ADAPTER]
-            PU, PV = layer._osf_U_high[_ADAPTER], layer._osf_V_high[_ADAPTER]
-            U, V = p["U_low"], p["V_low"]
-            U.sub_(PU @ (PU.T @ U))
-            V.sub_((V @ PV.T) @ PV)
+            p["U_low"].copy_(_project(layer, "U", p["U_low"]))
+            p["V_low"].copy_(_project(layer, "V", p["V_low"]))
 
     def make_optimizer(self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs: Any) -> torch.optim.Optimizer:
         """The optimizer over the OSF factors, re-projecting them after each step (see ``project_params``).
@@ -415,7 +451,7 @@ class OSF(Method):
             {k: nn.Parameter(src[k].to(device=device, dtype=dtype).clone()) for k in ("U_low", "S_low", "V_low")}
         )
         layer.effective_rank[_ADAPTER] = int(PU.shape[1])
-        layer._attach_hooks(_ADAPTER)
+        _set_projector(layer)
 
     def _plain_fingerprint(self) -> str:
         """Fingerprint of the underlying plain model's weights (as ``fingerprint_model`` of the unwrapped model)."""
