@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kappatune.errors import CacheError, ConfigError
 from kappatune.methods import METHODS, for_budget, get_method
@@ -57,9 +58,10 @@ def _linear_kappas(model) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Selective fine-tuning
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["kappa", "random", "snr"])
-def test_selective_non_selected_bitwise_frozen(policy):
-    model = build_tiny_llama()
+@pytest.mark.parametrize("policy, build", [("kappa", build_tiny_llama), ("random", build_tiny_llama),
+                                           ("snr", build_tiny_llama), ("kappa", build_tiny_moe)])
+def test_selective_non_selected_bitwise_frozen(policy, build):
+    model = build()
     method = get_method("selective", {"policy": policy, "num_modules": 4, "seed": 3})
     method.prepare(model)
     before = _snapshot(model)
@@ -299,6 +301,8 @@ def test_lora_merge_equals_adapted(build, tmp_path):
     torch.testing.assert_close(out, adapted, atol=1e-5, rtol=1e-5)
     merged.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="before merge"):
+        method.save(tmp_path / "late.safetensors")
 
 
 def test_lora_save_load_round_trip_and_refuse_other_base(tmp_path):
@@ -350,6 +354,31 @@ def test_budget_matching_within_ten_percent(name, config, budget):
     assert abs(r.num_params - budget) <= 0.10 * budget
     method.prepare(model)
     assert method.num_trainable() == r.num_params  # the reported count is exact
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(2240, 14 * 2240))
+def test_lora_any_budget_from_rank_one_up_is_reachable(budget):
+    # between two uniform ranks, r+1 on some modules moves the count in steps of ≤ 224 (< 10% of 2240)
+    model = build_tiny_llama()
+    method = for_budget("lora", model, budget)
+    assert abs(method.budget_report.relative_error) <= 0.10
+    method.prepare(model)
+    assert method.num_trainable() == method.budget_report.num_params
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.integers(1, 120_000), policy=st.sampled_from(["kappa", "snr", "random"]))
+def test_selective_budget_exact_or_clear_error(budget, policy):
+    model = build_tiny_llama()
+    try:
+        method = for_budget("selective", model, budget, policy=policy)
+    except ConfigError as exc:
+        assert "closest" in str(exc) or "smaller than" in str(exc)
+        return
+    assert abs(method.budget_report.relative_error) <= 0.10
+    method.prepare(model)
+    assert method.num_trainable() == method.budget_report.num_params
 
 
 def test_budget_via_config_and_moe():

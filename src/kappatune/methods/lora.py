@@ -98,6 +98,7 @@ class LoRA(Method):
         self.selection: Selection | None = None
         self.target_shapes: dict[str, tuple[int, ...]] = {}
         self.base_model: nn.Module | None = None
+        self.merged = False
 
     def _selection(self, model: nn.Module, targets: Targets) -> Selection:
         c = self.config
@@ -164,7 +165,14 @@ class LoRA(Method):
         assert self.model is not None, "call prepare() first"
         if hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
+            self.merged = True
         return self.model
+
+    def save(self, path: Any) -> Any:
+        if self.merged:
+            raise ConfigError("the LoRA adapter was merged into the model; save the adapter before merge(), "
+                              "or save the merged model with save_pretrained")
+        return super().save(path)
 
     @classmethod
     def for_budget(
