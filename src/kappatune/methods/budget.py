@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
