@@ -519,6 +519,14 @@ def _load_file(path: Path, text_field: str) -> list[str]:
 def _load_hf_dataset(name: str, text_field: str) -> list[str]:
     """A Hugging Face ``datasets`` name, ``NAME`` or ``NAME:SPLIT`` (default split ``train``); needs the hub."""
     ds_name, _, ds_split = name.partition(":")
+    from .models import hub_unreachable_reason
+
+    offline = hub_unreachable_reason()
+    if offline and not os.environ.get("HF_DATASETS_OFFLINE"):
+        raise DataError(
+            f"{name!r} is not a built-in corpus or a local file, and the Hugging Face hub is unavailable ({offline}) "
+            f"to load it as a dataset. Built-in corpora: {', '.join(BUILTIN_CORPORA)}"
+        )
     try:
         import datasets
 

@@ -220,6 +220,32 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None)
     return model.eval(), tokenizer
 
 
+_HUB_CHECK: list[str | None] = []
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used right now, or None if it answers.
+
+    huggingface_hub retries a dead network for ~60 s before failing; a DNS lookup plus one TCP connect with a
+    short timeout tells the same thing in milliseconds, so offline users get the clear error at once.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    if _HUB_CHECK:
+        return _HUB_CHECK[0]
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            reason = None
+    except OSError as exc:
+        reason = f"cannot reach {host} ({exc.strerror or exc})"
+    _HUB_CHECK.append(reason)
+    return reason
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -254,11 +280,24 @@ def load_model(
     close = difflib.get_close_matches(name.lower(), list(BUILTIN_MODELS), n=1, cutoff=0.75)
     if close and "/" not in name:  # a typo of a built-in name: say so instead of asking the hub
         raise ModelError(f"unknown model {name!r}; did you mean {close[0]!r}? (built-in: {', '.join(BUILTIN_MODELS)})")
+    offline = hub_unreachable_reason()
+    if offline:
+        from transformers.utils.hub import cached_file  # a model already in the local hub cache still loads
+
+        try:
+            cached_file(name, "config.json", local_files_only=True)
+        except Exception:
+            raise ModelError(
+                f"cannot load model {name!r}: it is not a built-in name or a local directory, and the Hugging Face hub "
+                f"is unavailable ({offline}); built-in names: {', '.join(BUILTIN_MODELS)}"
+            ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if offline:
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as exc:  # hub errors come as OSError, ValueError, requests/httpx errors, HfHubHTTPError
