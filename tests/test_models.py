@@ -71,9 +71,23 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelError, match="network access") as err:
+    with pytest.raises(ModelError, match="hub is unavailable") as err:
         load_model("someone/some-model")
     assert "smollm2-135m" in str(err.value)
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch):
+    import time
+
+    import kappatune.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_HUB_CHECK", [])
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="cannot reach no-such-host.invalid"):
+        load_model("someone/some-model")
+    assert time.perf_counter() - t0 < 10
 
 
 def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
