@@ -266,6 +266,20 @@ def test_sigkill_mid_stage_then_resume_gives_identical_metrics(reference, corpor
     assert _key_metrics(resumed) == _key_metrics(reference)
 
 
+def test_sigkill_resume_with_a_method_that_replaces_its_parameters(corpora, tmp_path):
+    """OSF swaps its parameter objects on load and folds each task in (next_task) between stages."""
+    cfg = _cfg(corpora, tmp_path / "ref", method={"name": "osf"}, training__checkpoint_every=2)
+    ref = run(cfg)
+    out = tmp_path / "run"
+    path = _write_yaml(tmp_path / "c.yaml", {**cfg, "output_dir": str(out)})
+    proc = _spawn(path, fault="train_step:9")  # stage 2, after the first OSF next_task
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run({**cfg, "output_dir": str(out)}, resume=True)
+    assert resumed["stages"][1]["resumed_from_step"] == 2
+    assert _key_metrics(resumed) == _key_metrics(ref)
+
+
 def test_external_sigkill_then_resume(reference, corpora, tmp_path):
     """The test itself kills the process (kill -9) as soon as stage 1 is committed, wherever it then is."""
     out = tmp_path / "run"

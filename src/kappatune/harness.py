@@ -187,23 +187,27 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
     return _Data([t.label for t in cfg.tasks], train, evals, cfg.control.label, control, info)
 
 
-def _method_options(spec: MethodSpec, seed: int) -> dict[str, Any]:
-    """The method's options, with ``seed`` defaulting to the run seed when the method has one (random policy, LoRA init)."""
+def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -> dict[str, Any]:
+    """The method's options, with ``seed`` defaulting to the run seed when the method has one (random policy,
+    LoRA init) and ``progress`` following the run's progress switch."""
     from .methods import METHODS, _load_all
 
     _load_all()
     opts = dict(spec.options)
     cls = METHODS.get(spec.name)
-    if cls is not None and "seed" not in opts and any(f.name == "seed" for f in dataclasses.fields(cls.config_cls)):
+    names = {f.name for f in dataclasses.fields(cls.config_cls)} if cls is not None else set()
+    if "seed" in names and "seed" not in opts:
         opts["seed"] = seed
+    if progress is not None and "progress" in names and "progress" not in opts:
+        opts["progress"] = progress
     return opts
 
 
-def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed: int) -> Any:
+def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed: int, progress: bool | None = None) -> Any:
     """A configured (not yet prepared) method; with a budget, matched through the method's ``for_budget``."""
     from . import methods
 
-    opts = _method_options(spec, seed)
+    opts = _method_options(spec, seed, progress)
     budget = spec.budget if spec.budget is not None else cfg.budget
     where = f"method {spec.display!r}"
     try:
@@ -237,15 +241,17 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
 
     cfg = _as_config(config, overrides)
     model, tokenizer = _load(cfg)
-    _load_data(cfg, tokenizer, progress)
+    data = _load_data(cfg, tokenizer, progress)
     steps = cfg.steps_per_stage()
     if steps < 1:
         raise ConfigError("config: training.steps must be > 0")
     out: dict[str, Any] = {}
     for spec in cfg.method_specs():
-        method = _build_method(spec, model, cfg, cfg.seed_list()[0])
+        method = _build_method(spec, model, cfg, cfg.seed_list()[0], progress)
         if deep:
             clone = copy.deepcopy(model)
+            if callable(getattr(method, "set_calibration", None)):
+                method.set_calibration(data.train[data.tasks[0]][:32])
             try:
                 method.prepare(clone)
             except KappaTuneError as exc:
@@ -377,7 +383,7 @@ def run(
     t0 = time.perf_counter()
     model, tokenizer = _load(cfg)
     data = _load_data(cfg, tokenizer, progress)
-    method = _build_method(spec, model, cfg, seed)
+    method = _build_method(spec, model, cfg, seed, progress)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(accelerator.device)
     setup_s = time.perf_counter() - t0
@@ -394,6 +400,9 @@ def run(
             atomic_write_json(out / STATE_FILE, state)
         _log(talk, f"base model: " + _ppl_line(data.tasks, state["base"]["task_ppl"], data.control_label, state["base"]["control_ppl"]))
 
+    if callable(getattr(method, "set_calibration", None)):
+        # Methods that measure layer importance on data (OSF) calibrate on the first task's training blocks.
+        method.set_calibration(data.train[data.tasks[0]][:32])
     try:
         method.prepare(model)
     except KappaTuneError as exc:
@@ -413,6 +422,11 @@ def run(
         task = data.tasks[k - 1]
         with PeakMemory() as mem:
             t_stage = time.perf_counter()
+            if k > 1 and callable(getattr(method, "next_task", None)):
+                # Continual methods (OSF) fold the finished task in and protect its directions before the next
+                # one. Called at the start of the stage, after the previous stage's commit, so a resumed run
+                # (stage checkpoint loaded, then next_task) reaches exactly the state an uninterrupted one had.
+                method.next_task()
             res = train_stage(
                 method, data.train[task], accelerator=accelerator, steps=steps, batch_size=cfg.training.batch_size,
                 micro_batch_size=cfg.training.micro_batch_size, lr=cfg.training.lr, schedule=cfg.training.schedule,

@@ -281,14 +281,21 @@ def latest_checkpoint(root: str | os.PathLike, match: dict[str, Any] | None = No
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, method: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any
+    directory: str | os.PathLike, method: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+    *, tensors: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its meta. Never unpickles."""
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its meta. Never unpickles.
+
+    Load the trained tensors (``tensors=True``) *before* building the optimizer: some methods (OSF) replace their
+    parameter objects on load, and an optimizer built earlier would keep updating the old ones. Pass
+    ``tensors=False`` to restore only optimizer, scheduler and RNG state into an optimizer built afterwards.
+    """
     d = Path(directory)
     meta = read_checkpoint_meta(d)
     if meta is None:
         raise CacheError(f"no checkpoint in {d}")
-    method.load(d / "trained.safetensors")
+    if tensors:
+        method.load(d / "trained.safetensors")
     try:
         blob = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -369,13 +376,6 @@ def train_stage(
     # Per-stage seeding (per process for dropout); overwritten by a checkpoint's RNG state on resume.
     seed_everything(_stage_seed(seed, stage, salt=1 + rank))
 
-    base_model = method.model
-    optimizer = method.make_optimizer(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
-    # The scheduler is deliberately not passed to prepare(): accelerate's wrapper steps it num_processes times
-    # per step (it assumes per-process batches); our global batch is fixed, so one step per optimizer step.
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    model, optimizer = accelerator.prepare(base_model, optimizer)
-
     meta_base = dict(checkpoint_meta or {})
     meta_base.update({"stage": stage, "steps": steps})
     start = 0
@@ -383,8 +383,17 @@ def train_stage(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     found = latest_checkpoint(ckpt, meta_base) if ckpt is not None else None
     if found is not None:
+        method.load(found[0] / "trained.safetensors")  # before the optimizer exists (see load_checkpoint)
+
+    base_model = method.model
+    optimizer = method.make_optimizer(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    # The scheduler is deliberately not passed to prepare(): accelerate's wrapper steps it num_processes times
+    # per step (it assumes per-process batches); our global batch is fixed, so one step per optimizer step.
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    model, optimizer = accelerator.prepare(base_model, optimizer)
+    if found is not None:
         d, meta = found
-        load_checkpoint(d, method, optimizer, scheduler)
+        load_checkpoint(d, method, optimizer, scheduler, tensors=False)
         start = int(meta["step"])
         result.losses = list(meta.get("losses", []))
         result.train_time_s = float(meta.get("train_time_s", 0.0))
