@@ -99,7 +99,10 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
 
     import transformers
 
+    import kappatune.models as models
+
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)  # pretend the hub answers
     build_tiny_llama().save_pretrained(tmp_path / "m")
     load_model(tmp_path / "m")
     load_model(tmp_path / "m", trust_remote_code=True)
