@@ -465,3 +465,23 @@ def test_registry_names():
 
     assert methods.SelectiveOptimizer is SelectiveOptimizer and methods.LoRA is METHODS["lora"]
     assert selection_from_names(build_tiny_llama(), ["lm_head"]).parameter_names == ["model.embed_tokens.weight"]
+
+
+def test_methods_work_on_a_plain_module():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    before = _snapshot(net)
+    sel = get_method("selective")
+    sel.prepare(net, ["2"])
+    opt = sel.make_optimizer(torch.optim.SGD, lr=0.1, weight_decay=0.1)
+    net(x).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(net[0].weight, before["0.weight"]) and torch.equal(net[0].bias, before["0.bias"])
+    assert not torch.equal(net[2].weight, before["2.weight"])
+
+    net2 = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    want = net2(x).detach()
+    lora = get_method("lora", {"rank": 2})
+    wrapped = lora.prepare(net2, ["0", "2"])
+    assert torch.equal(wrapped(x), want) and lora.num_trainable() == 2 * (8 + 16) + 2 * (16 + 4)
