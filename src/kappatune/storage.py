@@ -6,9 +6,11 @@ directory, fsync, ``os.replace``), so a killed process leaves either the old fil
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,7 +27,36 @@ __all__ = [
     "fingerprint_tensors",
     "fingerprint_model",
     "sha256_file",
+    "fault_point",
 ]
+
+_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test hook: a real SIGKILL at a named point (inert unless $KAPPATUNE_FAULT is set).
+# ---------------------------------------------------------------------------------------------------------------
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test hook. If ``$KAPPATUNE_FAULT`` is ``PATTERN:N``, SIGKILL this process the N-th time a point whose name
+    matches ``PATTERN`` (fnmatch glob) is reached; costs one environment lookup when the variable is unset.
+
+    Atomic writes reach ``write:<path>`` halfway through writing their temporary file (so e.g.
+    ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file). The training loop and the
+    harness have their own points (:func:`kappatune.training.fault_point`: ``train_step``, ``checkpoint_write``,
+    ``eval``, ``stage_commit``). Used by tests/test_faults.py; see docs/reliability.md.
+    """
+    spec = os.environ.get("KAPPATUNE_FAULT")
+    if not spec:
+        return
+    pattern, _, count = spec.rpartition(":")
+    if not pattern or not fnmatch.fnmatchcase(name, pattern):
+        return
+    _FAULT_COUNTS[pattern] = _FAULT_COUNTS.get(pattern, 0) + 1
+    if _FAULT_COUNTS[pattern] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cache_dir(sub: str = "") -> Path:
@@ -47,8 +78,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any new file
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                half = len(data) // 2
+                fh.write(data[:half])
+                if os.environ.get("KAPPATUNE_FAULT"):  # test hook: die with a torn temporary file
+                    fh.flush()
+                    fault_point(f"write:{path}")
+                fh.write(data[half:])
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
