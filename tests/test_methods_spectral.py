@@ -317,27 +317,28 @@ def test_osf_sequential_tasks_keep_earlier_task_directions():
 
 
 def test_osf_save_load_after_next_task(tmp_path):
+    """A file saved during task 2 takes the *original* base to the task-2 state (merged task-1 weights included),
+    which is what resuming a multi-stage run needs."""
     model, m = _osf()
     pm = m.prepare(model, SOME)
     train(m, pm, lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.next_task()
-    # the plain model with task 1 merged: the base that task 2's adapter belongs to
-    merged = {n.replace(".base_layer.", "."): p.detach().clone()
-              for n, p in m.model.get_base_model().named_parameters() if "osf_" not in n}
     train(m, pm, lr=1e-3)
     want = logits(pm)
     path = m.save(tmp_path / "t2.safetensors")
-    base2 = build_tiny_llama()
-    base2.load_state_dict(merged, strict=False)  # lm_head is tied to the embedding
     _, m2 = _osf()
-    pm2 = m2.prepare(base2, SOME)
-    m2.load(path)  # re-installs task 2's preserved bases and factors (other ranks than a fresh prepare)
+    pm2 = m2.prepare(build_tiny_llama(), SOME)  # the original base
+    m2.load(path)  # restores merged weights, task-2 preserved bases and factors (other ranks than a fresh prepare)
+    assert m2.task == 1
     assert torch.allclose(logits(pm2), want, atol=1e-5)
     assert {n: b[0].shape for n, b in m2.preserved_bases().items()} == {n: b[0].shape for n, b in m.preserved_bases().items()}
+    for n in SOME:
+        assert torch.equal(m2.layers()[n].get_base_layer().weight, m.layers()[n].get_base_layer().weight)
+    assert torch.allclose(logits(m2.merge()), want, atol=1e-5)
     _, m3 = _osf()
-    m3.prepare(build_tiny_llama(), SOME)  # the original base, without task 1
+    m3.prepare(build_tiny_llama(seed=3), SOME)
     with pytest.raises(CacheError, match="different base"):
         m3.load(path)
 

@@ -25,7 +25,8 @@ is added here:
   ``dW`` is merged, the directions carrying ``task_energy`` of its squared norm (left and right singular vectors)
   are appended to the preserved bases ``P_U``/``P_V``, and each layer's trainable factors are rebuilt from the SVD
   of ``W`` restricted to the complement of ``P_U`` (columns) and ``P_V`` (rows); PEFT's hooks then project onto
-  the explicit ``P_U``/``P_V`` buffers (PEFT's ``_osf_U_high``/``_osf_V_high``).
+  the explicit ``P_U``/``P_V`` buffers (PEFT's ``_osf_U_high``/``_osf_V_high``). Adapter files saved after a
+  ``next_task`` also carry the merged weights of the adapted modules, so they load onto the original base.
 """
 
 from __future__ import annotations
@@ -397,7 +398,8 @@ class OSF(Method):
         """Finish the current task: merge its update, preserve the directions it used, re-split every layer.
 
         Returns the preserved rank (columns of ``P_U``) per module for the next task. Build a new optimizer
-        afterwards (the trainable tensors are new). The adapter fingerprint moves to the merged weights.
+        afterwards (the trainable tensors are new). Adapter files saved after this also hold the merged weights
+        of the adapted modules, so they still load onto the *original* base model (same fingerprint).
         """
         from tqdm.auto import tqdm
 
@@ -424,7 +426,6 @@ class OSF(Method):
             warnings.warn(f"osf: {len(capped)} layer(s) (e.g. {capped[0]}) ran out of free directions; part of the "
                           "last task's update could not be preserved (lower task_energy or retention)", stacklevel=2)
         self.task += 1
-        self.base_fingerprint = self._plain_fingerprint()
         return {n: l._osf_U_high[_ADAPTER].shape[1] for n, l in self.layers().items()}
 
     @torch.no_grad()
@@ -452,23 +453,6 @@ class OSF(Method):
         )
         layer.effective_rank[_ADAPTER] = int(PU.shape[1])
         _set_projector(layer)
-
-    def _plain_fingerprint(self) -> str:
-        """Fingerprint of the underlying plain model's weights (as ``fingerprint_model`` of the unwrapped model)."""
-        from ..storage import fingerprint_tensors
-
-        base = self.model.get_base_model()  # type: ignore[union-attr]
-        seen: set[int] = set()
-        items = []
-        for name, t in list(base.named_parameters()) + list(base.named_buffers()):
-            if "osf_" in name:
-                continue
-            key = t.data_ptr() if t.numel() else id(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            items.append((name.replace(".base_layer.", "."), t))
-        return fingerprint_tensors(items)
 
     # -- budget ----------------------------------------------------------------------------------------------
     @classmethod
@@ -531,21 +515,27 @@ class OSF(Method):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Trainable factors plus their initial values and the preserved bases (needed to resume, and after
-        :meth:`next_task` not recomputable from the base weights)."""
-        out = {}
+        :meth:`next_task` not recomputable from the base weights); after :meth:`next_task` also each adapted
+        module's merged base weight (``<module>.base_weight``), so the file takes the *original* base model to
+        the current state, and ``_osf.task`` (the number of finished tasks)."""
+        out = {"_osf.task": torch.tensor([self.task], dtype=torch.int64)}
         for n, l in self.layers().items():
             p = l.osf_svd_params[_ADAPTER]
             vals = {"U_low": p["U_low"], "S_low": p["S_low"], "V_low": p["V_low"],
                     "U_low_init": l._osf_U_low_init[_ADAPTER], "S_low_init": l._osf_S_low_init[_ADAPTER],
                     "V_low_init": l._osf_V_low_init[_ADAPTER], "U_high": l._osf_U_high[_ADAPTER],
                     "V_high": l._osf_V_high[_ADAPTER]}
+            if self.task > 0:
+                vals["base_weight"] = l.get_base_layer().weight
             out.update({f"{n}.{k}": v.detach().cpu().contiguous() for k, v in vals.items()})
         return out
 
     def load(self, path: str | Path) -> None:
-        """Load an adapter saved by :meth:`save` (also after :meth:`next_task`, onto the merged base)."""
+        """Load an adapter saved by :meth:`save` into a model prepared from the same original base (also a file
+        saved after :meth:`next_task`: its merged weights are restored too)."""
         assert self.model is not None, "call prepare() first"
         state = read_adapter(self, path)
+        task = state.pop("_osf.task", None)
         layers = self.layers()
         names = {k.rsplit(".", 1)[0] for k in state}
         if names != set(layers) or any(f"{n}.{k}" not in state for n in layers for k in self._KEYS):
@@ -556,6 +546,13 @@ class OSF(Method):
             W = layer.get_base_layer().weight
             if g["U_low"].shape[0] != W.shape[0] or g["V_low"].shape[1] != W.shape[1]:
                 raise CacheError(f"adapter {path}: {n} factors do not fit weight {tuple(W.shape)}")
+            if f"{n}.base_weight" in state:
+                bw = state[f"{n}.base_weight"]
+                if bw.shape != W.shape:
+                    raise CacheError(f"adapter {path}: {n} base weight {tuple(bw.shape)} does not fit {tuple(W.shape)}")
+                with torch.no_grad():
+                    W.copy_(bw)
             self._install(layer, g["U_high"], g["V_high"],
                           params={k: g[k] for k in ("U_low", "S_low", "V_low")},
                           inits={k: g[f"{k}_init"] for k in ("U_low", "S_low", "V_low")})
+        self.task = int(task.item()) if task is not None else 0
