@@ -376,8 +376,10 @@ def run(
         if state is not None and state.get("num_stages") != T:
             raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
         if state is not None and state.get("complete") and (out / "results.json").is_file():
-            _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
-            return load_results(out)
+            done = load_results(out)
+            if done.get("finalized"):  # else killed during _finalize: redo it (adapter, plots, final reports)
+                _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
+                return done
 
     # -- fail-fast setup: model, data, method (budget) -- nothing trains before all of this succeeded ------------
     t0 = time.perf_counter()
@@ -623,6 +625,7 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
             os.replace(tmp, dest)
             files["model"] = "final/model"
     results["files"] = files
+    results["finalized"] = True  # written last (results.json): a resume that sees it has nothing left to do
     _write_reports(out, results, plots=cfg.output.plots, final=True)
     _log(progress, f"results: {out / 'results.json'} and {out / 'results.md'}")
     return results
@@ -725,7 +728,8 @@ def bench(
             cell_cfg = cfg.for_method(spec, seed, cell_dir)
             st = _read_state(cell_dir)
             if st is not None and st.get("complete") and (cell_dir / "results.json").is_file() \
-                    and st.get("config_fingerprint") == config_fingerprint(cell_cfg):
+                    and st.get("config_fingerprint") == config_fingerprint(cell_cfg) \
+                    and load_results(cell_dir).get("finalized"):  # a cell killed while finalizing resumes
                 res = load_results(cell_dir)
                 skipped.append(f"{spec.display}/seed-{seed}")
             else:
