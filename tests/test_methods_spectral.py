@@ -410,6 +410,7 @@ def test_osf_merge_save_load(tmp_path):
     ("eigentune", 17920, {"variant": "spectral_core"}),  # LoRA r=8 on tiny-llama: needs rank > 32 (k/v are 32 x 64)
     ("curlora", 17920, {}),
     ("osf", 30000, {"progress": False}),
+    ("osf", 100000, {"progress": False}),  # scale c > 1/(1 - mrr): the least important layers train everything
     ("osf", 30000, {"progress": False, "effective_rank": 8}),
 ])
 def test_for_budget_lands_within_ten_percent(name, budget, config):
@@ -422,6 +423,20 @@ def test_for_budget_lands_within_ten_percent(name, budget, config):
         warnings.simplefilter("ignore")
         m.prepare(build_tiny_llama())
     assert m.num_trainable() == m.budget_report.num_params
+
+
+def test_osf_budget_holds_when_calibration_comes_after_for_budget():
+    """The harness matches the budget first and sets calibration data before prepare()."""
+    from kappatune.methods import for_budget
+
+    m = for_budget("osf", build_tiny_llama(), 30000, progress=False)  # uniform importance at this point
+    m.set_calibration(CALIB)
+    m.prepare(build_tiny_llama())
+    assert m.num_trainable() == m.budget_report.num_params
+    assert abs(m.num_trainable() - 30000) <= 3000
+    per_layer = {i: [m.ranks[n] / min(m.layers()[n].get_base_layer().weight.shape) for n in m.ranks if f"layers.{i}." in n]
+                 for i in (0, 1)}
+    assert min(per_layer[0]) != min(per_layer[1])  # the calibration made the layers differ
 
 
 def test_for_budget_impossible_budget_is_a_config_error():

@@ -144,6 +144,29 @@ def preserved_ranks(shapes: dict[str, tuple[int, int]], importance: dict[str, fl
     return out
 
 
+def _scaled_ranks(shapes: dict[str, tuple[int, int]], importance: dict[str, float], mrr: float, trr: float,
+                  scale: float) -> dict[str, int]:
+    """Preserved ranks with every module's trainable fraction multiplied by ``scale``: ``f_c = 1 - c (1 - f)``."""
+    out = {}
+    for name, shape in shapes.items():
+        d = min(shape)
+        f = 1.0 - scale * (1.0 - (mrr + (trr - mrr) * importance[name]))
+        out[name] = int(min(max(round(f * d), 1), d - 1))
+    return out
+
+
+def _match_scale(shapes: dict[str, tuple[int, int]], importance: dict[str, float], mrr: float, trr: float,
+                 budget: int, tolerance: float) -> tuple[BudgetReport, dict[str, int]]:
+    """Budget matching for adaptive OSF: the scale ``c`` (geometric grid up to where every module is fully
+    trainable) whose exact count is closest to ``budget``; returns the report and the preserved ranks."""
+    fmax = max(mrr + (trr - mrr) * v for v in importance.values())
+    c_max = 1.0 / max(1.0 - fmax, 1e-6)
+    grid = [c_max * math.exp(-i / 200) for i in range(2000)][::-1]  # ~0.5 % steps, smallest c first
+    report = match_budget("osf", budget, grid, lambda c: _count(shapes, _scaled_ranks(shapes, importance, mrr, trr, c)),
+                          knob="trainable_scale", tolerance=tolerance)
+    return report, _scaled_ranks(shapes, importance, mrr, trr, report.value)
+
+
 def _count(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
     """Trainable count of PEFT OSF: ``r (m + n + 1)`` per module with ``r = min(m, n) - k``."""
     return sum((min(s) - ranks[n]) * (s[0] + s[1] + 1) for n, s in shapes.items())
@@ -248,6 +271,7 @@ class OSF(Method):
         self.importance: dict[str, float] = {}  # normalised importance per target module (after prepare)
         self.ranks: dict[str, int] = {}  # preserved rank per target module at prepare
         self.task = 0
+        self._budget: tuple[int, float] | None = None  # (param_budget, tolerance) from for_budget, adaptive mode
 
     def set_calibration(self, input_ids: torch.Tensor) -> "OSF":
         """Token ids ``[N, T]`` (e.g. from ``kappatune.data.build_blocks``) used to measure layer importance."""
@@ -333,6 +357,9 @@ class OSF(Method):
         shapes = self._shapes(model, names)
         self.importance = self._importance(model, names) if self.config.effective_rank is None else {n: 0.5 for n in names}
         self.ranks = self._ranks(shapes, self.importance)
+        if self._budget is not None and self.config.effective_rank is None:
+            self.budget_report, self.ranks = _match_scale(shapes, self.importance, self.config.min_retention,
+                                                          self.config.max_retention, *self._budget)
         peft_cfg = OSFConfig(target_modules=names, rank_pattern={f"^{re.escape(n)}$": k for n, k in self.ranks.items()})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")
@@ -460,10 +487,12 @@ class OSF(Method):
                    tolerance: float = 0.10, calibration: torch.Tensor | None = None, **config: Any) -> "OSF":
         """Scale every layer's trainable fraction by one factor ``c`` to land on ``param_budget``.
 
-        The adaptive mapping ``f = mrr + (trr - mrr) n`` becomes ``f_c = 1 - c (1 - f)``, i.e. again the same
-        mapping with ``mrr' = 1 - c (1 - mrr)``, ``trr' = 1 - c (1 - trr)``: importance order is kept (important
-        layers still preserve more). The result's config holds ``mrr'``/``trr'``; the report's value is ``c``.
-        With a fixed ``effective_rank`` the knob is that rank instead. ``calibration``: token ids for importance.
+        Each module's preserved fraction ``f = mrr + (trr - mrr) n`` becomes ``f_c = 1 - c (1 - f)`` (then the usual
+        rounding/clamping to ``[1, min(m, n) - 1]``): importance order is kept (important layers still preserve
+        more). The report's value is ``c``. The search is repeated in :meth:`prepare` with the importance measured
+        there (calibration set after this call is used), and ``budget_report`` updated to the exact count.
+        With a fixed ``effective_rank`` the knob is one preserved fraction for every module instead.
+        ``calibration``: token ids for importance.
         """
         probe = cls(config)
         probe._check_config()
@@ -485,20 +514,11 @@ class OSF(Method):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the uniform-importance warning is repeated at prepare()
                 imp = probe._importance(model, names)
-            fmax = max(c.min_retention + (c.max_retention - c.min_retention) * v for v in imp.values())
-            c_max = 1.0 / max(1.0 - fmax, 1e-6)
-            grid = [c_max * math.exp(-i / 200) for i in range(0, 2000)][::-1]  # geometric grid, small to large c
-
-            def retention(scale: float) -> tuple[float, float]:
-                return (1 - scale * (1 - c.min_retention), 1 - scale * (1 - c.max_retention))
-
-            def count(scale: float) -> int:
-                lo, hi = retention(scale)
-                return _count(shapes, preserved_ranks(shapes, imp, lo, hi))
-
-            report = match_budget(cls.name, param_budget, grid, count, knob="trainable_scale", tolerance=tolerance)
-            lo, hi = retention(report.value)
-            m = cls({**c.to_dict(), "min_retention": max(0.0, lo), "max_retention": min(1.0, hi)})
+            report, _ = _match_scale(shapes, imp, c.min_retention, c.max_retention, param_budget, tolerance)
+            m = cls(c.to_dict())
+            # prepare() repeats the search with the importance it measures then (calibration may be set later,
+            # e.g. by the harness), so the prepared count is always the reported one
+            m._budget = (param_budget, tolerance)
         if calibration is not None:
             m.set_calibration(calibration)
         m.budget_report = report
