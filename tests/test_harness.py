@@ -223,12 +223,27 @@ def test_same_config_same_metrics(reference, corpora, tmp_path):
 def test_existing_run_is_not_clobbered_and_changed_config_not_resumed(reference, corpora, tmp_path):
     out = Path(reference["config"]["output_dir"])
     cfg = _cfg(corpora, out, output__plots=True)
+    mtime = (out / "results.json").stat().st_mtime_ns
+    assert run(cfg)["matrix"] == reference["matrix"]  # complete with the same config: returned, not re-run
+    assert run(cfg, resume=True)["matrix"] == reference["matrix"]
+    assert (out / "results.json").stat().st_mtime_ns == mtime
     with pytest.raises(ConfigError, match="already holds a run"):
-        run(cfg)
-    assert run(cfg, resume=True)["matrix"] == reference["matrix"]  # complete: returned, not re-run
+        run(_cfg(corpora, out, output__plots=True, seed=1))  # another config must not overwrite it
     changed = _cfg(corpora, out, output__plots=True, training__lr=1e-3)
     with pytest.raises(ConfigError, match=r"config differs.*training.lr: 0.003 -> 0.001.*--force"):
         run(changed, resume=True)
+
+
+def test_force_starts_over_with_identical_results(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference["config"]["output_dir"], out)
+    (out / "checkpoints" / "stray.txt").write_text("x")
+    cfg = {**reference["config"], "output_dir": str(out)}
+    again = run(cfg, force=True)
+    assert _key_metrics(again) == _key_metrics(reference)
+    assert not (out / "checkpoints" / "stray.txt").exists()  # the run's own files were cleared first
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +273,8 @@ def test_sigkill_mid_stage_then_resume_gives_identical_metrics(reference, corpor
     assert proc.returncode == -signal.SIGKILL, err
     state = json.loads((out / "state.json").read_text())
     assert state["stages_done"] == 1 and not state["complete"]  # died inside stage 2
+    with pytest.raises(ConfigError, match=r"already holds a run \(1/2 stages done\); pass --resume"):
+        run(load_config(path))
     proc = _spawn(path, "--resume")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

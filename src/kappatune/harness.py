@@ -351,6 +351,11 @@ def run(
     talk = progress and main
 
     state = _read_state(out)
+    if (state is not None and not force and state.get("complete") and state.get("config_fingerprint") == fp
+            and (out / "results.json").is_file()):
+        _log(talk, f"{out}: this run is already complete (same config); results in {out / 'results.json'} "
+                   "(--force to run it again)")
+        return load_results(out)
     if state is not None:
         if not resume and not force:
             raise ConfigError(

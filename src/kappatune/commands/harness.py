@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     results = harness.run(args.config, resume=args.resume, force=args.force, progress=False if args.quiet else None,
                           overrides=_overrides(args))
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only the main process reports
+        return 0
     print()
     print(reporting.forgetting_table(results))
     print()
