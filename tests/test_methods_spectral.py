@@ -378,6 +378,8 @@ def test_osf_uniform_fallback_fixed_rank_and_errors():
         _osf()[1].prepare(build_tiny_llama(), Selection("kappa", [], []))
     with pytest.raises(DataError):
         get_method("osf").set_calibration(torch.rand(2, 3))
+    with pytest.raises(DataError, match="token ids must lie"):
+        get_method("osf", {"progress": False}).set_calibration(torch.full((2, 8), 999)).prepare(build_tiny_llama())
 
 
 def test_osf_merge_save_load(tmp_path):
@@ -444,3 +446,26 @@ def test_for_budget_impossible_budget_is_a_config_error():
 
     with pytest.raises(ConfigError, match="cannot land"):
         for_budget("eigentune", build_tiny_llama(), 10**7)
+
+
+@pytest.mark.parametrize("name,config", [("curlora", {"rank": 4}), ("eigentune", {"rank": 4}), ("osf", {"progress": False})])
+def test_plain_nn_module(name, config):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x, y = torch.randn(64, 16), torch.randn(64, 8)
+    ref = net(x).detach()
+    m = get_method(name, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OSF: no calibration
+        pm = m.prepare(net)
+    assert torch.allclose(pm(x), ref, atol=1e-5)
+    opt = m.make_optimizer(lr=1e-2)
+    for _ in range(5):
+        ((pm(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    out = pm(x).detach()
+    assert not torch.allclose(out, ref, atol=1e-4)
+    plain = m.merge()
+    assert [type(c) for c in plain] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert torch.allclose(plain(x), out, atol=1e-5)

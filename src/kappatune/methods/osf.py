@@ -109,7 +109,10 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layer_list: str,
     def post_hook(idx: int):
         def fn(_mod, _args, _kwargs, out):
             h_out = out[0] if isinstance(out, (tuple, list)) else out
-            h_in = captured.pop(idx)
+            h_in = captured.pop(idx, None)
+            if not isinstance(h_in, torch.Tensor) or not isinstance(h_out, torch.Tensor) or h_in.shape != h_out.shape:
+                raise ConfigError(f"osf: {layer_list}[{idx}] is not a residual block (its input and output hidden "
+                                  "states differ in shape); layer importance needs decoder blocks")
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.detach().float(), dim=-1)
             sums[idx] += float(cos.double().sum())
         return fn
@@ -121,10 +124,17 @@ def layer_importance(model: nn.Module, input_ids: torch.Tensor, layer_list: str,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+        raise DataError(f"osf: calibration token ids must lie in [0, {vocab}), got {int(input_ids.min())}..{int(input_ids.max())}")
     try:
         for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="OSF layer importance", disable=not progress):
             batch = input_ids[start:start + batch_size].to(device)
-            model(input_ids=batch)
+            try:
+                model(input_ids=batch)
+            except TypeError as exc:
+                raise ConfigError(f"osf: calibration needs a model called as model(input_ids=...): {exc}") from exc
             count += batch.numel()
     finally:
         for h in handles:
@@ -271,6 +281,7 @@ class OSF(Method):
         self.importance: dict[str, float] = {}  # normalised importance per target module (after prepare)
         self.ranks: dict[str, int] = {}  # preserved rank per target module at prepare
         self.task = 0
+        self.layer_scores: dict[str, float] = {}  # raw 1 - cos per decoder block (after prepare with calibration)
         self._budget: tuple[int, float] | None = None  # (param_budget, tolerance) from for_budget, adaptive mode
 
     def set_calibration(self, input_ids: torch.Tensor) -> "OSF":
