@@ -283,6 +283,16 @@ def _read_state(out: Path) -> dict[str, Any] | None:
 _RUN_ARTIFACTS = ("state.json", "results.json", "results.md", "checkpoints", "final", "plots")
 
 
+def _finished(out: Path, state: dict[str, Any]) -> bool:
+    """All stages committed *and* the final outputs written (a run killed during finalize is finalized on resume)."""
+    if not state.get("complete"):
+        return False
+    try:
+        return bool(load_results(out).get("finalized"))
+    except KappaTuneError:
+        return False
+
+
 def _clear_run_dir(out: Path) -> None:
     """Remove only the files a run writes (never the whole directory: it may be the user's)."""
     for name in _RUN_ARTIFACTS:
@@ -351,8 +361,7 @@ def run(
     talk = progress and main
 
     state = _read_state(out)
-    if (state is not None and not force and state.get("complete") and state.get("config_fingerprint") == fp
-            and (out / "results.json").is_file()):
+    if state is not None and not force and state.get("config_fingerprint") == fp and _finished(out, state):
         _log(talk, f"{out}: this run is already complete (same config); results in {out / 'results.json'} "
                    "(--force to run it again)")
         return load_results(out)
@@ -380,11 +389,9 @@ def run(
             state["config_fingerprint"], state["config"] = fp, cfg.to_dict()
         if state is not None and state.get("num_stages") != T:
             raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
-        if state is not None and state.get("complete") and (out / "results.json").is_file():
-            done = load_results(out)
-            if done.get("finalized"):  # else killed during _finalize: redo it (adapter, plots, final reports)
-                _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
-                return done
+        if state is not None and _finished(out, state):  # else (killed during _finalize) it is redone below
+            _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
+            return load_results(out)
 
     # -- fail-fast setup: model, data, method (budget) -- nothing trains before all of this succeeded ------------
     t0 = time.perf_counter()
@@ -611,6 +618,9 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
     if cfg.output.save_adapter:
         method.save(out / "final" / "adapter.safetensors")
         files["adapter"] = "final/adapter.safetensors"
+    from .training import fault_point
+
+    fault_point("finalize")
     need_merge = cfg.output.save_model or (cfg.output.plots and cfg.output.spectrum_plot)
     if need_merge:
         merged = method.merge()
@@ -732,9 +742,7 @@ def bench(
             cell_dir = out / spec.display / f"seed-{seed}"
             cell_cfg = cfg.for_method(spec, seed, cell_dir)
             st = _read_state(cell_dir)
-            if st is not None and st.get("complete") and (cell_dir / "results.json").is_file() \
-                    and st.get("config_fingerprint") == config_fingerprint(cell_cfg) \
-                    and load_results(cell_dir).get("finalized"):  # a cell killed while finalizing resumes
+            if st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, st):
                 res = load_results(cell_dir)
                 skipped.append(f"{spec.display}/seed-{seed}")
             else:
