@@ -195,11 +195,12 @@ class CURLoRA(Method):
         return out
 
     def load(self, path: str | Path) -> None:
+        """Load U and the sampled indices saved by :meth:`save` (same base model and targets required)."""
         assert self.model is not None, "call prepare() first"
         state = read_adapter(self, path)
         layers = dict(_layers(self.model))
         names = {k.rsplit(".", 1)[0] for k in state}
-        if names != set(layers):
+        if names != set(layers) or any(f"{n}.{k}" not in state for n in layers for k in ("U", "col_idx", "row_idx")):
             diff = sorted(names ^ set(layers))[:3]
             raise CacheError(f"adapter {path} targets other layers than this prepared model (e.g. {diff})")
         with torch.no_grad():

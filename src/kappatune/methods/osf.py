@@ -462,7 +462,7 @@ class OSF(Method):
             self._install(layer, PU, PV.T)
         if capped:
             warnings.warn(f"osf: {len(capped)} layer(s) (e.g. {capped[0]}) ran out of free directions; part of the "
-                          "last task's update could not be preserved (lower task_energy or retention)", stacklevel=2)
+                          "last task's update could not be preserved (lower task_energy or retention)", stacklevel=3)
         self.task += 1
         return {n: l._osf_U_high[_ADAPTER].shape[1] for n, l in self.layers().items()}
 
