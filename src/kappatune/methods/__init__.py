@@ -47,6 +47,7 @@ def for_budget(name: str, model: Any, param_budget: int, targets: Targets = None
 _LAZY = {
     "FullFineTuning": "full", "SelectiveFineTuning": "selective", "SelectiveOptimizer": "selective",
     "selective_optimizer": "selective", "LoRA": "lora", "match_budgets": "budget", "resolve_selection": "budget",
+    "OSF": "osf", "EigenTune": "eigentune", "CURLoRA": "curlora",
 }
 
 
