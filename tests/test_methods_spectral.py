@@ -40,8 +40,13 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def test_registered():
+    from kappatune import methods
+
     get_method("osf"), get_method("eigentune"), get_method("curlora")
     assert {"osf", "eigentune", "curlora"} <= set(METHODS)
+    assert (methods.OSF, methods.EigenTune, methods.CURLoRA) == (METHODS["osf"], METHODS["eigentune"], METHODS["curlora"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        get_method("curlroa")
 
 
 # ---------------------------------------------------------------------------------------------------------------
