@@ -474,3 +474,23 @@ def test_plain_nn_module(name, config):
     plain = m.merge()
     assert [type(c) for c in plain] == [nn.Linear, nn.ReLU, nn.Linear]
     assert torch.allclose(plain(x), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,config", [("curlora", {"rank": 4}), ("eigentune", {"rank": 4}), ("osf", {"progress": False})])
+def test_kappa_selected_targets(name, config):
+    """A real κ selection (lowest-κ half of the linear weights) adapts exactly the selected modules."""
+    from kappatune.selection import select_targets
+
+    model = build_tiny_llama()
+    sel = select_targets(model, "kappa", top_p=0.5, progress=False)
+    assert sel.module_names
+    m = get_method(name, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = m.prepare(model, sel)
+
+    def module_of(param: str) -> str:  # "<module>.U" / "<module>.delta" / "base_model.model.<module>.osf_svd_params..."
+        param = param.removeprefix("base_model.model.")
+        return param.split(".osf_svd_params")[0] if ".osf_svd_params" in param else param.rsplit(".", 1)[0]
+
+    assert {module_of(n) for n in trainable_names(pm)} == set(sel.module_names)
