@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
-from .errors import CacheError, ConfigError, KappaTuneError
+from .errors import CacheError, ConfigError, KappaTuneError, ModelError
 from .storage import atomic_write_json, atomic_write_text, sha256_file
 
 __all__ = ["run", "bench", "validate", "compute_metrics", "library_versions", "load_results", "aggregate_bench"]
@@ -226,6 +226,9 @@ def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     from .models import load_model
 
     model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    for name, p in model.named_parameters():  # fail fast: NaN weights would only surface as a "diverged" loss
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ModelError(f"model {cfg.model}: weight tensor {name!r} contains NaN or Inf values; fix or reload the model")
     tokenizer = kdata.get_tokenizer(tok if tok is not None else (cfg.model if cfg.model in ("tiny-llama", "tiny-moe") else model))
     return model, tokenizer
 
