@@ -204,11 +204,18 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise (and breaks one-line CLI errors)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(f"cannot load the model in {path}: {first}") from exc
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if not any((path / f).is_file() for f in tokenizer_files):
         return model.eval(), None  # weights only: the caller passes a tokenizer
