@@ -36,12 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    # Libraries' deprecation notices about their own internals are not the user's problem (one-line errors).
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except KappaTuneError as exc:
         print(f"kappatune: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment (disk full, permissions, a path that is a file) outside atomic writes
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"kappatune: error: {where}{exc.strerror or exc} (check the path, free disk space and permissions)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kappatune: interrupted (finished results are kept; rerun with --resume where offered)", file=sys.stderr)
