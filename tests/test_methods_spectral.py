@@ -277,6 +277,24 @@ def test_osf_update_has_no_component_in_preserved_subspace(opt_cls, lr):
         assert torch.allclose((PU.T @ U[:, :k]).abs().det().abs(), torch.tensor(1.0), atol=1e-4)
 
 
+def test_osf_guarantee_holds_through_accelerate_with_weight_decay():
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model, m = _osf()
+    pm = m.prepare(model)
+    wrapped, opt = acc.prepare(pm, m.make_optimizer(lr=1e-2, weight_decay=0.1))
+    for _ in range(5):
+        acc.backward(wrapped(input_ids=TOKENS, labels=TOKENS).loss)
+        opt.step()
+        opt.zero_grad()
+    bases = m.preserved_bases()
+    for name, dW in m.delta_weights().items():
+        PU, PV = bases[name]
+        assert dW.norm() > 1e-4
+        assert (PU.T @ dW).norm() <= 1e-4 * dW.norm() and (dW @ PV.T).norm() <= 1e-4 * dW.norm()
+
+
 def test_osf_dense_forward_matches_peft_factored_forward():
     model, m = _osf(effective_rank=0.25)
     pm = m.prepare(model, SOME)
