@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
