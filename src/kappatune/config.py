@@ -340,6 +340,11 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     """Checks that need neither model nor data; raises :class:`ConfigError` on the first problem."""
     if not cfg.model:
         raise ConfigError("config: model must name a model (built-in name, directory or hub id)")
+    if not cfg.name or Path(cfg.name).is_absolute() or ".." in Path(cfg.name).parts:
+        raise ConfigError(
+            f"config: name {cfg.name!r} must be a plain name without '..' (the default output directory is runs/<name>); "
+            "set output_dir to write elsewhere"
+        )
     if not cfg.tasks:
         raise ConfigError("config: tasks must list at least one corpus (the stages of the run)")
     labels = [t.label for t in cfg.tasks]
