@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
-from .errors import CacheError, ConfigError, KappaTuneError, ModelError
+from .errors import CacheError, ConfigError, DataError, KappaTuneError, ModelError
 from .storage import atomic_write_json, atomic_write_text, sha256_file
 
 __all__ = ["run", "bench", "validate", "compute_metrics", "library_versions", "load_results", "aggregate_bench"]
@@ -174,9 +175,13 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
     for task in [*cfg.tasks, cfg.control]:
         corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
         common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
-        if task is not cfg.control:
-            train[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
-        evals[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
+        try:
+            if task is not cfg.control:
+                train[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
+            evals[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
+        except DataError as exc:  # name the corpus: a run reads several
+            msg = str(exc)
+            raise DataError(msg if task.corpus in msg else f"corpus {task.corpus!r}: {msg}") from None
         info[task.label] = {
             "corpus": task.corpus, "source": getattr(corpus, "source", ""), "license": getattr(corpus, "license", ""),
             "documents": len(corpus.documents),
@@ -280,6 +285,9 @@ def _read_state(out: Path) -> dict[str, Any] | None:
         raise CacheError(f"{p} is unreadable or corrupt ({exc}); rerun with --force to start the run over") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CacheError(f"{p} was written by another kappatune version; rerun with --force to start over")
+    ck = state.get("checkpoint")  # a path read back from disk: never let it point outside the run directory
+    if ck is not None and not (isinstance(ck, dict) and re.fullmatch(r"checkpoints/stage-\d+\.safetensors", str(ck.get("file")))):
+        raise CacheError(f"{p} is corrupt (bad checkpoint entry {ck!r}); rerun with --force to start the run over")
     return state
 
 
