@@ -462,6 +462,24 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_size(data: Any) -> None:
+    """Refuse a config that expands to more than :data:`MAX_CONFIG_VALUES` values: YAML aliases share objects, so
+    a few lines of nested anchors (a "billion laughs") would otherwise hang the later deep copies and hashing."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"config expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); simplify it")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
 def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Build and statically validate a :class:`RunConfig` from plain data (as YAML gives it)."""
     if data is None:
@@ -470,6 +488,7 @@ def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> Run
         raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
     if overrides:
         data = apply_overrides(data, overrides)
+    _check_size(data)
     cfg = _build(RunConfig, data)
     return validate_static(cfg)
 
