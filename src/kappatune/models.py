@@ -8,6 +8,7 @@ converted to a safetensors directory in the cache on first use (see :func:`prepa
 from __future__ import annotations
 
 import os
+import pickle  # only for its exception class: nothing is ever unpickled
 import shutil
 import sys
 import tempfile
@@ -210,7 +211,12 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None)
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise (and breaks one-line CLI errors)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met something other than tensors
+        raise ModelError(
+            f"cannot load the model in {path}: its pickle checkpoint holds objects other than tensors, and loading them "
+            "could run code; refused (convert it to safetensors in a trusted environment)"
+        ) from exc
+    except Exception as exc:  # OSError, ValueError, safetensors' SafetensorError on a torn or corrupt file, ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(f"cannot load the model in {path}: {first}") from exc
     finally:
