@@ -275,6 +275,19 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
 # State (the commit record of a run).
 # ---------------------------------------------------------------------------------------------------------------
 
+def _state_checksum(state: dict[str, Any]) -> str:
+    from .storage import _json_default
+
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def _write_state(out: Path, state: dict[str, Any]) -> None:
+    """The commit point of a run: state.json, atomically, with a checksum of its content (bit rot is detected)."""
+    state["checksum"] = _state_checksum(state)
+    atomic_write_json(out / STATE_FILE, state)
+
+
 def _read_state(out: Path) -> dict[str, Any] | None:
     p = out / STATE_FILE
     if not p.is_file():
@@ -285,6 +298,8 @@ def _read_state(out: Path) -> dict[str, Any] | None:
         raise CacheError(f"{p} is unreadable or corrupt ({exc}); rerun with --force to start the run over") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CacheError(f"{p} was written by another kappatune version; rerun with --force to start over")
+    if "checksum" in state and state["checksum"] != _state_checksum(state):
+        raise CacheError(f"{p} is corrupt (checksum mismatch); rerun with --force to start the run over")
     ck = state.get("checkpoint")  # a path read back from disk: never let it point outside the run directory
     if ck is not None and not (isinstance(ck, dict) and re.fullmatch(r"checkpoints/stage-\d+\.safetensors", str(ck.get("file")))):
         raise CacheError(f"{p} is corrupt (bad checkpoint entry {ck!r}); rerun with --force to start the run over")
@@ -422,7 +437,7 @@ def run(
     if state.get("base") is None:
         state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main)
         if main:
-            atomic_write_json(out / STATE_FILE, state)
+            _write_state(out, state)
         _log(talk, f"base model: " + _ppl_line(data.tasks, state["base"]["task_ppl"], data.control_label, state["base"]["control_ppl"]))
 
     if callable(getattr(method, "set_calibration", None)):
@@ -480,7 +495,7 @@ def run(
             state["checkpoint"] = {"file": ck_rel, "sha256": sha256_file(out / ck_rel)}
             state["complete"] = k == T
             fault_point("stage_commit")
-            atomic_write_json(out / STATE_FILE, state)
+            _write_state(out, state)
             if prev and prev["file"] != ck_rel:
                 (out / prev["file"]).unlink(missing_ok=True)
             shutil.rmtree(out / "checkpoints" / "mid", ignore_errors=True)
