@@ -396,8 +396,16 @@ def test_corrupt_or_tampered_state_file(corpora, tmp_path, capsys, partial):
     state.write_text(good[: len(good) // 2])  # torn (cannot happen through atomic writes, but a disk can rot)
     err = _error(capsys, "run", _resume_cfg(corpora, tmp_path, partial), "--resume", "-q")
     assert "state.json is unreadable or corrupt" in err and "--force" in err
-    tampered = json.loads(good)
+    rotten = json.loads(good)
+    rotten["base"]["control_ppl"] *= 1.0000001  # bit rot in a number: still valid JSON, caught by the checksum
+    state.write_text(json.dumps(rotten))
+    err = _error(capsys, "run", _resume_cfg(corpora, tmp_path, partial), "--resume", "-q")
+    assert "state.json is corrupt (checksum mismatch)" in err
+    from kappatune.harness import _state_checksum
+
+    tampered = json.loads(good)  # a crafted state file (valid checksum) pointing a path outside the run directory
     tampered["checkpoint"]["file"] = "../../../victim.txt"
+    tampered["checksum"] = _state_checksum(tampered)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     state.write_text(json.dumps(tampered))
