@@ -687,11 +687,16 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Any, *, progress: bool = True, ca
     path = cache_dir("tokens") / f"{key}.safetensors"
     if cache and path.is_file():
         try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as fh:
+                digest = (fh.metadata() or {}).get("sha256")
             arrays = load_file(str(path))
             ids, offsets = arrays["ids"], arrays["offsets"]
-            if offsets.shape == (len(corpus.documents) + 1,) and int(offsets[-1]) == ids.shape[0]:
+            if offsets.shape == (len(corpus.documents) + 1,) and int(offsets[-1]) == ids.shape[0] \
+                    and digest == _token_digest(ids, offsets):
                 return ids, offsets
-        except Exception:  # a torn/foreign cache file is rebuilt, never trusted
+        except Exception:  # a torn/foreign/rotten cache file is rebuilt, never trusted
             pass
     from tqdm.auto import tqdm
 
@@ -708,8 +713,16 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Any, *, progress: bool = True, ca
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     if cache:
-        atomic_write_bytes(path, save({"ids": ids, "offsets": offsets}, metadata={"corpus": corpus.name, "tokenizer": tokenizer_id(tokenizer)}))
+        meta = {"corpus": corpus.name, "tokenizer": tokenizer_id(tokenizer), "sha256": _token_digest(ids, offsets)}
+        atomic_write_bytes(path, save({"ids": ids, "offsets": offsets}, metadata=meta))
     return ids, offsets
+
+
+def _token_digest(ids: np.ndarray, offsets: np.ndarray) -> str:
+    """Checksum of a token cache entry's arrays (a flipped bit would otherwise pass the shape checks)."""
+    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- splits, blocks
