@@ -452,3 +452,18 @@ def test_analysis_cache_of_another_model_is_not_used(tmp_path):
         again = analyze_model(b, cache=tmp_path, progress=False)
     assert not again.from_cache
     assert [r.kappa for r in again.records] == [r.kappa for r in rb.records]
+
+
+def test_token_cache_bit_rot_is_detected_and_rebuilt():
+    """A flipped bit in a cached token array still has the right shapes: the checksum catches it."""
+    from kappatune import data
+    from kappatune.data import ByteTokenizer, make_corpus, tokenize_corpus
+
+    corpus = make_corpus("rot", ["some text to tokenize " * 20] * 30)
+    ids, offsets = tokenize_corpus(corpus, ByteTokenizer(), progress=False)
+    (path,) = Path(data.cache_dir("tokens")).glob("rot-*.safetensors")
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0x01
+    path.write_bytes(bytes(blob))
+    again, _ = tokenize_corpus(corpus, ByteTokenizer(), progress=False)
+    assert (again == ids).all()
