@@ -389,3 +389,27 @@ def test_selections_are_identical_across_processes(tmp_path):
     assert proc.stdout == json.dumps(here, sort_keys=True)
     sel = json.loads(proc.stdout)
     assert sel["random"] != sel["kappa"]  # the policies really differ, so equality above is not vacuous
+
+
+def test_bench_killed_mid_cell_reruns_only_the_unfinished_cell(reference, corpora, tmp_path):
+    """A benchmark killed inside its second cell: rerun, the finished cell is skipped (not re-run), the killed
+    one resumes, and the finished cell's numbers equal the single-run reference."""
+    from kappatune.harness import bench
+
+    cfg = _cfg(corpora, tmp_path / "bench")
+    del cfg["method"]
+    cfg.update(name="bench-faults", seeds=[0], methods=[
+        {"name": "selective", "label": "kappatune", "options": {"policy": "kappa", "top_p": 0.5}},
+        {"name": "lora", "label": "lora", "options": {"rank": 2}},
+    ])
+    path = _write_yaml(tmp_path / "b.yaml", cfg)
+    proc = subprocess.run([sys.executable, "-m", "kappatune.cli", "bench", str(path), "-q"],
+                          env=_env(f"train_step:{2 * STEPS + 3}"), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = json.loads((tmp_path / "bench" / "kappatune" / "seed-0" / "results.json").read_text())
+    assert first["finalized"] and _key_metrics(first) == _key_metrics(reference["results"])
+    summary = bench(cfg)
+    assert summary["skipped"] == ["kappatune/seed-0"] and summary["ran"] == ["lora/seed-0"]
+    lora = json.loads((tmp_path / "bench" / "lora" / "seed-0" / "results.json").read_text())
+    assert lora["status"] == "complete" and lora["stages"][0]["resumed_from_step"] == 2
+    assert json.loads((tmp_path / "bench" / "kappatune" / "seed-0" / "results.json").read_text()) == first
