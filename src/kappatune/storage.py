@@ -97,7 +97,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             raise
     except OSError as exc:
         raise KappaTuneError(f"cannot write {path}: {exc.strerror or exc} (check free disk space and permissions)") from exc
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX): without it a power loss can undo the rename after later steps (say, deleting
+    the checkpoint the new state.json supersedes) reached the disk. Best effort: not every platform can."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
