@@ -41,7 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Libraries' deprecation notices about their own internals are not the user's problem (one-line errors).
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides after an option (`run c.yaml -o out training.steps=5`): argparse leaves them over
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args) or 0)
     except KappaTuneError as exc:
