@@ -467,3 +467,14 @@ def test_token_cache_bit_rot_is_detected_and_rebuilt():
     path.write_bytes(bytes(blob))
     again, _ = tokenize_corpus(corpus, ByteTokenizer(), progress=False)
     assert (again == ids).all()
+
+
+def test_overrides_after_options_are_applied(corpora, tmp_path, capsys):
+    """`kappatune run c.yaml -o DIR KEY=VALUE`: the override after an option is applied (here: refused value)."""
+    path = _yaml(tmp_path / "c.yaml", _cfg(corpora, tmp_path / "out"))
+    err = _error(capsys, "run", path, "-o", str(tmp_path / "o2"), "training.steps=0", "-q")
+    assert "training.steps must be > 0, got 0" in err
+    with pytest.raises(SystemExit) as exc:  # a real unknown option is still an argparse usage error (exit 2)
+        main(["run", path, "--no-such-flag"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
