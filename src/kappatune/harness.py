@@ -367,7 +367,7 @@ def run(
     ``base_eval_cache``: a JSON file sharing the base model's evaluation between runs (used by :func:`bench`).
     """
     from . import data as kdata  # noqa: F401  (fail early if the data layer is missing)
-    from .training import PeakMemory, fault_point, make_accelerator, train_stage
+    from .training import PeakMemory, fault_point, make_accelerator, remove_checkpoints, train_stage
 
     cfg = _as_config(config, overrides)
     progress = cfg.progress if progress is None else progress
@@ -498,6 +498,7 @@ def run(
             _write_state(out, state)
             if prev and prev["file"] != ck_rel:
                 (out / prev["file"]).unlink(missing_ok=True)
+            remove_checkpoints(out / "checkpoints" / "mid")  # meta.json first: an interrupted removal is not "corrupt"
             shutil.rmtree(out / "checkpoints" / "mid", ignore_errors=True)
             results = _results(cfg, state, data, trainable, total_params, budget_report, spec, setup_s, fp)
             _write_reports(out, results, plots=cfg.output.plots, final=False)

@@ -52,6 +52,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "remove_checkpoints",
     "get_rng_state",
     "set_rng_state",
     "seed_everything",
@@ -235,10 +236,21 @@ def save_checkpoint(
     full["rng"] = rng
     full["files"] = {name: sha256_file(d / name) for name in ("trained.safetensors", "state.pt")}
     atomic_write_json(d / "meta.json", full)
-    for old in Path(root).glob("step-*"):
-        if old != d and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+    remove_checkpoints(root, keep=d)
     return d
+
+
+def remove_checkpoints(root: str | os.PathLike, keep: Path | None = None) -> None:
+    """Delete the ``step-*`` checkpoints under ``root`` (but ``keep``), each ``meta.json`` first: a deletion cut
+    short by a kill leaves an incomplete directory (silently skipped), never one that looks corrupt."""
+    for old in Path(root).glob("step-*"):
+        if old == keep or not old.is_dir():
+            continue
+        try:
+            (old / "meta.json").unlink(missing_ok=True)
+        except OSError:
+            pass
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -256,7 +268,9 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any] | None:
         raise CacheError(f"checkpoint {d} is corrupt (unreadable meta.json: {exc}); delete it to restart the stage") from exc
     for name, digest in meta.get("files", {}).items():
         f = d / name
-        if not f.is_file() or sha256_file(f) != digest:
+        if not f.is_file():
+            raise CacheError(f"checkpoint {d} is incomplete ({name} is missing); delete it to restart the stage")
+        if sha256_file(f) != digest:
             raise CacheError(f"checkpoint {d} is corrupt ({name} does not match its checksum); delete it to restart the stage")
     return meta
 
