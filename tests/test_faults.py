@@ -444,3 +444,18 @@ def test_ctrl_c_is_one_line_and_resumable(reference, corpora, tmp_path):
     assert resumed["status"] == "complete"
     for rec in before["stages"]:
         assert resumed["stages"][rec["stage"] - 1] == rec
+
+
+def test_damaged_results_of_a_finished_run_are_rebuilt_on_resume(reference, corpora, tmp_path):
+    """results.json is derived from the committed state: if it is damaged, --resume rewrites it (no retraining)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    state = (out / "state.json").read_bytes()
+    (out / "results.json").write_text('{"truncated": ')
+    resumed = run(_cfg(corpora, out), resume=True)
+    assert _key_metrics(resumed) == _key_metrics(reference["results"])
+    assert resumed["stages"] == reference["results"]["stages"]  # carried over, not retrained
+    assert json.loads((out / "results.json").read_text())["finalized"] is True
+    assert (out / "state.json").read_bytes() == state
