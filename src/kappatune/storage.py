@@ -44,18 +44,21 @@ def fault_point(name: str) -> None:
     matches ``PATTERN`` (fnmatch glob) is reached; costs one environment lookup when the variable is unset.
 
     Atomic writes reach ``write:<path>`` halfway through writing their temporary file (so e.g.
-    ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file). The training loop and the
-    harness have their own points (:func:`kappatune.training.fault_point`: ``train_step``, ``checkpoint_write``,
-    ``eval``, ``stage_commit``). Used by tests/test_faults.py; see docs/reliability.md.
+    ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file); the training loop and the
+    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``. A real,
+    uncatchable signal: nothing is flushed or cleaned up, as with an OOM kill or a pulled plug. Used by
+    tests/test_faults.py and tests/test_harness.py; see docs/reliability.md.
     """
     spec = os.environ.get("KAPPATUNE_FAULT")
     if not spec:
         return
     pattern, _, count = spec.rpartition(":")
-    if not pattern or not fnmatch.fnmatchcase(name, pattern):
+    if not count.isdigit():  # no ":N": the first time
+        pattern, count = spec, "1"
+    if not fnmatch.fnmatchcase(name, pattern):
         return
     _FAULT_COUNTS[pattern] = _FAULT_COUNTS.get(pattern, 0) + 1
-    if _FAULT_COUNTS[pattern] >= int(count or 1):
+    if _FAULT_COUNTS[pattern] >= int(count):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
