@@ -30,7 +30,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import threading
 import time
 import warnings
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from .errors import CacheError, ConfigError
-from .storage import atomic_write_bytes, atomic_write_json, sha256_file
+from .storage import atomic_write_bytes, atomic_write_json, fault_point, sha256_file  # fault_point: test hook
 
 __all__ = [
     "StageResult",
@@ -59,29 +58,6 @@ __all__ = [
     "PeakMemory",
     "fault_point",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fault injection for the kill/resume tests (a real SIGKILL at a named point; inert unless the env var is set).
-# ---------------------------------------------------------------------------------------------------------------
-_FAULT_COUNTS: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """If ``$KAPPATUNE_FAULT`` is ``name:N``, SIGKILL this process the N-th time ``name`` is reached.
-
-    Lets tests kill a run at an exact place (mid-stage, mid-checkpoint, mid-evaluation) with a real, uncatchable
-    signal — nothing is flushed or cleaned up, as with an OOM kill or a pulled plug.
-    """
-    spec = os.environ.get("KAPPATUNE_FAULT")
-    if not spec:
-        return
-    point, _, count = spec.partition(":")
-    if point != name:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
