@@ -1,9 +1,9 @@
 """Faults: a run killed with a real SIGKILL at precise points, then resumed; disk-full and permission errors.
 
 Every kill here is a real ``SIGKILL`` of a ``kappatune run`` subprocess (nothing flushed, no handler runs), placed
-with the ``$KAPPATUNE_FAULT=PATTERN:N`` test hook (:func:`kappatune.storage.fault_point` for ``write:<path>``
-points halfway through an atomic write, :func:`kappatune.training.fault_point` for ``train_step``,
-``checkpoint_write``, ``eval`` and ``stage_commit``). After each kill the run is resumed and must
+with the ``$KAPPATUNE_FAULT=PATTERN:N`` test hook (:func:`kappatune.storage.fault_point`: ``write:<path>``
+points halfway through every atomic write, and ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit``,
+``finalize``). After each kill the run is resumed and must
 (1) complete, (2) keep every stage committed before the kill exactly as it was (its record, timings included, is
 carried over, so it was not redone), (3) leave no torn file behind, and (4) end with the same metrics and
 bitwise-identical trained tensors as an uninterrupted run.
