@@ -181,7 +181,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
             evals[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
         except DataError as exc:  # name the corpus: a run reads several
             msg = str(exc)
-            raise DataError(msg if task.corpus in msg else f"corpus {task.corpus!r}: {msg}") from None
+            raise DataError(msg if task.corpus in msg or msg.startswith("tokenizer") else f"corpus {task.corpus!r}: {msg}") from None
         info[task.label] = {
             "corpus": task.corpus, "source": getattr(corpus, "source", ""), "license": getattr(corpus, "license", ""),
             "documents": len(corpus.documents),
