@@ -419,6 +419,11 @@ def run(
             _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
             return load_results(out)
 
+    if main and state is not None and out.is_dir():  # what atomic writes of a killed process left behind
+        for tmp in out.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
     # -- fail-fast setup: model, data, method (budget) -- nothing trains before all of this succeeded ------------
     t0 = time.perf_counter()
     model, tokenizer = _load(cfg)
