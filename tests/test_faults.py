@@ -252,7 +252,8 @@ def test_chain_of_kills_across_resumes(reference, corpora, tmp_path):
 
 
 def test_torn_temporary_files_do_not_shadow_results(reference, corpora, tmp_path):
-    """A kill mid-write leaves only a hidden ``.NAME.*.tmp`` beside the old file; readers never look at it."""
+    """A kill mid-write leaves only a hidden ``.NAME.*.tmp`` beside the old file; readers never look at it, and
+    the resumed run removes it."""
     out = tmp_path / "run"
     path = _write_yaml(tmp_path / "c.yaml", _cfg(corpora, out))
     _kill_at(path, "write:*/state.json:2")
@@ -261,6 +262,7 @@ def test_torn_temporary_files_do_not_shadow_results(reference, corpora, tmp_path
     assert json.loads((out / "state.json").read_text())["stages_done"] == 0
     run(_cfg(corpora, out), resume=True)
     assert json.loads((out / "state.json").read_text())["complete"] is True
+    assert not list(out.rglob(".*.tmp"))  # the resume swept the leftovers
 
 
 # ---------------------------------------------------------------------------------------------------------------
