@@ -478,3 +478,15 @@ def test_overrides_after_options_are_applied(corpora, tmp_path, capsys):
         main(["run", path, "--no-such-flag"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_check_validates_without_writing(corpora, tmp_path, capsys):
+    """`--check` loads model, corpora and method and reports the budget, but writes nothing to the output dir."""
+    out = tmp_path / "out"
+    path = _yaml(tmp_path / "c.yaml", _cfg(corpora, out))
+    assert main(["run", path, "--check", "-q"]) == 0
+    assert "config OK; trainable parameters: selective" in capsys.readouterr().out
+    assert not out.exists()
+    err = _error(capsys, "run", path, "--check", "method.options.top_p=3", "-q")
+    assert "top_p must be in (0, 1], got 3" in err
+    assert not out.exists()
