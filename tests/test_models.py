@@ -103,6 +103,7 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)  # pretend the hub answers
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
     build_tiny_llama().save_pretrained(tmp_path / "m")
     load_model(tmp_path / "m")
     load_model(tmp_path / "m", trust_remote_code=True)
