@@ -61,11 +61,13 @@ def match_budget(
     *,
     knob: str,
     tolerance: float = 0.10,
+    describe: Callable[[_K], str] | None = None,
 ) -> BudgetReport:
     """Pick the knob value whose exact trainable count is closest to ``param_budget``; it must be within ±tolerance.
 
     The shared search behind every :meth:`Method.for_budget`: each method supplies its candidate knob values
     (ranks, numbers of tensors, ...) and an exact counting function; ties go to the earlier (smaller) candidate.
+    ``describe`` renders a candidate for the error message when it is not itself the knob's value.
     Raises :class:`ConfigError` naming the nearest reachable counts when nothing lands inside the tolerance.
     """
     if not isinstance(param_budget, int) or isinstance(param_budget, bool) or param_budget <= 0:
@@ -84,7 +86,8 @@ def match_budget(
     if abs(report.relative_error) > tolerance:
         raise ConfigError(
             f"method {method!r} cannot land within ±{tolerance:.0%} of {param_budget:,} trainable parameters: "
-            f"the closest is {knob}={best[1]!r} with {best[2]:,} ({report.relative_error:+.1%}); "
+            f"the closest is {knob}={describe(best[1]) if describe else repr(best[1])} with {best[2]:,} "
+            f"({report.relative_error:+.1%}); "
             "change the budget or the targets"
         )
     return report

@@ -253,7 +253,8 @@ class SelectiveFineTuning(Method):
                     used += sizes[n]
             options.append(kept)
         report = match_budget(cls.name, param_budget, range(len(options)),
-                              lambda i: sum(sizes[n] for n in options[i]), knob="num_tensors", tolerance=tolerance)
+                              lambda i: sum(sizes[n] for n in options[i]), knob="num_tensors", tolerance=tolerance,
+                              describe=lambda i: str(len(options[i])))
         chosen = options[report.value]
         if not chosen:
             raise ConfigError(f"param_budget {param_budget:,} is smaller than every candidate tensor of policy {c.policy!r}")
