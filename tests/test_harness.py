@@ -397,3 +397,28 @@ def test_shipped_configs_are_valid():
     for name in ("tiny.yaml", "demo.yaml", "bench_tiny.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.steps_per_stage() > 0 and cfg.method_specs()
+
+
+def test_per_method_learning_rate(corpora, tmp_path):
+    """A method's own `lr` overrides training.lr for its cells (adapters usually need a larger one)."""
+    cfg = _cfg(corpora, tmp_path / "lr", output__plots=False, output__spectrum_plot=False)
+    del cfg["method"]
+    cfg.update(
+        name="lr", seeds=[0],
+        methods=[
+            {"name": "selective", "label": "default-lr", "options": {"policy": "kappa", "top_p": 0.5}},
+            {"name": "selective", "label": "small-lr", "options": {"policy": "kappa", "top_p": 0.5}, "lr": 1e-6},
+        ],
+    )
+    summary = bench(cfg)
+    a, b = (json.loads((Path(m["dirs"]["0"]) / "results.json").read_text()) for m in summary["methods"])
+    assert b["config"]["method"]["lr"] == 1e-6 and a["config"]["method"]["lr"] is None
+    gain = [r["metrics"]["task_gain_pct"] for r in (a, b)]
+    assert abs(gain[1]) < abs(gain[0])  # a tiny learning rate barely moves the model
+
+
+def test_negative_method_lr_is_rejected(corpora, tmp_path):
+    cfg = _cfg(corpora, tmp_path / "neg")
+    cfg["method"]["lr"] = -1.0
+    with pytest.raises(ConfigError, match=r"method\.lr"):
+        run(cfg)

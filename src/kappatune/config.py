@@ -89,6 +89,8 @@ class MethodSpec:
 
     ``targets`` omitted means the method's default (all linear layers except the output head).
     ``budget`` (trainable parameters) overrides the top-level ``budget`` for this method.
+    ``lr`` overrides ``training.lr`` for this method: adapters (LoRA, CURLoRA, EigenTune) usually need a larger
+    learning rate than full or selective fine-tuning, so a fair comparison gives each its own.
     """
 
     name: str
@@ -96,6 +98,7 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
     targets: TargetsConfig | None = None
     budget: int | None = None
+    lr: float | None = None
 
     @property
     def display(self) -> str:
@@ -175,6 +178,11 @@ class RunConfig:
 
     def method_specs(self) -> list[MethodSpec]:
         return list(self.methods) if self.methods else ([self.method] if self.method else [])
+
+    def learning_rate(self) -> float:
+        """The learning rate of this (single-method) run: the method's ``lr`` if set, else ``training.lr``."""
+        spec = self.method
+        return spec.lr if spec is not None and spec.lr is not None else self.training.lr
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds else [self.seed]
@@ -334,6 +342,7 @@ def _check_method(m: MethodSpec, where: str) -> None:
     if m.targets is not None:
         _check_targets(m.targets, f"{where}.targets")
     _positive(m.budget, f"{where}.budget")
+    _positive(m.lr, f"{where}.lr")
 
 
 def validate_static(cfg: RunConfig) -> RunConfig:

@@ -474,7 +474,7 @@ def run(
                 method.next_task()
             res = train_stage(
                 method, data.train[task], accelerator=accelerator, steps=steps, batch_size=cfg.training.batch_size,
-                micro_batch_size=cfg.training.micro_batch_size, lr=cfg.training.lr, schedule=cfg.training.schedule,
+                micro_batch_size=cfg.training.micro_batch_size, lr=cfg.learning_rate(), schedule=cfg.training.schedule,
                 warmup_steps=cfg.training.warmup_steps, weight_decay=cfg.training.weight_decay,
                 max_grad_norm=cfg.training.max_grad_norm, seed=seed, stage=k,
                 checkpoint_dir=out / "checkpoints" / "mid", checkpoint_every=cfg.training.checkpoint_every,
