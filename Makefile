@@ -1,5 +1,5 @@
 # One command each on a fresh machine:
-#   make demo   set up .venv and run the main job (continual KappaTune run on SmolLM2-135M, ~10 min on 2 CPU cores)
+#   make demo   set up .venv and run the main job (continual KappaTune run on SmolLM2-135M, ~3 min on 2 idle CPU cores once cached)
 #   make test   set up .venv and run the test suite
 VENV := .venv/bin
 .PHONY: setup demo test test-fast bench
