@@ -31,63 +31,32 @@ import yaml
 from kappatune.errors import KappaTuneError
 from kappatune.harness import run
 from kappatune.storage import sha256_file
+from run_helpers import make_corpora, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-WORDS = {
-    "alpha": "the quick brown fox jumps over a lazy dog while seven wizards box".split(),
-    "beta": "def return import class lambda yield async await print range len dict".split(),
-    "ctrl": "it is a truth universally acknowledged that a single man in possession of fortune".split(),
-}
 STEPS = 4
 
 
-def _write_corpus(path: Path, key: str, n_docs: int = 30) -> str:
-    rng = random.Random(key)
-    docs = [" ".join(rng.choice(WORDS[key]) for _ in range(rng.randint(60, 100))) for _ in range(n_docs)]
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    import torch
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("corpora")
-    return {k: _write_corpus(d / f"{k}.txt", k) for k in WORDS}
+    return make_corpora(d, n_docs=30)
 
 
 def _cfg(corpora: dict[str, str], out: Path, **over) -> dict:
-    cfg = {
-        "name": "faults",
-        "model": "tiny-llama",
-        "tasks": [{"corpus": corpora["alpha"], "name": "alpha"}, {"corpus": corpora["beta"], "name": "beta"}],
-        "control": {"corpus": corpora["ctrl"], "name": "ctrl"},
-        "method": {"name": "selective", "options": {"policy": "kappa", "top_p": 0.5}},
-        "training": {"steps": STEPS, "batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 2},
-        "eval": {"max_blocks": 4, "batch_size": 4},
-        "output": {"plots": False, "spectrum_plot": False},
-        "seed": 0,
-        "num_threads": 1,
-        "output_dir": str(out),
-        "progress": False,
-    }
-    for key, value in over.items():
-        node = cfg
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return cfg
+    return tiny_run_config(
+        corpora, out, name="faults",
+        training={"steps": STEPS, "batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 2},
+        eval={"max_blocks": 4, "batch_size": 4},
+        output={"plots": False, "spectrum_plot": False},
+        num_threads=1, **over,
+    )
 
 
 def _write_yaml(path: Path, cfg: dict) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -21,62 +20,29 @@ import yaml
 from kappatune.config import config_from_dict, config_fingerprint, load_config
 from kappatune.errors import ConfigError, DataError, KappaTuneError
 from kappatune.harness import bench, compute_metrics, run, validate
+from run_helpers import make_corpora, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-WORDS = {
-    "alpha": "the quick brown fox jumps over a lazy dog while seven wizards box".split(),
-    "beta": "def return import class lambda yield async await print range len dict".split(),
-    "ctrl": "it is a truth universally acknowledged that a single man in possession of fortune".split(),
-}
-
-
-def _write_corpus(path: Path, key: str, n_docs: int = 40, seed: int = 0) -> str:
-    rng = random.Random(f"{key}-{seed}")
-    docs = [" ".join(rng.choice(WORDS[key]) for _ in range(rng.randint(60, 100))) for _ in range(n_docs)]
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One torch thread (here and in subprocesses): tiny ops with 2 threads on a shared 2-core CPU are ~100x slower."""
-    import torch
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("corpora")
-    return {k: _write_corpus(d / f"{k}.txt", k) for k in WORDS}
+    return make_corpora(d, n_docs=40, salt="0")
 
 
 def _cfg(corpora: dict[str, str], out: Path, **over) -> dict:
-    cfg = {
-        "name": "t",
-        "model": "tiny-llama",
-        "tasks": [{"corpus": corpora["alpha"], "name": "alpha"}, {"corpus": corpora["beta"], "name": "beta"}],
-        "control": {"corpus": corpora["ctrl"], "name": "ctrl"},
-        "method": {"name": "selective", "options": {"policy": "kappa", "top_p": 0.5}},
-        "training": {"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1},
-        "eval": {"max_blocks": 8, "batch_size": 8},
-        "output": {"plots": False},
-        "seed": 0,
-        "output_dir": str(out),
-        "progress": False,
-    }
-    for key, value in over.items():
-        node = cfg
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return cfg
+    return tiny_run_config(
+        corpora, out, name="t",
+        training={"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 1},
+        eval={"max_blocks": 8, "batch_size": 8},
+        output={"plots": False},
+        **over,
+    )
 
 
 def _key_metrics(results: dict) -> dict:
