@@ -8,15 +8,13 @@ buffers (sampled indices, preserved subspaces), which the base loader, restricte
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CacheError, ConfigError
+from ..errors import ConfigError
 from ..selection import Selection
-from .base import Method, Targets, resolve_linear_targets
+from .base import Targets, resolve_linear_targets
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -67,21 +65,3 @@ def check_rank(method: str, rank: int, names: list[str], model: nn.Module, *, wh
             )
 
 
-def read_adapter(method: Method, path: str | Path) -> dict[str, torch.Tensor]:
-    """Read an adapter file written by :meth:`Method.save`, with the base loader's checks; returns its tensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"adapter file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta: dict[str, Any] = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error types on corrupt headers
-        raise CacheError(f"adapter file {path} is corrupt or not safetensors: {exc}") from exc
-    if meta.get("method") != method.name:
-        raise CacheError(f"adapter {path} was written by method {meta.get('method')!r}, not {method.name!r}")
-    if meta.get("base_fingerprint") != method.base_fingerprint:
-        raise CacheError(f"adapter {path} was trained on a different base model (weight fingerprint mismatch)")
-    return state

@@ -201,11 +201,11 @@ class Method(ABC):
         meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "base_fingerprint": self.base_fingerprint or ""}
         return atomic_write_bytes(path, save(self.trained_state(), metadata=meta))
 
-    def load(self, path: str | Path) -> None:
-        """Load tensors written by :meth:`save` into the prepared model; refuses another base or method."""
+    def read_adapter(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """The tensors of an adapter file written by :meth:`save`; refuses a missing or corrupt file, another
+        method, or another base model (weight fingerprint)."""
         from safetensors import safe_open
 
-        assert self.model is not None, "call prepare() first"
         path = Path(path)
         if not path.is_file():
             raise CacheError(f"adapter file {path} does not exist")
@@ -219,6 +219,12 @@ class Method(ABC):
             raise CacheError(f"adapter {path} was written by method {meta.get('method')!r}, not {self.name!r}")
         if meta.get("base_fingerprint") != self.base_fingerprint:
             raise CacheError(f"adapter {path} was trained on a different base model (weight fingerprint mismatch)")
+        return state
+
+    def load(self, path: str | Path) -> None:
+        """Load tensors written by :meth:`save` into the prepared model; refuses another base or method."""
+        assert self.model is not None, "call prepare() first"
+        state = self.read_adapter(path)
         params = dict(self.model.named_parameters())
         missing = [k for k in state if k not in params]
         if missing:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import CacheError, ConfigError
 from . import register
-from ._spectral import check_rank, is_conv1d, read_adapter, replace_module, resolve_targets, weight_2d
+from ._spectral import check_rank, is_conv1d, replace_module, resolve_targets, weight_2d
 from .base import BudgetReport, Method, MethodConfig, Targets, match_budget
 
 __all__ = ["CURLoRAConfig", "CURLoRA", "CURLinear", "inverse_importance_probs"]
@@ -197,7 +197,7 @@ class CURLoRA(Method):
     def load(self, path: str | Path) -> None:
         """Load U and the sampled indices saved by :meth:`save` (same base model and targets required)."""
         assert self.model is not None, "call prepare() first"
-        state = read_adapter(self, path)
+        state = self.read_adapter(path)
         layers = dict(_layers(self.model))
         names = {k.rsplit(".", 1)[0] for k in state}
         if names != set(layers) or any(f"{n}.{k}" not in state for n in layers for k in ("U", "col_idx", "row_idx")):

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import CacheError, ConfigError, DataError
 from . import register
-from ._spectral import is_conv1d, read_adapter, resolve_targets
+from ._spectral import is_conv1d, resolve_targets
 from .base import BudgetReport, Method, MethodConfig, Targets, match_budget
 
 __all__ = ["OSFMethodConfig", "OSF", "layer_importance", "preserved_ranks"]
@@ -565,7 +565,7 @@ class OSF(Method):
         """Load an adapter saved by :meth:`save` into a model prepared from the same original base (also a file
         saved after :meth:`next_task`: its merged weights are restored too)."""
         assert self.model is not None, "call prepare() first"
-        state = read_adapter(self, path)
+        state = self.read_adapter(path)
         task = state.pop("_osf.task", None)
         layers = self.layers()
         names = {k.rsplit(".", 1)[0] for k in state}
