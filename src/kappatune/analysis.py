@@ -29,12 +29,12 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .errors import CacheError, ModelError
+from .errors import ModelError
 
 __all__ = [
     "TensorSpectrum",
@@ -282,8 +282,7 @@ def iter_weights(
     except Exception:  # pragma: no cover - transformers always installed with kappatune
         Conv1D = ()  # type: ignore[assignment]
 
-    # Owner module of each parameter, to classify it.
-    owners: dict[int, tuple[str, nn.Module]] = {}
+    # Linear-like modules owning each weight tensor (several when weights are tied).
     linear_owner: dict[int, list[str]] = {}
     for mname, module in model.named_modules():
         w = getattr(module, "weight", None)

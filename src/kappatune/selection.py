@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from .analysis import DEFAULT_MOE_SUFFIXES, SpectrumReport, TensorSpectrum, analyze_model
+from .analysis import SpectrumReport, TensorSpectrum, analyze_model
 from .errors import ConfigError
 
 __all__ = ["Selection", "POLICIES", "select_targets", "select_from_report", "KappaTuneSelector", "find_kappa_target_modules"]
