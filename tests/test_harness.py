@@ -388,3 +388,101 @@ def test_negative_method_lr_is_rejected(corpora, tmp_path):
     cfg["method"]["lr"] = -1.0
     with pytest.raises(ConfigError, match=r"method\.lr"):
         run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning curves and the equal-task-quality view
+def test_learning_curve_points_match_a_run_stopped_at_that_step(corpora, tmp_path):
+    """A curve point at step k is the model after k steps: a constant-LR run of k steps ends at the same ppl."""
+    common = dict(training__schedule="constant", training__warmup_steps=0)
+    curved = run(_cfg(corpora, tmp_path / "curve", eval__curve_every=2, **common))
+    stage1 = curved["stages"][0]
+    assert [p["step"] for p in stage1["curve"]] == [2, 4, 6]
+    assert stage1["curve"][-1]["task_ppl"] == stage1["task_ppl"]["alpha"]
+    short = run(_cfg(corpora, tmp_path / "short", training__steps=4, tasks=[{"corpus": corpora["alpha"], "name": "alpha"}], **common))
+    assert short["stages"][0]["task_ppl"]["alpha"] == pytest.approx(stage1["curve"][1]["task_ppl"], rel=1e-6)
+    assert short["stages"][0]["control_ppl"] == pytest.approx(stage1["curve"][1]["control_ppl"], rel=1e-6)
+    # curve evaluations do not change training: same losses as a run without curves
+    plain = run(_cfg(corpora, tmp_path / "plain", **common))
+    assert [s["losses"] for s in plain["stages"]] == [s["losses"] for s in curved["stages"]]
+    assert "curve" not in plain["stages"][0]
+
+
+def test_curve_survives_a_mid_stage_kill(corpora, tmp_path):
+    cfg = _cfg(corpora, tmp_path / "ref", eval__curve_every=2, training__checkpoint_every=2)
+    ref = run(cfg)
+    out = tmp_path / "run"
+    path = _write_yaml(tmp_path / "c.yaml", {**cfg, "output_dir": str(out)})
+    proc = _spawn(path, fault="train_step:9")  # stage 2 step 3: resumes from its step-2 checkpoint
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    proc = _spawn(path, "--resume")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["stages"][1]["resumed_from_step"] == 2
+    assert [s["curve"] for s in resumed["stages"]] == [s["curve"] for s in ref["stages"]]
+
+
+def test_reach_interpolates_and_reports_misses():
+    from kappatune.harness import _reach
+
+    pts = [{"step": 0, "task_ppl": 10.0, "control_ppl": 5.0}, {"step": 10, "task_ppl": 8.0, "control_ppl": 6.0},
+           {"step": 20, "task_ppl": 4.0, "control_ppl": 10.0}]
+    assert _reach(pts, 11.0) == {"step": 0.0, "control_ppl": 5.0}
+    assert _reach(pts, 8.0) == {"step": 10.0, "control_ppl": 6.0}
+    hit = _reach(pts, 6.0)  # halfway between the second and third point
+    assert hit["step"] == pytest.approx(15.0) and hit["control_ppl"] == pytest.approx(8.0)
+    assert _reach(pts, 3.9) is None
+
+
+def test_bench_equal_quality_with_an_unmatched_full_reference(corpora, tmp_path):
+    cfg = _cfg(corpora, tmp_path / "eq", output__plots=True, output__spectrum_plot=False, eval__curve_every=2,
+               training__schedule="constant_with_warmup")
+    del cfg["method"]
+    cfg.update(
+        name="eq", budget=20480, seeds=[0, 1], compare={"reference": "full", "stage": 1},
+        methods=[
+            {"name": "full", "match_budget": False},
+            {"name": "selective", "label": "kappatune", "options": {"policy": "kappa"}},
+            {"name": "selective", "label": "tiny-lr", "options": {"policy": "kappa"}, "lr": 1e-7},
+        ],
+    )
+    summary = bench(cfg)
+    rows = {m["label"]: m for m in summary["methods"]}
+    total = json.loads((Path(rows["full"]["dirs"]["0"]) / "results.json").read_text())["total_params"]
+    assert rows["full"]["metrics"]["trainable_params"]["mean"] == total  # exempt from the budget
+    assert abs(rows["kappatune"]["metrics"]["trainable_params"]["mean"] - 20480) <= 2048
+    eq = summary["equal_quality"]
+    by = {m["label"]: m for m in eq["methods"]}
+    # the reference reaches its own target exactly at its last step, with its own stage-1 control ppl
+    full0 = json.loads((Path(rows["full"]["dirs"]["0"]) / "results.json").read_text())
+    assert eq["target_task_ppl"][0] == full0["stages"][0]["task_ppl"]["alpha"]
+    assert by["full"]["reached"] == 2 and by["full"]["steps_to_target"]["mean"] == 6
+    assert by["full"]["control_ppl_at_target"]["values"][0] == pytest.approx(full0["stages"][0]["control_ppl"])
+    assert by["tiny-lr"]["reached"] == 0 and by["tiny-lr"]["not_reached"] == [0, 1]  # barely moves: never gets there
+    out = tmp_path / "eq"
+    md = (out / "bench.md").read_text()
+    assert "Equal task quality" in md and "0/2" in md
+    assert (out / "curves.png").is_file() and "curves.png" in summary["plots"]
+
+
+@pytest.mark.parametrize(
+    "over, pattern",
+    [
+        ({"compare": {"reference": "nope"}}, r"compare\.reference 'nope' is not a method label"),
+        ({"compare": {"reference": "kappatune"}}, r"compare\.reference needs learning curves: set eval\.curve_every"),
+        ({"compare": {"reference": "kappatune", "stage": 3}, "eval": {"curve_every": 2}}, r"compare\.stage must be between 1 and"),
+        ({"eval": {"curve_every": -1}}, r"eval\.curve_every must be >= 0"),
+    ],
+)
+def test_compare_config_errors(corpora, tmp_path, over, pattern):
+    from kappatune.config import config_from_dict
+
+    cfg = _cfg(corpora, tmp_path / "x")
+    del cfg["method"]
+    cfg["methods"] = [{"name": "selective", "label": "kappatune"}]
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(cfg)

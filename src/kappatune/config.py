@@ -88,7 +88,8 @@ class MethodSpec:
     """A method by name, its options (the method's own config keys) and its targets.
 
     ``targets`` omitted means the method's default (all linear layers except the output head).
-    ``budget`` (trainable parameters) overrides the top-level ``budget`` for this method.
+    ``budget`` (trainable parameters) overrides the top-level ``budget`` for this method; ``match_budget: false``
+    exempts it from budget matching (full fine-tuning, the unconstrained reference, has no size knob).
     ``lr`` overrides ``training.lr`` for this method: adapters (LoRA, CURLoRA, EigenTune) usually need a larger
     learning rate than full or selective fine-tuning, so a fair comparison gives each its own.
     """
@@ -99,6 +100,7 @@ class MethodSpec:
     targets: TargetsConfig | None = None
     budget: int | None = None
     lr: float | None = None
+    match_budget: bool = True
 
     @property
     def display(self) -> str:
@@ -132,6 +134,9 @@ class EvalConfig:
     batch_size: int = 8
     eval_fraction: float = 0.1
     split_seed: int = 0  # train/eval split of every corpus; fixed across run seeds so evals are comparable
+    # Learning curves: every N optimizer steps, also evaluate the stage's task and the control corpus (0: only at
+    # stage ends). The equal-task-quality comparison of a bench reads these curves.
+    curve_every: int = 0
 
 
 @dataclass
@@ -142,6 +147,19 @@ class OutputConfig:
     save_model: bool = False  # also the merged full model via save_pretrained (large)
     plots: bool = True
     spectrum_plot: bool = True  # κ spectrum of the adapted tensors (needs kappatune.analysis)
+
+
+@dataclass
+class CompareConfig:
+    """How a bench compares methods at equal task quality (the view the KappaTune authors argue for).
+
+    ``reference``: the label of the method whose task perplexity after stage ``stage`` (mean over seeds) is the
+    target; every method's control perplexity is then read where its own learning curve of that stage first
+    reaches the target (needs ``eval.curve_every``). Does not change any run, only the bench report.
+    """
+
+    reference: str | None = None
+    stage: int = 1
 
 
 @dataclass
@@ -160,6 +178,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     output_dir: str | None = None  # default: runs/<name>
     trust_remote_code: bool = False
     progress: bool = True
@@ -193,7 +212,7 @@ class RunConfig:
     def for_method(self, spec: MethodSpec, seed: int, output_dir: str | os.PathLike) -> "RunConfig":
         """The single-method, single-seed run config a benchmark cell executes."""
         return dataclasses.replace(
-            self, method=spec, methods=[], seed=seed, seeds=None, output_dir=str(output_dir),
+            self, method=spec, methods=[], seed=seed, seeds=None, output_dir=str(output_dir), compare=CompareConfig(),
             name=f"{self.name}/{spec.display}/seed-{seed}",
         )
 
@@ -419,6 +438,19 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     e = cfg.eval
     _positive(e.max_blocks, "eval.max_blocks", allow_none=False)
     _positive(e.batch_size, "eval.batch_size", allow_none=False)
+    _positive(e.curve_every, "eval.curve_every", zero_ok=True)
+    c = cfg.compare
+    if c.reference is not None:
+        if c.reference not in disp:
+            hint = difflib.get_close_matches(c.reference, disp, n=1)
+            raise ConfigError(
+                f"config: compare.reference {c.reference!r} is not a method label of this config"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}"
+            )
+        if not (1 <= c.stage <= len(cfg.tasks)):
+            raise ConfigError(f"config: compare.stage must be between 1 and the number of tasks ({len(cfg.tasks)}), got {c.stage}")
+        if e.curve_every == 0:
+            raise ConfigError("config: compare.reference needs learning curves: set eval.curve_every (e.g. 10)")
     if not (0.0 < e.eval_fraction < 1.0):
         raise ConfigError(f"config: eval.eval_fraction must be in (0, 1), got {e.eval_fraction!r}")
     return cfg
@@ -526,7 +558,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
 
 
 # Keys that do not change results: excluded from the fingerprint that guards --resume.
-_NON_RESULT_KEYS = ("output_dir", "progress", "name")
+_NON_RESULT_KEYS = ("output_dir", "progress", "name", "compare")
 
 
 def config_fingerprint(cfg: RunConfig) -> str:

@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -213,7 +213,7 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     from . import methods
 
     opts = _method_options(spec, seed, progress)
-    budget = spec.budget if spec.budget is not None else cfg.budget
+    budget = (spec.budget if spec.budget is not None else cfg.budget) if spec.match_budget else None
     where = f"method {spec.display!r}"
     try:
         if budget is not None:
@@ -337,6 +337,23 @@ def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bo
     task = {t: perplexity(model, data.eval[t], batch_size=batch_size, progress=progress) for t in data.tasks}
     ctrl = perplexity(model, data.control, batch_size=batch_size, progress=progress)
     return task, ctrl
+
+
+def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable[[int], dict[str, float] | None]:
+    """Every ``eval.curve_every`` steps: perplexity on the stage's task and on the control corpus (a curve point)."""
+    from .evaluation import perplexity
+
+    every, bs = cfg.eval.curve_every, cfg.eval.batch_size
+
+    def hook(step: int) -> dict[str, float] | None:
+        if step % every:
+            return None
+        return {
+            "task_ppl": perplexity(method.model, data.eval[task], batch_size=bs, progress=False),
+            "control_ppl": perplexity(method.model, data.control, batch_size=bs, progress=False),
+        }
+
+    return hook
 
 
 def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
@@ -472,6 +489,7 @@ def run(
                 # one. Called at the start of the stage, after the previous stage's commit, so a resumed run
                 # (stage checkpoint loaded, then next_task) reaches exactly the state an uninterrupted one had.
                 method.next_task()
+            curve_hook = _curve_hook(method, data, task, cfg) if cfg.eval.curve_every > 0 else None
             res = train_stage(
                 method, data.train[task], accelerator=accelerator, steps=steps, batch_size=cfg.training.batch_size,
                 micro_batch_size=cfg.training.micro_batch_size, lr=cfg.learning_rate(), schedule=cfg.training.schedule,
@@ -479,6 +497,7 @@ def run(
                 max_grad_norm=cfg.training.max_grad_norm, seed=seed, stage=k,
                 checkpoint_dir=out / "checkpoints" / "mid", checkpoint_every=cfg.training.checkpoint_every,
                 checkpoint_meta={"config_fingerprint": fp}, progress=progress, desc=f"stage {k}/{T} {task}",
+                on_step=curve_hook,
             )
             t_eval = time.perf_counter()
             task_ppl, ctrl_ppl = _eval_all(method.model, data, cfg.eval.batch_size, progress)
@@ -489,6 +508,8 @@ def run(
             "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
             "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
         }
+        if cfg.eval.curve_every > 0:  # the learning curve of this stage, ending with the stage-end evaluation
+            record["curve"] = res.curve + [{"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
         if main:
             fault_point("stage_commit")
@@ -745,6 +766,97 @@ def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[st
     return rows
 
 
+def _stage_curve(res: dict[str, Any], stage: int) -> tuple[str, list[dict[str, float]]] | None:
+    """(task, points) of stage ``stage`` of one run: its start (base model or previous stage end) then its curve."""
+    stages = {s["stage"]: s for s in res.get("stages", [])}
+    cur = stages.get(stage)
+    if cur is None or not cur.get("curve"):
+        return None
+    task = cur["task"]
+    prev = stages.get(stage - 1) if stage > 1 else None
+    start = prev if prev is not None else res["base"]
+    if stage > 1 and prev is None:
+        return None
+    points = [{"step": 0, "task_ppl": start["task_ppl"][task], "control_ppl": start["control_ppl"]}]
+    return task, points + [dict(p) for p in cur["curve"]]
+
+
+def _reach(points: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """Where a learning curve first reaches task ppl <= target, linearly interpolated between its points."""
+    for i, p in enumerate(points):
+        if p["task_ppl"] <= target:
+            if i == 0:
+                return {"step": 0.0, "control_ppl": p["control_ppl"]}
+            q = points[i - 1]
+            frac = (q["task_ppl"] - target) / (q["task_ppl"] - p["task_ppl"])
+            return {
+                "step": q["step"] + frac * (p["step"] - q["step"]),
+                "control_ppl": q["control_ppl"] + frac * (p["control_ppl"] - q["control_ppl"]),
+            }
+    return None
+
+
+def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, stage: int = 1) -> dict[str, Any]:
+    """Control perplexity of every method at the task perplexity the reference method reaches after ``stage``.
+
+    The target is, per seed, the reference run's task perplexity at the end of that stage (the mean over its seeds
+    for a seed it lacks). Each run's learning curve of the stage (``eval.curve_every`` points, linearly
+    interpolated) gives the step where it first reaches the target and its control perplexity there: with a
+    constant learning rate that is what "train until the task perplexity reaches the target" would give, at the
+    curve's resolution. A run that never reaches the target is counted in ``not_reached`` with its best task ppl.
+    """
+    ref = cells.get(reference)
+    if not ref:
+        raise ConfigError(f"compare.reference {reference!r} has no finished runs")
+    targets: dict[int, float] = {}
+    for seed, res in ref.items():
+        cur = _stage_curve(res, stage)
+        if cur is None:
+            raise ConfigError(f"compare: the reference run {reference}/seed-{seed} has no learning curve for stage {stage} "
+                              "(set eval.curve_every)")
+        targets[seed] = cur[1][-1]["task_ppl"]
+    mean_target = _mean(list(targets.values()))
+    rows = []
+    task = None
+    for label, by_seed in cells.items():
+        steps, ctrl, change, best, missing = [], [], [], [], []
+        for seed, res in by_seed.items():
+            cur = _stage_curve(res, stage)
+            if cur is None:
+                missing.append(seed)
+                continue
+            task, points = cur
+            hit = _reach(points, targets.get(seed, mean_target))
+            best.append(min(p["task_ppl"] for p in points))
+            if hit is None:
+                missing.append(seed)
+                continue
+            base_ctrl = res["base"]["control_ppl"]
+            steps.append(hit["step"])
+            ctrl.append(hit["control_ppl"])
+            change.append((hit["control_ppl"] / base_ctrl - 1.0) * 100.0)
+        rows.append({
+            "label": label, "reached": len(steps), "not_reached": missing,
+            "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
+            "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
+        })
+    return {"reference": reference, "stage": stage, "task": task, "target_task_ppl": targets,
+            "mean_target_task_ppl": mean_target, "methods": rows}
+
+
+def bench_curves(cells: dict[str, dict[int, dict[str, Any]]], stage: int = 1) -> dict[str, Any]:
+    """Per method: stage ``stage``'s learning curve (step, task ppl, control ppl), averaged over seeds point by point."""
+    out: dict[str, Any] = {}
+    for label, by_seed in cells.items():
+        curves = [c[1] for c in (_stage_curve(r, stage) for r in by_seed.values()) if c is not None]
+        n = min((len(c) for c in curves), default=0)
+        if n:
+            out[label] = [
+                {k: _mean([c[i][k] for c in curves]) for k in ("step", "task_ppl", "control_ppl")} for i in range(n)
+            ]
+    return {"stage": stage, "methods": out}
+
+
 def bench(
     config: RunConfig | str | os.PathLike | dict,
     *,
@@ -793,9 +905,15 @@ def bench(
         "config": cfg.to_dict(), "config_fingerprint": config_fingerprint(cfg), "libraries": library_versions(),
         "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
     }
+    if cfg.compare.reference is not None:
+        summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage)
     if cfg.output.plots:
         reporting.plot_pareto(summary, out / "pareto.png")
         summary["plots"] = ["pareto.png"]
+        if cfg.eval.curve_every > 0:
+            summary["curves"] = bench_curves(cells, cfg.compare.stage)
+            reporting.plot_learning_curves(summary, out / "curves.png")
+            summary["plots"].append("curves.png")
     atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
     atomic_write_json(out / "bench.json", summary)
     _log(progress, reporting.bench_table(summary))

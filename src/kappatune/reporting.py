@@ -209,9 +209,33 @@ def bench_markdown(bench: dict[str, Any]) -> str:
             task_rows.append([m["label"], t, _pm(stat)])
     if task_rows:
         lines += ["## Final perplexity per task", "", _md(task_rows, ["method", "task", "final ppl"]), ""]
+    eq = bench.get("equal_quality")
+    if eq:
+        lines += [equal_quality_markdown(eq), ""]
     if bench.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in bench["plots"]] + [""]
     return "\n".join(lines)
+
+
+def equal_quality_markdown(eq: dict[str, Any]) -> str:
+    """The equal-task-quality table: control perplexity where each method reaches the reference's task perplexity."""
+    rows = []
+    for m in eq["methods"]:
+        n = m["reached"] + len(m["not_reached"])
+        rows.append([
+            m["label"], f"{m['reached']}/{n}", _pm(m["steps_to_target"]), _pm(m["control_ppl_at_target"]),
+            _pm(m["control_change_pct_at_target"]), _pm(m["best_task_ppl"]),
+        ])
+    return "\n".join([
+        f"## Equal task quality (stage {eq['stage']}, {eq.get('task')})",
+        "",
+        f"Target: the task perplexity `{eq['reference']}` reaches at the end of stage {eq['stage']} "
+        f"(per seed; mean {fmt(eq['mean_target_task_ppl'])}). Control perplexity where each run's learning curve "
+        "first reaches it (linear interpolation between curve points).",
+        "",
+        _md(rows, ["method", "reached", "steps to target", "control ppl at target", "control Δ% at target",
+                   "best task ppl"]),
+    ])
 
 
 # ---------------------------------------------------------------------------------------------------------- plots
@@ -300,6 +324,31 @@ def plot_pareto(bench: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("control perplexity change % (lower = less forgetting)")
     ax.set_ylabel("task perplexity gain % (higher = learned more)")
     ax.set_title(f"Learning vs forgetting, mean ± std over seeds {bench.get('seeds')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_learning_curves(bench: dict[str, Any], path: str | Path) -> Path:
+    """Control perplexity against task perplexity along each method's learning curve (mean over seeds).
+
+    Read right to left: training lowers the task perplexity; a curve that rises steeply forgets the control corpus
+    faster for the same task progress. The dashed line marks the equal-task-quality target, when there is one.
+    """
+    plt = _plt()
+    curves = (bench.get("curves") or {}).get("methods", {})
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, pts in curves.items():
+        ax.plot([p["task_ppl"] for p in pts], [p["control_ppl"] for p in pts], marker="o", ms=3, label=label)
+    eq = bench.get("equal_quality")
+    if eq:
+        ax.axvline(eq["mean_target_task_ppl"], color="gray", ls="--", lw=1, label=f"target ({eq['reference']})")
+    ax.invert_xaxis()
+    ax.set_xlabel("task perplexity (training goes right; lower = learned more)")
+    ax.set_ylabel("control perplexity (higher = forgot more)")
+    stage = (bench.get("curves") or {}).get("stage", 1)
+    ax.set_title(f"Forgetting along the learning curve, stage {stage} (mean over seeds {bench.get('seeds')})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

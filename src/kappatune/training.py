@@ -315,6 +315,8 @@ class StageResult:
     losses: list[float] = field(default_factory=list)  # mean training loss per optimizer step (all processes)
     train_time_s: float = 0.0  # wall time spent training (summed over resumed segments)
     resumed_from_step: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)  # what ``on_step`` returned, with its step
+
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,12 +342,15 @@ def train_stage(
     checkpoint_meta: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "train",
+    on_step: Callable[[int], dict[str, Any] | None] | None = None,
 ) -> StageResult:
     """Train ``method.model`` on ``blocks`` ``[N, seq_len]`` for ``steps`` optimizer steps.
 
     If ``checkpoint_dir`` holds a valid checkpoint of this stage (its meta matches ``checkpoint_meta``), training
     resumes from it and ends exactly where an uninterrupted stage would. Checkpoints are written every
     ``checkpoint_every`` steps and after the last step (when ``checkpoint_dir`` is given and ``checkpoint_every > 0``).
+    ``on_step(step)`` runs after every optimizer step but the last (learning curves); a dict it returns is kept in
+    ``result.curve`` (and in checkpoints, so a resumed stage keeps its curve). Its time is not training time.
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -388,6 +393,7 @@ def train_stage(
         result.losses = list(meta.get("losses", []))
         result.train_time_s = float(meta.get("train_time_s", 0.0))
         result.resumed_from_step = start
+        result.curve = list(meta.get("curve", []))
 
     params = [p for p in method.trainable_parameters()]
     model.train()
@@ -430,12 +436,19 @@ def train_stage(
             bar.update(1)
             fault_point("train_step")
             done = step + 1
+            if on_step is not None and done < steps:
+                t_hook = time.perf_counter()
+                point = on_step(done)
+                if point is not None:
+                    result.curve.append({"step": done, **point})
+                t_seg += time.perf_counter() - t_hook  # evaluation is not training time
+                t_prev = time.perf_counter()
             if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
                 elapsed = result.train_time_s + (time.perf_counter() - t_seg)
                 if accelerator.is_main_process:
                     save_checkpoint(
                         ckpt, method, optimizer, scheduler,
-                        meta={**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed},
+                        meta={**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed, "curve": result.curve},
                     )
                 accelerator.wait_for_everyone()
     finally:
