@@ -360,7 +360,7 @@ def test_batch_schedule_depends_only_on_seed_and_stage():
 
 
 def test_shipped_configs_are_valid():
-    for name in ("tiny.yaml", "demo.yaml", "bench_tiny.yaml"):
+    for name in ("tiny.yaml", "demo.yaml", "bench_tiny.yaml", "study.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.steps_per_stage() > 0 and cfg.method_specs()
 
@@ -403,9 +403,10 @@ def test_learning_curve_points_match_a_run_stopped_at_that_step(corpora, tmp_pat
     assert short["stages"][0]["task_ppl"]["alpha"] == pytest.approx(stage1["curve"][1]["task_ppl"], rel=1e-6)
     assert short["stages"][0]["control_ppl"] == pytest.approx(stage1["curve"][1]["control_ppl"], rel=1e-6)
     # curve evaluations do not change training: same losses as a run without curves
-    plain = run(_cfg(corpora, tmp_path / "plain", **common))
+    plain = run(_cfg(corpora, tmp_path / "plain", eval__curve_every=2, eval__curve_stages=[2], **common))
     assert [s["losses"] for s in plain["stages"]] == [s["losses"] for s in curved["stages"]]
-    assert "curve" not in plain["stages"][0]
+    assert "curve" not in plain["stages"][0]  # curve_stages: only stage 2 has one
+    assert plain["stages"][1]["curve"] == curved["stages"][1]["curve"]
 
 
 def test_curve_survives_a_mid_stage_kill(corpora, tmp_path):
@@ -465,6 +466,14 @@ def test_bench_equal_quality_with_an_unmatched_full_reference(corpora, tmp_path)
     md = (out / "bench.md").read_text()
     assert "Equal task quality" in md and "0/2" in md
     assert (out / "curves.png").is_file() and "curves.png" in summary["plots"]
+    # re-running one method/seed of the bench elsewhere reproduces its row exactly (what the study promises)
+    again = bench({**cfg, "seeds": [1], "output_dir": str(tmp_path / "again")}, only=["kappatune"])
+    assert [m["label"] for m in again["methods"]] == ["kappatune"] and "equal_quality" not in again
+    first = json.loads((Path(rows["kappatune"]["dirs"]["1"]) / "results.json").read_text())
+    second = json.loads((Path(again["methods"][0]["dirs"]["1"]) / "results.json").read_text())
+    assert _key_metrics(first) == _key_metrics(second)
+    with pytest.raises(ConfigError, match=r"--only: no method labelled 'nope'"):
+        bench(cfg, only=["nope"])
 
 
 @pytest.mark.parametrize(
@@ -474,6 +483,9 @@ def test_bench_equal_quality_with_an_unmatched_full_reference(corpora, tmp_path)
         ({"compare": {"reference": "kappatune"}}, r"compare\.reference needs learning curves: set eval\.curve_every"),
         ({"compare": {"reference": "kappatune", "stage": 3}, "eval": {"curve_every": 2}}, r"compare\.stage must be between 1 and"),
         ({"eval": {"curve_every": -1}}, r"eval\.curve_every must be >= 0"),
+        ({"eval": {"curve_every": 2, "curve_stages": [3]}}, r"eval\.curve_stages must list stages between 1 and 2"),
+        ({"compare": {"reference": "kappatune", "stage": 2}, "eval": {"curve_every": 2, "curve_stages": [1]}},
+         r"compare\.stage 2 has no learning curve"),
     ],
 )
 def test_compare_config_errors(corpora, tmp_path, over, pattern):

@@ -137,6 +137,7 @@ class EvalConfig:
     # Learning curves: every N optimizer steps, also evaluate the stage's task and the control corpus (0: only at
     # stage ends). The equal-task-quality comparison of a bench reads these curves.
     curve_every: int = 0
+    curve_stages: list[int] | None = None  # stages that get a curve (1-based; None: every stage)
 
 
 @dataclass
@@ -439,6 +440,10 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     _positive(e.max_blocks, "eval.max_blocks", allow_none=False)
     _positive(e.batch_size, "eval.batch_size", allow_none=False)
     _positive(e.curve_every, "eval.curve_every", zero_ok=True)
+    if e.curve_stages is not None:
+        bad = [k for k in e.curve_stages if not (1 <= k <= len(cfg.tasks))]
+        if bad or not e.curve_stages:
+            raise ConfigError(f"config: eval.curve_stages must list stages between 1 and {len(cfg.tasks)}, got {e.curve_stages}")
     c = cfg.compare
     if c.reference is not None:
         if c.reference not in disp:
@@ -451,6 +456,8 @@ def validate_static(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"config: compare.stage must be between 1 and the number of tasks ({len(cfg.tasks)}), got {c.stage}")
         if e.curve_every == 0:
             raise ConfigError("config: compare.reference needs learning curves: set eval.curve_every (e.g. 10)")
+        if e.curve_stages is not None and c.stage not in e.curve_stages:
+            raise ConfigError(f"config: compare.stage {c.stage} has no learning curve: add it to eval.curve_stages")
     if not (0.0 < e.eval_fraction < 1.0):
         raise ConfigError(f"config: eval.eval_fraction must be in (0, 1), got {e.eval_fraction!r}")
     return cfg

@@ -489,7 +489,8 @@ def run(
                 # one. Called at the start of the stage, after the previous stage's commit, so a resumed run
                 # (stage checkpoint loaded, then next_task) reaches exactly the state an uninterrupted one had.
                 method.next_task()
-            curve_hook = _curve_hook(method, data, task, cfg) if cfg.eval.curve_every > 0 else None
+            curved = cfg.eval.curve_every > 0 and (cfg.eval.curve_stages is None or k in cfg.eval.curve_stages)
+            curve_hook = _curve_hook(method, data, task, cfg) if curved else None
             res = train_stage(
                 method, data.train[task], accelerator=accelerator, steps=steps, batch_size=cfg.training.batch_size,
                 micro_batch_size=cfg.training.micro_batch_size, lr=cfg.learning_rate(), schedule=cfg.training.schedule,
@@ -508,7 +509,7 @@ def run(
             "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
             "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
         }
-        if cfg.eval.curve_every > 0:  # the learning curve of this stage, ending with the stage-end evaluation
+        if curved:  # the learning curve of this stage, ending with the stage-end evaluation
             record["curve"] = res.curve + [{"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
         if main:
@@ -863,15 +864,27 @@ def bench(
     force: bool = False,
     progress: bool | None = None,
     overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
 
     Writes ``bench.json``, ``bench.md`` and ``pareto.png`` to the output directory; cell ``<label>/seed-<s>/``
     holds each run. All methods are validated (and budget-matched) before the first cell trains.
+    ``only``: method labels to run (the others are left out of this bench and its report), e.g. to re-run one
+    method of a published study; a cell's results do not depend on which other methods the config lists.
     """
     from . import reporting
+    from .config import CompareConfig
 
     cfg = _as_config(config, overrides)
+    if only:
+        labels = [s.display for s in cfg.method_specs()]
+        unknown = [o for o in only if o not in labels]
+        if unknown:
+            raise ConfigError(f"--only: no method labelled {unknown[0]!r} in this config; labels: {', '.join(labels)}")
+        keep = [s for s in cfg.method_specs() if s.display in only]
+        compare = cfg.compare if cfg.compare.reference in only else CompareConfig()
+        cfg = dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
     progress = cfg.progress if progress is None else progress
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()

@@ -52,7 +52,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet)
         print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         return 0
-    summary = harness.bench(args.config, force=args.force, progress=False if args.quiet else None, overrides=_overrides(args))
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    summary = harness.bench(args.config, force=args.force, progress=False if args.quiet else None, overrides=_overrides(args),
+                            only=only)
     if args.quiet:
         from .. import reporting
 
@@ -78,4 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "unfinished ones resume. Writes bench.json, bench.md and pareto.png.",
     )
     _add_common(p)
+    p.add_argument("--only", metavar="LABEL[,LABEL]",
+                   help="run only these methods (by label), e.g. to re-run one method of a study: "
+                        "--only kappatune seeds=[1] -o runs/check")
     p.set_defaults(handler=cmd_bench)

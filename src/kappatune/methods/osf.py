@@ -381,7 +381,10 @@ class OSF(Method):
         # store them everywhere so projection (PEFT's hooks and project_) and tests use one explicit basis.
         from peft.tuners.osf.utils import decompose_weight_matrix
 
-        for name, layer in self.layers().items():
+        from tqdm.auto import tqdm
+
+        for name, layer in tqdm(self.layers().items(), desc="OSF preserved bases", unit="layer", leave=False,
+                                disable=not self.config.progress):
             layer.forward = types.MethodType(_osf_forward, layer)
             k = layer.effective_rank[_ADAPTER]
             need_u, need_v = _ADAPTER not in layer._osf_U_high, _ADAPTER not in layer._osf_V_high
