@@ -1,8 +1,9 @@
 # One command each on a fresh machine:
 #   make demo   set up .venv and run the main job (continual KappaTune run on SmolLM2-135M, ~3 min on 2 idle CPU cores once cached)
 #   make test   set up .venv and run the test suite
+#   make study  set up .venv and run the forgetting study (README "Results"; 10 methods x 3 seeds, see configs/study.yaml)
 VENV := .venv/bin
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-fast bench study
 
 setup:
 	bash scripts/setup.sh
@@ -18,3 +19,6 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/python benchmarks/analysis_speed.py
+
+study: setup
+	$(VENV)/kappatune bench configs/study.yaml
