@@ -483,6 +483,7 @@ def test_bench_equal_quality_with_an_unmatched_full_reference(corpora, tmp_path)
         ({"compare": {"reference": "kappatune"}}, r"compare\.reference needs learning curves: set eval\.curve_every"),
         ({"compare": {"reference": "kappatune", "stage": 3}, "eval": {"curve_every": 2}}, r"compare\.stage must be between 1 and"),
         ({"eval": {"curve_every": -1}}, r"eval\.curve_every must be >= 0"),
+        ({"compare": {"reference": "kappatune", "step": 3}, "eval": {"curve_every": 2}}, r"compare\.step 3 is not a learning-curve point"),
         ({"eval": {"curve_every": 2, "curve_stages": [3]}}, r"eval\.curve_stages must list stages between 1 and 2"),
         ({"compare": {"reference": "kappatune", "stage": 2}, "eval": {"curve_every": 2, "curve_stages": [1]}},
          r"compare\.stage 2 has no learning curve"),
@@ -498,3 +499,26 @@ def test_compare_config_errors(corpora, tmp_path, over, pattern):
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     with pytest.raises(ConfigError, match=pattern):
         config_from_dict(cfg)
+
+
+def test_equal_quality_target_at_a_reference_step():
+    from kappatune.harness import equal_quality
+
+    def res(curve):
+        return {"base": {"task_ppl": {"a": 10.0}, "control_ppl": 50.0},
+                "stages": [{"stage": 1, "task": "a", "curve": [{"step": s, "task_ppl": t, "control_ppl": c} for s, t, c in curve]}]}
+
+    cells = {
+        "ref": {0: res([(5, 8.0, 55.0), (10, 6.0, 60.0)])},
+        "slow": {0: res([(5, 9.0, 51.0), (10, 8.0, 52.0)])},
+    }
+    at_end = equal_quality(cells, "ref", 1)
+    assert at_end["target_task_ppl"] == {0: 6.0}
+    slow = at_end["methods"][1]
+    assert slow["reached"] == 0 and slow["not_reached"] == [0] and slow["best_task_ppl"]["mean"] == 8.0
+    at_5 = equal_quality(cells, "ref", 1, step=5)
+    assert at_5["target_task_ppl"] == {0: 8.0} and at_5["step"] == 5
+    slow = at_5["methods"][1]  # reaches 8.0 exactly at its step 10, control 52 = +4%
+    assert slow["steps_to_target"]["mean"] == 10 and slow["control_change_pct_at_target"]["mean"] == pytest.approx(4.0)
+    with pytest.raises(ConfigError, match=r"compare\.step 7: the reference run ref/seed-0 has no learning-curve point"):
+        equal_quality(cells, "ref", 1, step=7)

@@ -154,13 +154,15 @@ class OutputConfig:
 class CompareConfig:
     """How a bench compares methods at equal task quality (the view the KappaTune authors argue for).
 
-    ``reference``: the label of the method whose task perplexity after stage ``stage`` (mean over seeds) is the
-    target; every method's control perplexity is then read where its own learning curve of that stage first
-    reaches the target (needs ``eval.curve_every``). Does not change any run, only the bench report.
+    ``reference``: the label of the method whose task perplexity in stage ``stage`` (per seed) is the target:
+    at the stage end, or after ``step`` steps of it (a point of its learning curve). Every method's control
+    perplexity is then read where its own learning curve of that stage first reaches the target (needs
+    ``eval.curve_every``). Does not change any run, only the bench report.
     """
 
     reference: str | None = None
     stage: int = 1
+    step: int | None = None
 
 
 @dataclass
@@ -456,6 +458,12 @@ def validate_static(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"config: compare.stage must be between 1 and the number of tasks ({len(cfg.tasks)}), got {c.stage}")
         if e.curve_every == 0:
             raise ConfigError("config: compare.reference needs learning curves: set eval.curve_every (e.g. 10)")
+        if c.step is not None:
+            if not (1 <= c.step <= cfg.steps_per_stage()) or (c.step % e.curve_every and c.step != cfg.steps_per_stage()):
+                raise ConfigError(
+                    f"config: compare.step {c.step} is not a learning-curve point: use a multiple of eval.curve_every "
+                    f"({e.curve_every}) up to the steps per stage ({cfg.steps_per_stage()})"
+                )
         if e.curve_stages is not None and c.stage not in e.curve_stages:
             raise ConfigError(f"config: compare.stage {c.stage} has no learning curve: add it to eval.curve_stages")
     if not (0.0 < e.eval_fraction < 1.0):

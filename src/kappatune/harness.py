@@ -797,11 +797,12 @@ def _reach(points: list[dict[str, float]], target: float) -> dict[str, float] | 
     return None
 
 
-def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, stage: int = 1) -> dict[str, Any]:
-    """Control perplexity of every method at the task perplexity the reference method reaches after ``stage``.
+def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, stage: int = 1,
+                  step: int | None = None) -> dict[str, Any]:
+    """Control perplexity of every method at the task perplexity the reference method reaches in ``stage``.
 
-    The target is, per seed, the reference run's task perplexity at the end of that stage (the mean over its seeds
-    for a seed it lacks). Each run's learning curve of the stage (``eval.curve_every`` points, linearly
+    The target is, per seed, the reference run's task perplexity at the end of that stage, or after ``step`` steps
+    of it (the mean over its seeds for a seed it lacks). Each run's learning curve of the stage (``eval.curve_every`` points, linearly
     interpolated) gives the step where it first reaches the target and its control perplexity there: with a
     constant learning rate that is what "train until the task perplexity reaches the target" would give, at the
     curve's resolution. A run that never reaches the target is counted in ``not_reached`` with its best task ppl.
@@ -815,7 +816,11 @@ def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, s
         if cur is None:
             raise ConfigError(f"compare: the reference run {reference}/seed-{seed} has no learning curve for stage {stage} "
                               "(set eval.curve_every)")
-        targets[seed] = cur[1][-1]["task_ppl"]
+        points = cur[1] if step is None else [p for p in cur[1] if p["step"] == step]
+        if not points:
+            raise ConfigError(f"compare.step {step}: the reference run {reference}/seed-{seed} has no learning-curve "
+                              f"point at that step (points: {[p['step'] for p in cur[1]]})")
+        targets[seed] = points[-1]["task_ppl"]
     mean_target = _mean(list(targets.values()))
     rows = []
     task = None
@@ -841,7 +846,7 @@ def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, s
             "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
             "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
         })
-    return {"reference": reference, "stage": stage, "task": task, "target_task_ppl": targets,
+    return {"reference": reference, "stage": stage, "step": step, "task": task, "target_task_ppl": targets,
             "mean_target_task_ppl": mean_target, "methods": rows}
 
 
@@ -919,7 +924,7 @@ def bench(
         "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
     }
     if cfg.compare.reference is not None:
-        summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage)
+        summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage, cfg.compare.step)
     if cfg.output.plots:
         reporting.plot_pareto(summary, out / "pareto.png")
         summary["plots"] = ["pareto.png"]

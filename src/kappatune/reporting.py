@@ -229,8 +229,9 @@ def equal_quality_markdown(eq: dict[str, Any]) -> str:
     return "\n".join([
         f"## Equal task quality (stage {eq['stage']}, {eq.get('task')})",
         "",
-        f"Target: the task perplexity `{eq['reference']}` reaches at the end of stage {eq['stage']} "
-        f"(per seed; mean {fmt(eq['mean_target_task_ppl'])}). Control perplexity where each run's learning curve "
+        f"Target: the task perplexity `{eq['reference']}` reaches "
+        + (f"after {eq['step']} steps of stage {eq['stage']} " if eq.get("step") else f"at the end of stage {eq['stage']} ")
+        + f"(per seed; mean {fmt(eq['mean_target_task_ppl'])}). Control perplexity where each run's learning curve "
         "first reaches it (linear interpolation between curve points).",
         "",
         _md(rows, ["method", "reached", "steps to target", "control ppl at target", "control Δ% at target",
