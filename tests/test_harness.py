@@ -310,7 +310,7 @@ def test_two_process_gloo_matches_single_process(reference, corpora, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Bench: 3 methods x 2 seeds at a matched budget, finished cells not re-run
 # ---------------------------------------------------------------------------------------------------------------
-def test_bench_three_methods_two_seeds(corpora, tmp_path):
+def test_bench_three_methods_two_seeds(corpora, tmp_path, monkeypatch):
     cfg = _cfg(corpora, tmp_path / "bench", output__plots=True, output__spectrum_plot=False)
     del cfg["method"]
     cfg.update(
@@ -344,6 +344,12 @@ def test_bench_three_methods_two_seeds(corpora, tmp_path):
     out = tmp_path / "bench"
     assert (out / "pareto.png").is_file() and (out / "bench.md").is_file() and (out / "bench.json").is_file()
     assert "±" in (out / "bench.md").read_text()
+    import kappatune.harness as harness_module
+
+    def no_validation(*a, **k):
+        raise AssertionError("a bench whose cells are all complete must not load the model to validate")
+
+    monkeypatch.setattr(harness_module, "validate", no_validation)
     again = bench(cfg)
     assert again["ran"] == [] and len(again["skipped"]) == 6
     assert again["methods"][0]["metrics"] == summary["methods"][0]["metrics"]

@@ -894,9 +894,18 @@ def bench(
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()
     t0 = time.perf_counter()
-    trainable = validate(cfg, progress=progress)
-    _log(progress, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
-         + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
+    def cell_done(spec: MethodSpec, seed: int) -> bool:
+        d = out / spec.display / f"seed-{seed}"
+        st = _read_state(d)
+        return st is not None and st.get("config_fingerprint") == config_fingerprint(cfg.for_method(spec, seed, d)) and _finished(d, st)
+
+    if all(cell_done(spec, seed) for spec in specs for seed in seeds):
+        # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
+        _log(progress, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
+    else:
+        trainable = validate(cfg, progress=progress)
+        _log(progress, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
+             + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
     cells: dict[str, dict[int, dict[str, Any]]] = {}
     ran, skipped = [], []
     for spec in specs:
