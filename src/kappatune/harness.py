@@ -774,9 +774,8 @@ def _stage_curve(res: dict[str, Any], stage: int) -> tuple[str, list[dict[str, f
     if cur is None or not cur.get("curve"):
         return None
     task = cur["task"]
-    prev = stages.get(stage - 1) if stage > 1 else None
-    start = prev if prev is not None else res["base"]
-    if stage > 1 and prev is None:
+    start = res["base"] if stage == 1 else stages.get(stage - 1)  # the model the stage started from
+    if start is None:
         return None
     points = [{"step": 0, "task_ppl": start["task_ppl"][task], "control_ppl": start["control_ppl"]}]
     return task, points + [dict(p) for p in cur["curve"]]
@@ -894,12 +893,17 @@ def bench(
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()
     t0 = time.perf_counter()
-    def cell_done(spec: MethodSpec, seed: int) -> bool:
-        d = out / spec.display / f"seed-{seed}"
-        st = _read_state(d)
-        return st is not None and st.get("config_fingerprint") == config_fingerprint(cfg.for_method(spec, seed, d)) and _finished(d, st)
+    # Each cell: (directory, its run config, its state or None, complete with this config?), read once.
+    cell_status = {}
+    for spec in specs:
+        for seed in seeds:
+            cell_dir = out / spec.display / f"seed-{seed}"
+            cell_cfg = cfg.for_method(spec, seed, cell_dir)
+            st = _read_state(cell_dir)
+            done = st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, st)
+            cell_status[spec.display, seed] = (cell_dir, cell_cfg, st, done)
 
-    if all(cell_done(spec, seed) for spec in specs for seed in seeds):
+    if all(done for *_, done in cell_status.values()):
         # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
         _log(progress, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
     else:
@@ -910,10 +914,8 @@ def bench(
     ran, skipped = [], []
     for spec in specs:
         for seed in seeds:
-            cell_dir = out / spec.display / f"seed-{seed}"
-            cell_cfg = cfg.for_method(spec, seed, cell_dir)
-            st = _read_state(cell_dir)
-            if st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, st):
+            cell_dir, cell_cfg, st, done = cell_status[spec.display, seed]
+            if done:
                 res = load_results(cell_dir)
                 skipped.append(f"{spec.display}/seed-{seed}")
             else:

@@ -317,7 +317,6 @@ class StageResult:
     resumed_from_step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)  # what ``on_step`` returned, with its step
 
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -380,7 +380,6 @@ class OSF(Method):
         # PEFT stores the preserved bases only where they are not implied by U_low_init (non-square factors);
         # store them everywhere so projection (PEFT's hooks and project_) and tests use one explicit basis.
         from peft.tuners.osf.utils import decompose_weight_matrix
-
         from tqdm.auto import tqdm
 
         for name, layer in tqdm(self.layers().items(), desc="OSF preserved bases", unit="layer", leave=False,
