@@ -196,6 +196,9 @@ def test_missing_or_corrupt_source_names_task_and_package(monkeypatch, tmp_path,
 
 
 def test_cli_data_lists_labelled_tasks_and_errors_in_one_line(fake_tasks, capsys, monkeypatch):
+    import kappatune.data
+
+    monkeypatch.setattr(kappatune.data, "list_corpora", lambda sizes=False: [])  # no corpus downloads here
     assert main(["data"]) == 0
     out = capsys.readouterr().out
     assert "not built" in out and "0.333" in out and "generated b" in out
