@@ -112,7 +112,7 @@ def test_make_splits_disjoint_groups_balanced_and_seeded():
     recs = _records(["a"], 120) + _records(["b"], 60) + _records(["c"], 200)
     sizes = {"test": 30, "validation": 15, "train": 150}
     splits = L.make_splits(recs, labels, seed=0, sizes=sizes)
-    assert {len(v) for v in splits.values()} and len(splits["test"]) == 30 and len(splits["validation"]) == 15
+    assert len(splits["test"]) == 30 and len(splits["validation"]) == 15
     for s, rows in splits.items():
         counts = {lab: sum(r.label == lab for r in rows) for lab in labels}
         assert len(set(counts.values())) == 1, (s, counts)  # exactly balanced

@@ -613,6 +613,7 @@ def build_labelled_tasks(names: Sequence[str] | None = None, *, force: bool = Fa
         obj = {"name": name, "version": spec.version, "meta": meta, "splits": examples, "sha256": _digest(examples)}
         atomic_write_json(_cache_path(spec), obj)
         built[name] = obj
+    _GCIDE_CACHE.clear()  # the parsed dictionary is only needed while building
     return {n: built[n] for n in wanted}
 
 
