@@ -302,7 +302,9 @@ def iter_weights(
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            key = (p.data_ptr(), p.numel()) if p.numel() else (id(p), 0)
+            # Tied weights share storage; on the meta device (a skeleton built from a config for streaming) there is
+            # no storage, and tied weights are the same Parameter object.
+            key = (p.data_ptr(), p.numel()) if p.numel() and p.device.type != "meta" else (id(p), 0)
             if key in refs:
                 if full not in refs[key].aliases and full != refs[key].name:
                     refs[key].aliases.append(full)
