@@ -150,6 +150,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 
     d = _save(build_tiny_llama(), tmp_path / "m")
     sorted(d.glob("*.safetensors"))[0].write_bytes(b"\x00" * 4)
+    capsys.readouterr()  # the save's progress bar
     assert main(["analyze", str(d), "-q", "--no-cache"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kappatune: error:") and "\n" not in err
