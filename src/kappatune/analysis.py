@@ -517,17 +517,20 @@ def extreme_singular_values(
     chol, info = torch.linalg.cholesky_ex(gram)
     ok = info == 0
     chol_t = chol.mT.contiguous()
-    lam_max, conv_max = _krylov_top_eigenvalue(lambda x: gram @ x, batch, m, dtype=a.dtype, device=a.device,
-                                               tol=tol, max_steps=max_steps, seed=1)
 
     def inv_op(x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(chol_t, torch.linalg.solve_triangular(chol, x, upper=False), upper=True)
 
-    if bool(ok.any()):
-        inv_max, conv_min = _krylov_top_eigenvalue(inv_op, batch, m, dtype=a.dtype, device=a.device, tol=tol,
-                                                   max_steps=max_steps, seed=2)
-    else:
-        inv_max, conv_min = torch.ones_like(lam_max), torch.zeros_like(ok)
+    # Lanczos is a long chain of small memory-bound products: on a CPU, OpenMP threads only spin on them (measured
+    # 13x slower with 2 threads than 1 on a loaded 2-core machine), so it runs single-threaded there.
+    with _one_lapack_thread(a.device.type == "cpu"):
+        lam_max, conv_max = _krylov_top_eigenvalue(lambda x: gram @ x, batch, m, dtype=a.dtype, device=a.device,
+                                                   tol=tol, max_steps=max_steps, seed=1)
+        if bool(ok.any()):
+            inv_max, conv_min = _krylov_top_eigenvalue(inv_op, batch, m, dtype=a.dtype, device=a.device, tol=tol,
+                                                       max_steps=max_steps, seed=2)
+        else:
+            inv_max, conv_min = torch.ones_like(lam_max), torch.zeros_like(ok)
     smax = lam_max.clamp_min(0).sqrt()
     smin = torch.where(ok & (inv_max > 0), 1.0 / inv_max.clamp_min(torch.finfo(a.dtype).tiny).sqrt(),
                        torch.zeros_like(smax))
