@@ -179,7 +179,7 @@ def main() -> None:
         from pathlib import Path
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        sys.stdout = _Tee(sys.__stdout__, open(args.out, "w"))
+        sys.stdout = _Tee(sys.__stdout__, open(args.out, "w", buffering=1))
     from kappatune.models import build_tiny_llama
 
     dev = args.device
