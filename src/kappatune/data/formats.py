@@ -1,0 +1,155 @@
+"""User data: local ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` files and Hugging Face datasets,
+and :func:`load_corpus`, which resolves a built-in name, a file or a dataset name to a :class:`Corpus`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .corpora import BUILTIN_CORPORA, Corpus, _load_builtin
+
+__all__ = ["load_corpus"]
+
+
+
+# ----- user data
+def _read_text_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from exc
+
+
+def _field(record: Any, text_field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+    if text_field not in record:
+        keys = ", ".join(map(str, list(record)[:8])) or "none"
+        raise DataError(f"{where}: no field {text_field!r} (fields: {keys}); pass text_field=<name> / --text-field")
+    value = record[text_field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _load_file(path: Path, text_field: str) -> list[str]:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffix = suffix.lower()
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty; give a file with text in it")
+    if suffix in (".txt", ".md", ".text"):
+        text = _read_text_file(path).replace("\r\n", "\n")
+        return [d.strip() for d in re.split(r"\n\s*\n", text)]  # documents are separated by blank lines
+    if suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(_read_text_file(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{path} line {i} is not valid JSON ({exc.msg}); one JSON object per line") from exc
+            docs.append(_field(rec, text_field, f"{path} line {i}"))
+        return docs
+    if suffix == ".json":
+        try:
+            obj = json.loads(_read_text_file(path))
+        except ValueError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); give a list of objects or strings") from exc
+        if isinstance(obj, dict) and isinstance(obj.get("documents"), list):
+            obj = obj["documents"]
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of objects (or strings), got {type(obj).__name__}")
+        return [o if isinstance(o, str) else _field(o, text_field, f"{path} item {i}") for i, o in enumerate(obj)]
+    if suffix == ".csv":
+        text = _read_text_file(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or text_field not in reader.fieldnames:
+            cols = ", ".join(reader.fieldnames or []) or "none"
+            raise DataError(f"{path}: no column {text_field!r} (columns: {cols}); pass text_field=<name> / --text-field")
+        return [row[text_field] or "" for row in reader]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # installed with `datasets`
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # pyarrow raises its own error types for a corrupt file
+            raise DataError(f"{path} is not a readable parquet file ({exc})") from exc
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); pass text_field=<name>")
+        col = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
+        bad = next((v for v in col if v is not None and not isinstance(v, str)), None)
+        if bad is not None:
+            raise DataError(f"{path}: column {text_field!r} holds {type(bad).__name__}, not text")
+        return [v or "" for v in col]
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .json, .csv or .parquet")
+
+
+def _load_hf_dataset(name: str, text_field: str) -> list[str]:
+    """A Hugging Face ``datasets`` name, ``NAME`` or ``NAME:SPLIT`` (default split ``train``); needs the hub."""
+    ds_name, _, ds_split = name.partition(":")
+    from ..models import hub_unreachable_reason
+
+    offline = hub_unreachable_reason()
+    if offline and not os.environ.get("HF_DATASETS_OFFLINE"):
+        raise DataError(
+            f"{name!r} is not a built-in corpus or a local file, and the Hugging Face hub is unavailable ({offline}) "
+            f"to load it as a dataset. Built-in corpora: {', '.join(BUILTIN_CORPORA)}"
+        )
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(ds_name, split=ds_split or "train")
+    except Exception as exc:  # datasets raises many error types (ConnectionError, FileNotFoundError, HfHubHTTPError)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        known = ", ".join(BUILTIN_CORPORA)
+        raise DataError(
+            f"{name!r} is not a built-in corpus or a local file, and loading it as a Hugging Face dataset failed "
+            f"({first}); the hub needs network access. Built-in corpora: {known}"
+        ) from exc
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})")
+    return [t or "" for t in ds[text_field]]
+
+
+def load_corpus(name_or_path: str | os.PathLike | Corpus, *, text_field: str = "text") -> Corpus:
+    """Load a corpus: a built-in name, a local file (.txt/.jsonl/.json/.csv/.parquet) or a ``datasets`` name.
+
+    ``.txt`` files hold documents separated by blank lines; the structured formats take the text from
+    ``text_field``. Problems (missing file, empty, not UTF-8, missing field) raise :class:`DataError`.
+    """
+    if isinstance(name_or_path, Corpus):
+        return name_or_path
+    name = str(name_or_path)
+    if name in BUILTIN_CORPORA:
+        return _load_builtin(BUILTIN_CORPORA[name])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a .txt, .jsonl, .csv or .parquet file")
+    if path.is_file():
+        docs = [d.strip() for d in _load_file(path, text_field) if d and d.strip()]
+        if not docs:
+            raise DataError(f"{path} holds no text (every document is empty); give a file with text in it")
+        return Corpus(path.stem, docs, source=str(path))
+    if path.suffix.lower() in (".txt", ".jsonl", ".json", ".csv", ".parquet", ".md") or name.startswith((".", "/", "~")):
+        raise DataError(f"data file {path} does not exist (built-in corpora: {', '.join(BUILTIN_CORPORA)})")
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(BUILTIN_CORPORA), n=1, cutoff=0.75)
+    if close and "/" not in name:  # a typo of a built-in name: say so instead of asking the hub
+        raise DataError(f"unknown corpus {name!r}; did you mean {close[0]!r}? (built-in: {', '.join(BUILTIN_CORPORA)})")
+    return Corpus(name, [d.strip() for d in _load_hf_dataset(name, text_field) if d and d.strip()], source=f"datasets:{name}")

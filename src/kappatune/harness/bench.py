@@ -1,0 +1,128 @@
+"""Benchmarks: every method × seed of a config (:func:`bench`) and their aggregation (:func:`aggregate_bench`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+from ..config import RunConfig, config_fingerprint
+from ..errors import ConfigError
+from ..storage import atomic_write_json, atomic_write_text
+from .compare import bench_curves, equal_quality
+from .metrics import _stat
+from .run import _as_config, _log, run, validate
+from .state import _finished, _read_state, library_versions, load_results
+
+__all__ = ["bench", "aggregate_bench"]
+
+_BENCH_METRICS = (
+    "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
+    "control_change_abs", "control_change_pct", "trainable_params", "train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb",
+)
+
+
+def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean ± sample std over seeds of every metric, per method (``cells[label][seed]`` = results dict)."""
+    rows = []
+    for label, by_seed in cells.items():
+        res = list(by_seed.values())
+        metrics = {k: _stat([r["metrics"].get(k) for r in res]) for k in _BENCH_METRICS}
+        tasks = res[0]["tasks"] if res else []
+        per_task = {t: _stat([r["metrics"]["final_task_ppl"][t] for r in res]) for t in tasks}
+        first = res[0] if res else {}
+        rows.append({
+            "label": label, "method": first.get("method", {}).get("name"), "seeds": list(by_seed),
+            "metrics": metrics, "final_task_ppl": per_task,
+            "budget_reports": [r.get("budget_report") for r in res],
+            "dirs": {str(s): r.get("_dir") for s, r in by_seed.items()},
+        })
+    return rows
+
+
+def bench(
+    config: RunConfig | str | os.PathLike | dict,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
+
+    Writes ``bench.json``, ``bench.md`` and ``pareto.png`` to the output directory; cell ``<label>/seed-<s>/``
+    holds each run. All methods are validated (and budget-matched) before the first cell trains.
+    ``only``: method labels to run (the others are left out of this bench and its report), e.g. to re-run one
+    method of a published study; a cell's results do not depend on which other methods the config lists.
+    """
+    from .. import reporting
+    from ..config import CompareConfig
+
+    cfg = _as_config(config, overrides)
+    if only:
+        labels = [s.display for s in cfg.method_specs()]
+        unknown = [o for o in only if o not in labels]
+        if unknown:
+            raise ConfigError(f"--only: no method labelled {unknown[0]!r} in this config; labels: {', '.join(labels)}")
+        keep = [s for s in cfg.method_specs() if s.display in only]
+        compare = cfg.compare if cfg.compare.reference in only else CompareConfig()
+        cfg = dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
+    progress = cfg.progress if progress is None else progress
+    specs, seeds = cfg.method_specs(), cfg.seed_list()
+    out = cfg.out_dir()
+    t0 = time.perf_counter()
+    # Each cell: (directory, its run config, its state or None, complete with this config?), read once.
+    cell_status = {}
+    for spec in specs:
+        for seed in seeds:
+            cell_dir = out / spec.display / f"seed-{seed}"
+            cell_cfg = cfg.for_method(spec, seed, cell_dir)
+            st = _read_state(cell_dir)
+            done = st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, st)
+            cell_status[spec.display, seed] = (cell_dir, cell_cfg, st, done)
+
+    if all(done for *_, done in cell_status.values()):
+        # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
+        _log(progress, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
+    else:
+        trainable = validate(cfg, progress=progress)
+        _log(progress, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
+             + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
+    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    ran, skipped = [], []
+    for spec in specs:
+        for seed in seeds:
+            cell_dir, cell_cfg, st, done = cell_status[spec.display, seed]
+            if done:
+                res = load_results(cell_dir)
+                skipped.append(f"{spec.display}/seed-{seed}")
+            else:
+                _log(progress, f"== {spec.display} seed {seed} -> {cell_dir}")
+                res = run(cell_cfg, resume=st is not None, force=force, progress=progress,
+                          base_eval_cache=out / "base_eval.json")
+                ran.append(f"{spec.display}/seed-{seed}")
+            res["_dir"] = str(cell_dir)
+            cells.setdefault(spec.display, {})[seed] = res
+    rows = aggregate_bench(cells)
+    first = next(iter(next(iter(cells.values())).values()))
+    summary = {
+        "kappatune_bench": 1,
+        "name": cfg.name, "model": cfg.model, "tasks": first["tasks"], "control": first["control"],
+        "steps_per_stage": cfg.steps_per_stage(), "seeds": seeds, "budget": cfg.budget,
+        "config": cfg.to_dict(), "config_fingerprint": config_fingerprint(cfg), "libraries": library_versions(),
+        "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
+    }
+    if cfg.compare.reference is not None:
+        summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage, cfg.compare.step)
+    if cfg.output.plots:
+        reporting.plot_pareto(summary, out / "pareto.png")
+        summary["plots"] = ["pareto.png"]
+        if cfg.eval.curve_every > 0:
+            summary["curves"] = bench_curves(cells, cfg.compare.stage)
+            reporting.plot_learning_curves(summary, out / "curves.png")
+            summary["plots"].append("curves.png")
+    atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
+    atomic_write_json(out / "bench.json", summary)
+    _log(progress, reporting.bench_table(summary))
+    return summary

@@ -1,0 +1,106 @@
+"""Comparing methods along their learning curves: control perplexity at equal task quality (:func:`equal_quality`)
+and seed-averaged curves (:func:`bench_curves`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .metrics import _mean, _stat
+
+__all__ = ["equal_quality", "bench_curves"]
+
+
+def _stage_curve(res: dict[str, Any], stage: int) -> tuple[str, list[dict[str, float]]] | None:
+    """(task, points) of stage ``stage`` of one run: its start (base model or previous stage end) then its curve."""
+    stages = {s["stage"]: s for s in res.get("stages", [])}
+    cur = stages.get(stage)
+    if cur is None or not cur.get("curve"):
+        return None
+    task = cur["task"]
+    start = res["base"] if stage == 1 else stages.get(stage - 1)  # the model the stage started from
+    if start is None:
+        return None
+    points = [{"step": 0, "task_ppl": start["task_ppl"][task], "control_ppl": start["control_ppl"]}]
+    return task, points + [dict(p) for p in cur["curve"]]
+
+
+def _reach(points: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """Where a learning curve first reaches task ppl <= target, linearly interpolated between its points."""
+    for i, p in enumerate(points):
+        if p["task_ppl"] <= target:
+            if i == 0:
+                return {"step": 0.0, "control_ppl": p["control_ppl"]}
+            q = points[i - 1]
+            frac = (q["task_ppl"] - target) / (q["task_ppl"] - p["task_ppl"])
+            return {
+                "step": q["step"] + frac * (p["step"] - q["step"]),
+                "control_ppl": q["control_ppl"] + frac * (p["control_ppl"] - q["control_ppl"]),
+            }
+    return None
+
+
+def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, stage: int = 1,
+                  step: int | None = None) -> dict[str, Any]:
+    """Control perplexity of every method at the task perplexity the reference method reaches in ``stage``.
+
+    The target is, per seed, the reference run's task perplexity at the end of that stage, or after ``step`` steps
+    of it (the mean over its seeds for a seed it lacks). Each run's learning curve of the stage (``eval.curve_every`` points, linearly
+    interpolated) gives the step where it first reaches the target and its control perplexity there: with a
+    constant learning rate that is what "train until the task perplexity reaches the target" would give, at the
+    curve's resolution. A run that never reaches the target is counted in ``not_reached`` with its best task ppl.
+    """
+    ref = cells.get(reference)
+    if not ref:
+        raise ConfigError(f"compare.reference {reference!r} has no finished runs")
+    targets: dict[int, float] = {}
+    for seed, res in ref.items():
+        cur = _stage_curve(res, stage)
+        if cur is None:
+            raise ConfigError(f"compare: the reference run {reference}/seed-{seed} has no learning curve for stage {stage} "
+                              "(set eval.curve_every)")
+        points = cur[1] if step is None else [p for p in cur[1] if p["step"] == step]
+        if not points:
+            raise ConfigError(f"compare.step {step}: the reference run {reference}/seed-{seed} has no learning-curve "
+                              f"point at that step (points: {[p['step'] for p in cur[1]]})")
+        targets[seed] = points[-1]["task_ppl"]
+    mean_target = _mean(list(targets.values()))
+    rows = []
+    task = None
+    for label, by_seed in cells.items():
+        steps, ctrl, change, best, missing = [], [], [], [], []
+        for seed, res in by_seed.items():
+            cur = _stage_curve(res, stage)
+            if cur is None:
+                missing.append(seed)
+                continue
+            task, points = cur
+            hit = _reach(points, targets.get(seed, mean_target))
+            best.append(min(p["task_ppl"] for p in points))
+            if hit is None:
+                missing.append(seed)
+                continue
+            base_ctrl = res["base"]["control_ppl"]
+            steps.append(hit["step"])
+            ctrl.append(hit["control_ppl"])
+            change.append((hit["control_ppl"] / base_ctrl - 1.0) * 100.0)
+        rows.append({
+            "label": label, "reached": len(steps), "not_reached": missing,
+            "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
+            "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
+        })
+    return {"reference": reference, "stage": stage, "step": step, "task": task, "target_task_ppl": targets,
+            "mean_target_task_ppl": mean_target, "methods": rows}
+
+
+def bench_curves(cells: dict[str, dict[int, dict[str, Any]]], stage: int = 1) -> dict[str, Any]:
+    """Per method: stage ``stage``'s learning curve (step, task ppl, control ppl), averaged over seeds point by point."""
+    out: dict[str, Any] = {}
+    for label, by_seed in cells.items():
+        curves = [c[1] for c in (_stage_curve(r, stage) for r in by_seed.values()) if c is not None]
+        n = min((len(c) for c in curves), default=0)
+        if n:
+            out[label] = [
+                {k: _mean([c[i][k] for c in curves]) for k in ("step", "task_ppl", "control_ppl")} for i in range(n)
+            ]
+    return {"stage": stage, "methods": out}

@@ -1,0 +1,46 @@
+"""kappatune.stats: paired differences and Welch's test against independent computations."""
+
+import math
+
+import pytest
+from scipy import stats as st
+
+from kappatune.stats import paired_difference, summarize, welch_test
+
+
+def test_paired_difference_matches_ttest_rel_and_pairs_by_key():
+    a = {0: 1.0, 1: 2.5, 2: 2.0, 3: 4.0}
+    b = {3: 3.1, 0: 0.2, 2: 1.9, 1: 1.0, 9: 100.0}  # different order, and an unpaired key that must be ignored
+    d = paired_difference(a, b)
+    keys = sorted(a)
+    ref = st.ttest_rel([a[k] for k in keys], [b[k] for k in keys])
+    assert d["n"] == 4
+    assert d["mean"] == pytest.approx(sum(a[k] - b[k] for k in keys) / 4)
+    assert d["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+    lo, hi = d["ci"]
+    assert lo < d["mean"] < hi
+    # the 95% interval excludes zero exactly when p < 0.05
+    assert d["significant"] == (d["p"] < 0.05)
+
+
+def test_paired_difference_interval_width_uses_student_t():
+    d = paired_difference({0: 1.0, 1: 3.0}, {0: 0.0, 1: 0.0})  # differences 1 and 3: mean 2, sd sqrt(2), n 2
+    half = st.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2)
+    assert d["ci"] == pytest.approx([2 - half, 2 + half])
+    assert not d["significant"]  # t(1) quantile 12.7: a 2-seed interval is wide
+
+
+def test_paired_difference_degenerate_cases():
+    assert paired_difference({0: 1.0}, {0: 0.5})["ci"] is None  # one pair: no interval
+    same = paired_difference({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})  # identical differences: no t, sign certain
+    assert same["p"] is None and same["significant"]
+    assert paired_difference({0: 1.0, 1: None}, {0: 1.0, 1: 2.0})["n"] == 1
+
+
+def test_welch_and_summary():
+    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0]
+    w = welch_test(a, b)
+    assert w["p"] == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue)
+    assert w["difference"] == pytest.approx(2.0 - 5.0)
+    s = summarize([1.0, None, 3.0])
+    assert (s["mean"], s["n"]) == (2.0, 2) and s["std"] == pytest.approx(math.sqrt(2))
