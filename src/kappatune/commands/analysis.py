@@ -16,19 +16,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip matching tensor names; repeatable")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached analysis of these weights exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--load", action="store_true",
+                   help="load the whole model instead of streaming a local checkpoint one tensor at a time")
+    p.add_argument("--device", default=None, help="where the numerics run (cpu, cuda; default: cpu, or the model's device)")
 
 
-def _analyze(args: argparse.Namespace):
+def _analyze(args: argparse.Namespace, kappa_only: bool = False):
+    """Stream a local checkpoint (safetensors directory or .gguf) tensor by tensor; load anything else."""
     from ..analysis import analyze_model
-    from ..models import load_model
+    from ..checkpoint import analyze_checkpoint, is_checkpoint_path
+    from ..models import BUILTIN_MODELS, load_model
 
+    kw = dict(max_dim_size=args.max_dim, include=args.include, exclude=args.exclude, cache=not args.no_cache,
+              progress=not args.quiet, kappa_only=kappa_only, device=args.device)
+    if args.model not in BUILTIN_MODELS and not args.load and is_checkpoint_path(args.model):
+        return analyze_checkpoint(args.model, trust_remote_code=args.trust_remote_code, **kw)
     model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    return analyze_model(model, max_dim_size=args.max_dim, include=args.include, exclude=args.exclude,
-                         cache=not args.no_cache, progress=not args.quiet)
+    return analyze_model(model, **kw)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    report = _analyze(args)
+    report = _analyze(args, kappa_only=args.kappa_only)
     print(report.table(top=args.top or None))
     src = "cache" if report.from_cache else "computed"
     print(f"{len(report)} tensors analysed in {report.seconds:.2f} s ({src}); fingerprint {report.fingerprint or '-'}")
@@ -45,7 +53,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from ..selection import select_from_report
     from ..storage import atomic_write_json
 
-    report = _analyze(args)
+    report = _analyze(args, kappa_only=args.policy != "snr")  # only SNR needs the full spectrum
     sel = select_from_report(report, args.policy, top_p=args.top_p, num_modules=args.num, threshold=args.threshold,
                              param_budget=args.param_budget, balance_types=args.balance_types, seed=args.seed)
     total = sum(r.numel for r in report.records if r.kind in ("linear", "conv1d", "moe"))
@@ -59,6 +67,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, sel.to_dict())
         print(f"wrote {args.json}")
+    if args.peft_config:
+        from ..checkpoint import peft_config_fragment
+
+        atomic_write_json(args.peft_config, peft_config_fragment(sel))
+        print(f"wrote {args.peft_config} (merge into a peft LoraConfig)")
     return 0
 
 
@@ -69,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=30, help="rows to print (0 = all; default 30)")
     p.add_argument("--json", metavar="PATH", help="write all per-tensor figures as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of κ per layer and module type")
+    p.add_argument("--kappa-only", action="store_true",
+                   help="κ, σ_max, σ_min and stable rank only (no entropy/SNR): faster on large matrices")
     p.set_defaults(handler=cmd_analyze)
 
     p = sub.add_parser("select", help="select tensors to adapt (κ, SNR, random) under a budget",
@@ -83,4 +98,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--balance-types", action="store_true", help="same share of every module type (q/k/v/o/up/down...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     p.add_argument("--json", metavar="PATH", help="write the selection as JSON")
+    p.add_argument("--peft-config", metavar="PATH",
+                   help="write a PEFT LoRA config fragment (target_modules / target_parameters) as JSON")
     p.set_defaults(handler=cmd_select)
