@@ -21,7 +21,8 @@ documents keep their original order. A document is never cut between splits.
 Modules: :mod:`~kappatune.data.sources` (PyPI / Debian downloads), :mod:`~kappatune.data.corpora` (``Corpus``,
 built-in corpora), :mod:`~kappatune.data.formats` (user files, datasets, ``load_corpus``),
 :mod:`~kappatune.data.tokenizers` (``ByteTokenizer``, ``get_tokenizer``) and :mod:`~kappatune.data.blocks`
-(tokenising, splits, blocks). Everything is re-exported here; to monkeypatch a function, patch it in the module
+(tokenising, splits, blocks) and :mod:`~kappatune.data.tasks` (supervised ``sft`` tasks: examples, three-way
+splits, response-only labels, collation, the built-in task registry). Everything is re-exported here; to monkeypatch a function, patch it in the module
 that looks it up.
 """
 
@@ -40,6 +41,21 @@ from .corpora import (
 )
 from .formats import _field, _load_file, _load_hf_dataset, _read_text_file, load_corpus
 from .sources import _PYPI_FILES, _debian_root, _pip_download, _r_lazyload, _RReader, fetch_pypi_file
+from .tasks import (
+    BUILTIN_TASKS,
+    SFTTask,
+    TaskSpec,
+    collate_sft,
+    encode_example,
+    format_example,
+    list_tasks,
+    load_examples,
+    load_task,
+    register_builtin_task,
+    split_examples,
+    task_summary,
+    tokenize_sft,
+)
 from .tokenizers import ByteTokenizer, _eos_id, get_tokenizer, tokenizer_id
 
 __all__ = [
@@ -56,4 +72,17 @@ __all__ = [
     "split_documents",
     "tokenize_corpus",
     "build_blocks",
+    "SFTTask",
+    "TaskSpec",
+    "BUILTIN_TASKS",
+    "register_builtin_task",
+    "list_tasks",
+    "load_examples",
+    "load_task",
+    "split_examples",
+    "format_example",
+    "encode_example",
+    "tokenize_sft",
+    "collate_sft",
+    "task_summary",
 ]
