@@ -196,7 +196,8 @@ def _example(rec: Any, where: str, *, prompt_field: str, response_field: str, me
                             "(the gold answer must be a choice)")
         ex["choices"] = list(ch)
     elif choices_required:
-        raise DataError(f"{where}: no choices (accuracy ranks choices); set choices_field")
+        raise DataError(f"{where}: no choices, but metric accuracy ranks choices (a task without choices); "
+                        "set choices_field, or measure it with exact_match or ppl")
     for k, v in rec.items():  # metadata: kept, ignored by training
         if k not in used and k not in ex and v is not None:  # datasets fills a column missing in a record with None
             ex[k] = v
