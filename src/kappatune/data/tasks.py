@@ -204,7 +204,15 @@ def _example(rec: Any, where: str, *, prompt_field: str, response_field: str, me
     return ex
 
 
+_FIELD_DEFAULTS = dict(prompt_field="prompt", response_field="response", messages_field=None, choices_field=None,
+                       choices_required=False)
+
+
 def _examples(records: Iterable[Any], where: Callable[[int], str], **fields: Any) -> list[dict[str, Any]]:
+    unknown = set(fields) - set(_FIELD_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown field option(s): {', '.join(sorted(unknown))}")
+    fields = {**_FIELD_DEFAULTS, **fields}
     return [_example(r, where(i), **fields) for i, r in enumerate(records)]
 
 
