@@ -399,3 +399,41 @@ def test_sft_run_resumes_after_sigkill_to_identical_metrics(sft_data, sft_refere
     assert [s["losses"] for s in got["stages"]] == [s["losses"] for s in ref["stages"]]
     keys = [k for k in ref["metrics"] if "acc" in k or "em" in k or k.startswith(("probe_", "control_suite", "bwt"))]
     assert {k: got["metrics"][k] for k in keys} == {k: ref["metrics"][k] for k in keys}
+
+
+EASY = [
+    ("The capital of France is", "Paris", ["Paris", "London", "Tokyo"]),
+    ("Two plus two equals", "four", ["four", "seven", "ten"]),
+    ("The sky on a clear day is", "blue", ["blue", "green", "red"]),
+    ("Water freezes at zero degrees", "Celsius", ["Celsius", "Kelvin", "Newton"]),
+    ("The opposite of hot is", "cold", ["cold", "tall", "loud"]),
+    ("A week has seven", "days", ["days", "apples", "wheels"]),
+    ("The largest planet in our solar system is", "Jupiter", ["Jupiter", "Mercury", "Pluto"]),
+    ("Cats are animals that say", "meow", ["meow", "moo", "quack"]),
+    ("The first month of the year is", "January", ["January", "June", "October"]),
+    ("Bees make", "honey", ["honey", "steel", "paper"]),
+]
+
+
+@pytest.mark.slow
+def test_smollm2_accuracy_on_a_local_multiple_choice_file_matches_lm_eval(tmp_path, monkeypatch, capsys):
+    """``kappatune eval smollm2-135m --data mc.jsonl`` and the lm-eval bridge on the same examples (real model;
+    uses the shared model cache, fetching the model if it is not there)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("KAPPATUNE_CACHE", os.path.expanduser("~/.cache/kappatune"))
+    exs = [{"prompt": p, "response": r, "choices": c} for p, r, c in EASY]
+    path = _write(tmp_path / "mc.jsonl", exs)
+    assert cli_main(["eval", "smollm2-135m", "--data", path, "--split", "all", "--no-chat-template", "--json", "-q"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert ours["examples"] == 10 and ours["accuracy"] >= 0.7  # easy facts: far above chance (1/3)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "kt_easy.yaml").write_text(yaml.safe_dump({
+        "task": "kt_easy", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": path}}, "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{prompt}}", "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{choices.index(response)}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }))
+    assert cli_main(["eval", "smollm2-135m", "--lm-eval", "kt_easy", "--lm-eval-include", str(tmp_path / "tasks"), "--json", "-q"]) == 0
+    out = capsys.readouterr().out
+    theirs = json.loads(out[out.index("{"):])["kt_easy"]
+    assert abs(theirs["acc"] - ours["accuracy"]) <= 0.01
