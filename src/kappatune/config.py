@@ -41,6 +41,8 @@ __all__ = [
     "config_fingerprint",
     "SCHEDULES",
     "POLICIES",
+    "TASK_TYPES",
+    "METRICS",
 ]
 
 POLICIES = ("kappa", "snr", "random", "all")
@@ -51,13 +53,32 @@ SCHEDULES = (
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
+TASK_TYPES = ("lm", "sft")
+METRICS = ("ppl", "accuracy", "exact_match")
+
+
 @dataclass
 class TaskConfig:
-    """One corpus: a built-in name (see ``kappatune data list``) or a path to a text/JSONL/CSV file or directory."""
+    """One task (or control probe): its data and how to read and measure it.
+
+    ``type: lm`` (default): raw text — a built-in corpus name (``kappatune data``) or a .txt/.jsonl/.csv/.parquet
+    file; measured by perplexity. ``type: sft``: prompt → response examples (docs/data.md) — a built-in task name,
+    a .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` directory or a hub dataset ``NAME[:CONFIG]:SPLIT``;
+    trained with the loss on response tokens only; measured by ``metrics`` (``accuracy`` needs choices,
+    ``exact_match`` generates greedily, ``ppl`` is the response perplexity). Default metrics: ``[ppl]`` for lm,
+    ``[accuracy]`` for sft data with choices, else ``[ppl]``.
+    """
 
     corpus: str
     name: str | None = None  # label in tables; defaults to the corpus name
     text_field: str = "text"
+    type: str = "lm"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None  # chat data: a list of {role, content} (replaces prompt/response fields)
+    choices_field: str | None = None  # candidate responses (default: a "choices" field when the data has one)
+    chat_template: bool = True  # apply the tokenizer's chat template when it has one (sft)
+    metrics: list[str] | None = None
 
     @property
     def label(self) -> str:
@@ -138,6 +159,12 @@ class EvalConfig:
     # stage ends). The equal-task-quality comparison of a bench reads these curves.
     curve_every: int = 0
     curve_stages: list[int] | None = None  # stages that get a curve (1-based; None: every stage)
+    # Supervised (sft) tasks: the seeded three-way split (test = eval_fraction), the evaluated test examples and
+    # generation for exact_match.
+    validation_fraction: float = 0.1
+    max_examples: int | None = 200  # test examples evaluated per sft task (evenly spaced; None: all)
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=lambda: ["\n"])
 
 
 @dataclass
@@ -163,6 +190,7 @@ class CompareConfig:
     reference: str | None = None
     stage: int = 1
     step: int | None = None
+    baseline: str | None = None  # method label: every other method's paired per-seed differences against it
 
 
 @dataclass
@@ -172,7 +200,9 @@ class RunConfig:
     model: str
     tasks: list[TaskConfig]
     name: str = "run"
-    control: TaskConfig = field(default_factory=lambda: TaskConfig(corpus="control"))
+    # The control suite: what the base model can already do, each probe reported as change from base. One task
+    # (``control: NAME`` as before) or a list; the first is the primary control (its perplexity is control_ppl).
+    control: Union[TaskConfig, list[TaskConfig]] = field(default_factory=lambda: TaskConfig(corpus="control"))
     method: MethodSpec | None = None
     methods: list[MethodSpec] = field(default_factory=list)
     budget: int | None = None  # trainable-parameter target, matched by each method's for_budget
@@ -200,6 +230,10 @@ class RunConfig:
 
     def method_specs(self) -> list[MethodSpec]:
         return list(self.methods) if self.methods else ([self.method] if self.method else [])
+
+    def control_suite(self) -> list[TaskConfig]:
+        """The control probes (the first one is the primary control)."""
+        return list(self.control) if isinstance(self.control, list) else [self.control]
 
     def learning_rate(self) -> float:
         """The learning rate of this (single-method) run: the method's ``lr`` if set, else ``training.lr``."""
@@ -246,6 +280,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"config: {where} must be {_type_name(tp)}, got null")
+        dc = [a for a in args if dataclasses.is_dataclass(a)]
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if dc and lists:  # e.g. control: a task or a list of tasks: keep the precise error of the shape given
+            return _convert(value, lists[0] if isinstance(value, (list, tuple)) else dc[0], where)
         errors = []
         for a in args:
             if a is type(None):
@@ -358,6 +396,22 @@ def _check_targets(t: TargetsConfig, where: str) -> None:
         raise ConfigError(f"config: {where}.threshold must be > 0, got {t.threshold!r}")
 
 
+def _check_task(t: TaskConfig, where: str) -> None:
+    if t.type not in TASK_TYPES:
+        raise ConfigError(f"config: {where}.type must be one of {', '.join(TASK_TYPES)}, got {t.type!r}")
+    if t.metrics is not None:
+        if not t.metrics:
+            raise ConfigError(f"config: {where}.metrics must list at least one of {', '.join(METRICS)}")
+        for m in t.metrics:
+            if m not in METRICS:
+                hint = difflib.get_close_matches(m, METRICS, n=1)
+                raise ConfigError(f"config: {where}.metrics: unknown metric {m!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                  + f"; choose from {', '.join(METRICS)}")
+        if t.type == "lm" and set(t.metrics) - {"ppl"}:
+            bad = sorted(set(t.metrics) - {"ppl"})[0]
+            raise ConfigError(f"config: {where}: metric {bad!r} needs a supervised task (type: sft); an lm task has only ppl")
+
+
 def _check_method(m: MethodSpec, where: str) -> None:
     if not m.name:
         raise ConfigError(f"config: {where}.name must name a method")
@@ -382,8 +436,20 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ConfigError(f"config: task names must be unique, {dup[0]!r} appears twice (give each a 'name')")
-    if cfg.control.label in labels:
-        raise ConfigError(f"config: the control corpus {cfg.control.label!r} is also a task; pick another control")
+    suite = cfg.control_suite()
+    if not suite:
+        raise ConfigError("config: control must name at least one corpus or task (the control suite)")
+    probes = [c.label for c in suite]
+    for c in probes:
+        if c in labels:
+            raise ConfigError(f"config: the control {c!r} is also a task; pick another control")
+    dup = sorted({x for x in probes if probes.count(x) > 1})
+    if dup:
+        raise ConfigError(f"config: control names must be unique, {dup[0]!r} appears twice (give each a 'name')")
+    for i, t in enumerate(cfg.tasks):
+        _check_task(t, f"tasks[{i}]")
+    for i, t in enumerate(suite):
+        _check_task(t, "control" if not isinstance(cfg.control, list) else f"control[{i}]")
     if cfg.method is not None and cfg.methods:
         raise ConfigError("config: give either 'method' (one run) or 'methods' (a benchmark), not both")
     if cfg.method is None and not cfg.methods:
@@ -468,6 +534,15 @@ def validate_static(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"config: compare.stage {c.stage} has no learning curve: add it to eval.curve_stages")
     if not (0.0 < e.eval_fraction < 1.0):
         raise ConfigError(f"config: eval.eval_fraction must be in (0, 1), got {e.eval_fraction!r}")
+    if not (0.0 < e.validation_fraction < 1.0) or e.validation_fraction + e.eval_fraction >= 1.0:
+        raise ConfigError(f"config: eval.validation_fraction must be in (0, 1) with eval.validation_fraction + "
+                          f"eval.eval_fraction < 1, got {e.validation_fraction!r}")
+    _positive(e.max_examples, "eval.max_examples")
+    _positive(e.max_new_tokens, "eval.max_new_tokens", allow_none=False)
+    if c.baseline is not None and c.baseline not in disp:
+        hint = difflib.get_close_matches(c.baseline, disp, n=1)
+        raise ConfigError(f"config: compare.baseline {c.baseline!r} is not a method label of this config"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
     return cfg
 
 
@@ -583,5 +658,15 @@ def config_fingerprint(cfg: RunConfig) -> str:
         d.pop(k, None)
     d["training"].pop("checkpoint_every", None)
     d["output"] = {}
+    # Keys added with supervised tasks drop out at their defaults, so configs written before them keep their
+    # fingerprint (and their run directories stay resumable).
+    task_defaults = {f.name: f.default for f in dataclasses.fields(TaskConfig) if f.name not in ("corpus", "name", "text_field")}
+    for t in d["tasks"] + (d["control"] if isinstance(d["control"], list) else [d["control"]]):
+        for k, v in task_defaults.items():
+            if t.get(k) == v:
+                t.pop(k)
+    for k, v in (("validation_fraction", 0.1), ("max_examples", 200), ("max_new_tokens", 32), ("stop", ["\n"])):
+        if d["eval"].get(k) == v:
+            d["eval"].pop(k)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -321,6 +321,29 @@ class StageResult:
         return asdict(self)
 
 
+IGNORE_INDEX = -100  # label of prompt and padding positions (kappatune.data.tasks)
+
+
+def _take_rows(batch: dict[str, torch.Tensor], idx: Any, device: Any = None) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of an sft batch, cut to their longest example (right padding: trailing all-pad columns go)."""
+    rows = {k: v[idx] for k, v in batch.items()}
+    width = max(1, int(rows["attention_mask"].sum(1).max())) if rows["attention_mask"].numel() else 1
+    return {k: (v[:, :width].to(device) if device is not None else v[:, :width]) for k, v in rows.items()}
+
+
+def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled (response) positions of an sft batch.
+
+    Labels -100 (prompt, padding) contribute nothing; the attention mask keeps padding out of every real token's
+    context, and each row is one example, so no example attends to another.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :]
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 def train_stage(
     method: Any,
     blocks: torch.Tensor,
@@ -345,6 +368,10 @@ def train_stage(
 ) -> StageResult:
     """Train ``method.model`` on ``blocks`` ``[N, seq_len]`` for ``steps`` optimizer steps.
 
+    ``blocks`` may instead be an sft task's tensors (``{input_ids, attention_mask, labels}``, from
+    :func:`kappatune.data.tokenize_sft`): the loss is then the mean over the response tokens of the global batch
+    (:func:`sft_loss_sum`), prompt and padding excluded.
+
     If ``checkpoint_dir`` holds a valid checkpoint of this stage (its meta matches ``checkpoint_meta``), training
     resumes from it and ends exactly where an uninterrupted stage would. Checkpoints are written every
     ``checkpoint_every`` steps and after the last step (when ``checkpoint_dir`` is given and ``checkpoint_every > 0``).
@@ -364,8 +391,9 @@ def train_stage(
     if local_bs % micro:
         raise ConfigError(f"per-process batch {local_bs} is not a multiple of training.micro_batch_size {micro}")
     n_micro = local_bs // micro
-    seq_len = blocks.shape[1]
-    order = batch_schedule(blocks.shape[0], batch_size, steps, seed=seed, stage=stage)
+    sft = isinstance(blocks, dict)  # supervised: {input_ids, attention_mask, labels}, loss on response tokens only
+    seq_len = (blocks["input_ids"] if sft else blocks).shape[1]
+    order = batch_schedule((blocks["input_ids"] if sft else blocks).shape[0], batch_size, steps, seed=seed, stage=stage)
 
     # Per-stage seeding (per process for dropout); overwritten by a checkpoint's RNG state on resume.
     seed_everything(_stage_seed(seed, stage, salt=1 + rank))
@@ -373,7 +401,8 @@ def train_stage(
     meta_base = dict(checkpoint_meta or {})
     meta_base.update({"stage": stage, "steps": steps})
     start = 0
-    result = StageResult(steps=steps, tokens=steps * batch_size * seq_len)
+    n_tok = int(blocks["attention_mask"][order].sum()) if sft else steps * batch_size * seq_len
+    result = StageResult(steps=steps, tokens=n_tok)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     found = latest_checkpoint(ckpt, meta_base) if ckpt is not None else None
     if found is not None:
@@ -406,15 +435,24 @@ def train_stage(
     try:
         for step in range(start, steps):
             idx = order[step, rank * local_bs : (rank + 1) * local_bs]
-            batch = blocks[idx].to(device)
+            if sft:
+                # every response token of the *global* batch weighs the same, however it is split over
+                # micro-batches and processes (DDP averages gradients over processes, hence the factor world)
+                n_tokens = int((blocks["labels"][order[step]][:, 1:] != IGNORE_INDEX).sum())
+                batch = _take_rows(blocks, idx, device)
+            else:
+                batch = blocks[idx].to(device)
             loss_sum = torch.zeros((), device=device)
             for m in range(n_micro):
-                x = batch[m * micro : (m + 1) * micro]
                 sync = m == n_micro - 1
                 ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
                 with ctx, accelerator.autocast():
-                    out = model(input_ids=x, labels=x)
-                    loss = out.loss / n_micro
+                    if sft:
+                        loss = sft_loss_sum(model, _take_rows(batch, slice(m * micro, (m + 1) * micro))) * world / max(1, n_tokens)
+                    else:
+                        x = batch[m * micro : (m + 1) * micro]
+                        out = model(input_ids=x, labels=x)
+                        loss = out.loss / n_micro
                 accelerator.backward(loss)
                 loss_sum += loss.detach()
             if max_grad_norm is not None:

@@ -15,12 +15,42 @@ from .metrics import _stat
 from .run import _as_config, _log, run, validate
 from .state import _finished, _read_state, library_versions, load_results
 
-__all__ = ["bench", "aggregate_bench"]
+__all__ = ["bench", "aggregate_bench", "paired_against"]
 
 _BENCH_METRICS = (
     "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
     "control_change_abs", "control_change_pct", "trainable_params", "train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb",
+    "acc", "bwt_acc", "fwt_acc", "avg_forgetting_acc", "acc_norm", "bwt_acc_norm", "em", "bwt_em", "fwt_em", "avg_forgetting_em",
 )
+
+
+def _metric_keys(res: list[dict[str, Any]]) -> list[str]:
+    """The fixed bench metrics plus each control probe's change (``probe_<name>_<metric>_change``)."""
+    probes = sorted({k for r in res for k in r["metrics"] if k.startswith("probe_") and k.endswith("_change")})
+    return list(_BENCH_METRICS) + probes
+
+
+def paired_against(cells: dict[str, dict[int, dict[str, Any]]], baseline: str) -> dict[str, Any]:
+    """Every method's per-seed paired differences (method − ``baseline``) of every bench metric, with a 95% interval.
+
+    Seeds share batches, so the seed-matched difference is the honest comparison (:func:`kappatune.stats.paired_difference`).
+    """
+    from ..stats import paired_difference
+
+    ref = cells[baseline]
+    keys = _metric_keys(list(ref.values()))
+    out: dict[str, Any] = {"baseline": baseline, "confidence": 0.95, "methods": {}}
+    for label, by_seed in cells.items():
+        if label == baseline:
+            continue
+        diffs = {}
+        for k in keys:
+            a = {s: r["metrics"].get(k) for s, r in by_seed.items()}
+            b = {s: r["metrics"].get(k) for s, r in ref.items()}
+            if any(v is not None for v in a.values()) and any(v is not None for v in b.values()):
+                diffs[k] = paired_difference(a, b, confidence=0.95)
+        out["methods"][label] = diffs
+    return out
 
 
 def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -28,7 +58,7 @@ def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[st
     rows = []
     for label, by_seed in cells.items():
         res = list(by_seed.values())
-        metrics = {k: _stat([r["metrics"].get(k) for r in res]) for k in _BENCH_METRICS}
+        metrics = {k: _stat([r["metrics"].get(k) for r in res]) for k in _metric_keys(res)}
         tasks = res[0]["tasks"] if res else []
         per_task = {t: _stat([r["metrics"]["final_task_ppl"][t] for r in res]) for t in tasks}
         first = res[0] if res else {}
@@ -113,6 +143,8 @@ def bench(
         "config": cfg.to_dict(), "config_fingerprint": config_fingerprint(cfg), "libraries": library_versions(),
         "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
     }
+    if cfg.compare.baseline is not None and cfg.compare.baseline in cells:
+        summary["paired"] = paired_against(cells, cfg.compare.baseline)
     if cfg.compare.reference is not None:
         summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage, cfg.compare.step)
     if cfg.output.plots:

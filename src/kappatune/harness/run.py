@@ -17,7 +17,7 @@ import torch
 from ..config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
 from ..errors import CacheError, ConfigError, DataError, KappaTuneError, ModelError
 from ..storage import atomic_write_json, atomic_write_text, sha256_file
-from .metrics import compute_metrics
+from .metrics import SCORE_METRICS, compute_metrics, compute_score_metrics, control_suite_changes
 from .state import STATE_VERSION, _clear_run_dir, _finished, _read_state, _write_state, library_versions, load_results
 
 __all__ = ["run", "validate"]
@@ -67,11 +67,53 @@ def _log(enabled: bool, msg: str) -> None:
 @dataclasses.dataclass
 class _Data:
     tasks: list[str]
-    train: dict[str, torch.Tensor]
-    eval: dict[str, torch.Tensor]
-    control_label: str
-    control: torch.Tensor
+    train: dict[str, Any]  # lm: blocks [N, seq_len]; sft: {input_ids, attention_mask, labels} [N, L]
+    eval: dict[str, Any]  # lm: blocks; sft: the evaluated test examples (list of dicts)
+    control_label: str  # the primary control (first probe of the control suite)
+    control: Any
     corpora: dict[str, dict[str, Any]]
+    probes: dict[str, Any] = dataclasses.field(default_factory=dict)  # every control probe, primary first
+    specs: dict[str, Any] = dataclasses.field(default_factory=dict)  # label -> TaskConfig (tasks and probes)
+    tokenizer: Any = None
+
+    def metrics_of(self, label: str) -> list[str]:
+        """The metrics measured on a task or probe (lm: ppl; sft: ppl plus the configured ones)."""
+        spec = self.specs[label]
+        if spec.type != "sft":
+            return ["ppl"]
+        return ["ppl"] + [m for m in (spec.metrics or []) if m != "ppl"]
+
+
+def _calibration(train: Any, n: int = 32) -> torch.Tensor:
+    """Token ids for methods that calibrate on data (OSF): the first ``n`` training rows."""
+    return train["input_ids"][:n] if isinstance(train, dict) else train[:n]
+
+
+def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool) -> tuple[Any, list, dict]:
+    """An sft task's training tensors (or None), evaluated test examples and info; resolves default metrics."""
+    from .. import data as kdata
+
+    e = cfg.eval
+    need_choices = bool(task.metrics) and "accuracy" in task.metrics
+    t = kdata.load_task(task.corpus, name=task.label, seed=e.split_seed, validation_fraction=e.validation_fraction,
+                        test_fraction=e.eval_fraction, prompt_field=task.prompt_field, response_field=task.response_field,
+                        messages_field=task.messages_field, choices_field=task.choices_field,
+                        choices_required=need_choices, progress=progress)
+    if task.metrics is None:  # default: accuracy when the data has choices
+        task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
+    test = t["test"]
+    if e.max_examples is not None and e.max_examples < len(test):
+        test = [test[(i * len(test)) // e.max_examples] for i in range(e.max_examples)]
+    tr = None
+    if train:
+        exs = t["train"]
+        if cfg.training.max_train_blocks is not None:
+            exs = exs[: cfg.training.max_train_blocks]
+        tr = kdata.tokenize_sft(exs, tokenizer, max_length=cfg.training.seq_len, chat_template=task.chat_template)
+    info = {"corpus": task.corpus, "type": "sft", "source": t.source, "metrics": list(task.metrics),
+            "examples": {k: len(v) for k, v in t.splits.items()}, "eval_examples": len(test),
+            "train_examples": int(tr["input_ids"].shape[0]) if tr is not None else 0}
+    return tr, test, info
 
 
 def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
@@ -79,27 +121,37 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
 
     seq = cfg.training.seq_len
     e = cfg.eval
-    train: dict[str, torch.Tensor] = {}
-    evals: dict[str, torch.Tensor] = {}
+    train: dict[str, Any] = {}
+    evals: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
-    for task in [*cfg.tasks, cfg.control]:
-        corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
-        common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
+    suite = cfg.control_suite()
+    specs = {t.label: dataclasses.replace(t) for t in [*cfg.tasks, *suite]}  # copies: default metrics get filled in
+    for label, task in specs.items():
+        is_task = label in [t.label for t in cfg.tasks]
         try:
-            if task is not cfg.control:
-                train[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
-            evals[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
+            if task.type == "sft":
+                tr, ev, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress)
+                if tr is not None:
+                    train[label] = tr
+                evals[label] = ev
+                continue
+            corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
+            common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
+            if is_task:
+                train[label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
+            evals[label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
         except DataError as exc:  # name the corpus: a run reads several
             msg = str(exc)
             raise DataError(msg if task.corpus in msg or msg.startswith("tokenizer") else f"corpus {task.corpus!r}: {msg}") from None
-        info[task.label] = {
+        info[label] = {
             "corpus": task.corpus, "source": getattr(corpus, "source", ""), "license": getattr(corpus, "license", ""),
             "documents": len(corpus.documents),
-            "train_blocks": int(train[task.label].shape[0]) if task.label in train else 0,
-            "eval_blocks": int(evals[task.label].shape[0]),
+            "train_blocks": int(train[label].shape[0]) if label in train else 0,
+            "eval_blocks": int(evals[label].shape[0]),
         }
-    control = evals.pop(cfg.control.label)
-    return _Data([t.label for t in cfg.tasks], train, evals, cfg.control.label, control, info)
+    probes = {c.label: evals.pop(c.label) for c in suite}
+    primary = suite[0].label
+    return _Data([t.label for t in cfg.tasks], train, evals, primary, probes[primary], info, probes, specs, tokenizer)
 
 
 def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -> dict[str, Any]:
@@ -169,7 +221,7 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
         if deep:
             clone = copy.deepcopy(model)
             if callable(getattr(method, "set_calibration", None)):
-                method.set_calibration(data.train[data.tasks[0]][:32])
+                method.set_calibration(_calibration(data.train[data.tasks[0]]))
             try:
                 method.prepare(clone)
             except KappaTuneError as exc:
@@ -181,29 +233,49 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     return out
 
 
-def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bool) -> tuple[dict[str, float], float]:
-    from ..evaluation import perplexity
+def _measure(model: torch.nn.Module, data: _Data, label: str, obj: Any, cfg: RunConfig, progress: bool,
+             metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics of one task or probe: ``{"ppl": ...}`` for lm, plus accuracy/exact_match for sft."""
+    from ..evaluation import evaluate_sft, perplexity
+
+    bs = cfg.eval.batch_size
+    spec = data.specs[label]
+    if spec.type != "sft":
+        return {"ppl": perplexity(model, obj, batch_size=bs, progress=progress)}
+    return evaluate_sft(
+        model, data.tokenizer, obj, list(metrics or data.metrics_of(label)), chat_template=spec.chat_template,
+        batch_size=bs, max_length=cfg.training.seq_len, max_new_tokens=cfg.eval.max_new_tokens, stop=cfg.eval.stop,
+        progress=progress,
+    )
+
+
+def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: bool) -> tuple[dict[str, float], float, dict[str, Any]]:
+    """Every task and every control probe: ``(task_ppl, control_ppl, {"task_metrics", "probes"})``.
+
+    ``task_metrics[task]`` / ``probes[probe]`` hold every metric measured (``ppl`` included); the perplexities
+    are also returned on their own, the matrix the perplexity metrics are computed from."""
     from ..training import fault_point
 
     fault_point("eval")
-    task = {t: perplexity(model, data.eval[t], batch_size=batch_size, progress=progress) for t in data.tasks}
-    ctrl = perplexity(model, data.control, batch_size=batch_size, progress=progress)
-    return task, ctrl
+    task_metrics = {t: _measure(model, data, t, data.eval[t], cfg, progress) for t in data.tasks}
+    probes = {p: _measure(model, data, p, obj, cfg, progress) for p, obj in data.probes.items()}
+    task_ppl = {t: v["ppl"] for t, v in task_metrics.items()}
+    return task_ppl, probes[data.control_label]["ppl"], {"task_metrics": task_metrics, "probes": probes}
 
 
 def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable[[int], dict[str, float] | None]:
-    """Every ``eval.curve_every`` steps: perplexity on the stage's task and on the control corpus (a curve point)."""
-    from ..evaluation import perplexity
-
-    every, bs = cfg.eval.curve_every, cfg.eval.batch_size
+    """Every ``eval.curve_every`` steps: the stage's task (perplexity, and its accuracy/exact-match for sft) and the
+    primary control's perplexity (a curve point)."""
+    every = cfg.eval.curve_every
 
     def hook(step: int) -> dict[str, float] | None:
         if step % every:
             return None
-        return {
-            "task_ppl": perplexity(method.model, data.eval[task], batch_size=bs, progress=False),
-            "control_ppl": perplexity(method.model, data.control, batch_size=bs, progress=False),
-        }
+        vals = _measure(method.model, data, task, data.eval[task], cfg, False)
+        point = {"task_ppl": vals.pop("ppl"),
+                 "control_ppl": _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"])["ppl"]}
+        point.update({f"task_{k}": v for k, v in vals.items()})
+        return point
 
     return hook
 
@@ -211,8 +283,19 @@ def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable
 def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
     from ..storage import fingerprint_model, fingerprint_tensors
 
-    blocks = [(f"task:{t}", data.eval[t]) for t in data.tasks] + [("control", data.control)]
-    h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}".encode())
+    def tensor(obj: Any) -> torch.Tensor:  # sft examples: hashed through their JSON text
+        if isinstance(obj, torch.Tensor):
+            return obj
+        blob = json.dumps(obj, sort_keys=True, default=str).encode()
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0)
+
+    blocks = [(f"task:{t}", tensor(data.eval[t])) for t in data.tasks] + [(f"probe:{p}", tensor(o)) for p, o in data.probes.items()]
+    if len(data.probes) == 1 and isinstance(data.control, torch.Tensor):  # keys of caches written before control suites
+        blocks = [(f"task:{t}", tensor(data.eval[t])) for t in data.tasks] + [("control", data.control)]
+    specs = {k: (v.type, v.metrics, v.chat_template) for k, v in data.specs.items() if v.type == "sft"}
+    gen = (cfg.eval.max_new_tokens, cfg.eval.stop, cfg.training.seq_len) if specs else ()
+    h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}"
+                       f"{'|' + json.dumps([specs, gen], default=str) if specs else ''}".encode())
     return h.hexdigest()[:24]
 
 
@@ -316,7 +399,7 @@ def run(
 
     if callable(getattr(method, "set_calibration", None)):
         # Methods that measure layer importance on data (OSF) calibrate on the first task's training blocks.
-        method.set_calibration(data.train[data.tasks[0]][:32])
+        method.set_calibration(_calibration(data.train[data.tasks[0]]))
     try:
         method.prepare(model)
     except KappaTuneError as exc:
@@ -353,16 +436,19 @@ def run(
                 on_step=curve_hook,
             )
             t_eval = time.perf_counter()
-            task_ppl, ctrl_ppl = _eval_all(method.model, data, cfg.eval.batch_size, progress)
+            task_ppl, ctrl_ppl, extra = _eval_all(method.model, data, cfg, progress)
             eval_s = time.perf_counter() - t_eval
         record = {
             "stage": k, "task": task, "steps": res.steps, "tokens": res.tokens, "losses": res.losses,
             "train_time_s": res.train_time_s, "tokens_per_s": res.tokens / res.train_time_s if res.train_time_s > 0 else None,
             "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
             "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
+            **extra,
         }
         if curved:  # the learning curve of this stage, ending with the stage-end evaluation
-            record["curve"] = res.curve + [{"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}]
+            end = {"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}
+            end.update({f"task_{k}": v for k, v in extra["task_metrics"][task].items() if k != "ppl"})
+            record["curve"] = res.curve + [end]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
         if main:
             fault_point("stage_commit")
@@ -426,8 +512,8 @@ def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, 
         if key in entries:
             return entries[key]
     t = time.perf_counter()
-    task_ppl, ctrl = _eval_all(model, data, cfg.eval.batch_size, progress)
-    base = {"task_ppl": task_ppl, "control_ppl": ctrl, "eval_time_s": time.perf_counter() - t}
+    task_ppl, ctrl, extra = _eval_all(model, data, cfg, progress)
+    base = {"task_ppl": task_ppl, "control_ppl": ctrl, **extra, "eval_time_s": time.perf_counter() - t}
     if cache is not None and main:
         p = Path(cache)
         try:
@@ -448,6 +534,19 @@ def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int,
     task_ppl = [[base["task_ppl"][t] for t in tasks]] + [[s["task_ppl"][t] for t in tasks] for s in stages]
     ctrl = [base["control_ppl"]] + [s["control_ppl"] for s in stages]
     metrics = compute_metrics(task_ppl, ctrl, tasks)
+    matrix: dict[str, Any] = {"rows": rows, "tasks": tasks, "task_ppl": task_ppl, "control_ppl": ctrl}
+    points = [base] + stages
+    for m, short in SCORE_METRICS.items():  # one matrix per accuracy-like metric that some task has
+        R = [[(p.get("task_metrics") or {}).get(t, {}).get(m) for t in tasks] for p in points]
+        if any(v is not None for row in R for v in row):
+            matrix[m] = R
+            metrics.update(compute_score_metrics(R, tasks, short))
+    if base.get("probes"):
+        suite = control_suite_changes(base["probes"], (stages[-1] if stages else base)["probes"])
+        metrics["control_suite"] = suite
+        for probe, vals in suite.items():  # flat keys, one per probe and metric, for bench aggregation
+            for m, v in vals.items():
+                metrics[f"probe_{probe}_{m}_change"] = v["change"]
     train_s = sum(s["train_time_s"] for s in stages)
     n_steps = sum(s["steps"] for s in stages)
     metrics.update(
@@ -473,7 +572,8 @@ def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int,
         "trainable_params": trainable,
         "total_params": total,
         "budget_report": budget_report,
-        "matrix": {"rows": rows, "tasks": tasks, "task_ppl": task_ppl, "control_ppl": ctrl},
+        "matrix": matrix,
+        "probes": list(data.probes),
         "metrics": metrics,
         "base": base,
         "stages": stages,
@@ -560,6 +660,10 @@ def _write_reports(out: Path, results: dict[str, Any], *, plots: bool, final: bo
         reporting.plot_forgetting_heatmap(results, out / "plots" / "forgetting_heatmap.png")
         reporting.plot_control_vs_task(results, out / "plots" / "control_vs_task.png")
         names += ["plots/forgetting_heatmap.png", "plots/control_vs_task.png"]
+        if "accuracy" in results["matrix"] or "exact_match" in results["matrix"]:
+            metric = "accuracy" if "accuracy" in results["matrix"] else "exact_match"
+            reporting.plot_score_heatmap(results, metric, out / "plots" / f"{metric}_heatmap.png")
+            names.append(f"plots/{metric}_heatmap.png")
         spec = results.get("spectrum")
         if spec and spec.get("names"):
             reporting.plot_spectrum(spec, out / "plots" / "kappa_spectrum.png")
