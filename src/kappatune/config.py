@@ -361,6 +361,13 @@ def _check_targets(t: TargetsConfig, where: str) -> None:
 def _check_method(m: MethodSpec, where: str) -> None:
     if not m.name:
         raise ConfigError(f"config: {where}.name must name a method")
+    from .methods import METHODS, get_method
+
+    get_method(m.name)  # registers every method; an unknown name is an error suggesting the closest
+    try:  # each method's declared option schema (types, ranges, choices, aliases), before any model is loaded
+        METHODS[m.name].config_cls.from_dict(m.options)
+    except ConfigError as exc:
+        raise ConfigError(f"method {m.display!r}: {exc}") from None
     if m.targets is not None:
         _check_targets(m.targets, f"{where}.targets")
     _positive(m.budget, f"{where}.budget")

@@ -132,8 +132,6 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     except KappaTuneError as exc:
         msg = str(exc)
         raise type(exc)(msg if spec.name in msg or spec.display in msg else f"{where}: {msg}") from None
-    except TypeError as exc:  # a method's constructor rejecting an option
-        raise ConfigError(f"{where}: invalid options {spec.options}: {exc}") from None
 
 
 def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:

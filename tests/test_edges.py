@@ -1,0 +1,183 @@
+"""Reliability at the edges (issue 16): every class of bad input found by trying kappatune as a new user would.
+
+Each class has several instances; through the CLI each is exactly one ``kappatune: error:`` line and exit status 2
+(or, where the catalogue says so, a warning and a repair), and through the Python API a clear
+:class:`~kappatune.errors.KappaTuneError`. docs/reliability.md lists every case with its message.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kappatune.cli import main
+from kappatune.config import config_from_dict
+from kappatune.errors import ConfigError, KappaTuneError
+from kappatune.models import build_tiny_llama
+from run_helpers import make_corpora, tiny_run_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> dict[str, str]:
+    return make_corpora(tmp_path_factory.mktemp("corpora"), n_docs=30)
+
+
+def _cfg(corpora: dict[str, str], out: Path, **over) -> dict:
+    return tiny_run_config(
+        corpora, out, name="edge",
+        training={"steps": 2, "batch_size": 2, "seq_len": 32, "lr": 3e-3},
+        eval={"max_blocks": 2, "batch_size": 4},
+        output={"plots": False, "spectrum_plot": False},
+        num_threads=1, **over,
+    )
+
+
+def _yaml(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return str(path)
+
+
+def _error(capsys, *argv: str) -> str:
+    """Run the CLI; assert exit 2 and exactly one ``kappatune: error:`` line on stderr; return that line."""
+    capsys.readouterr()
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("kappatune: error: "), err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Method options: each method's declared schema, checked at config time, in get_method and in for_budget
+# ---------------------------------------------------------------------------------------------------------------
+BAD_OPTIONS = [
+    ("lora", {"rank": True}, "method 'lora': rank must be an integer, got True"),
+    ("lora", {"alpha": "x"}, "method 'lora': alpha must be a number or null, got 'x'"),
+    ("lora", {"alpha": -1}, "method 'lora': alpha must be > 0, got -1"),
+    ("lora", {"seed": "x"}, "method 'lora': seed must be an integer, got 'x'"),
+    ("lora", {"dropout": 1.5}, "method 'lora': dropout must be in [0, 1), got 1.5"),
+    ("lora", {"include": 5}, "method 'lora': include must be a list of strings or null, got 5"),
+    ("lora", {"r": 4, "rank": 4}, "options 'r' and 'rank' are the same option"),
+    ("lora", {"target_modules": ["q_proj"], "include": ["v_proj"]}, "give target_modules or include, not both"),
+    ("lora", {"target_modules": 5}, "target_modules must be a non-empty list of module names"),
+    ("selective", {"top_p": "x"}, "method 'selective': top_p must be a number or null, got 'x'"),
+    ("selective", {"top_p": float("nan")}, "top_p must be a number or null, got nan"),
+    ("selective", {"num_modules": 2.5}, "num_modules must be an integer or null, got 2.5"),
+    ("selective", {"policy": "kapa"}, "policy: 'kapa' is not one of all, kappa, random, snr (did you mean 'kappa'?)"),
+    ("selective", {"exclude": ["re:("]}, "exclude: 're:(' is not a valid regular expression"),
+    ("full", {"freeze_embeddings": "yes"}, "method 'full': freeze_embeddings must be true or false, got 'yes'"),
+    ("osf", {"min_retention": 0.9, "max_retention": 0.1}, "need min_retention <= max_retention"),
+    ("osf", {"calibration_batch_size": 0}, "calibration_batch_size must be ≥ 1, got 0"),
+    ("eigentune", {"variant": "diag"}, "variant: 'diag' is not one of diagonal, spectral_core"),
+    ("curlora", {"eps": 0}, "method 'curlora': eps must be > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("name, options, message", BAD_OPTIONS, ids=[f"{n}-{'-'.join(o)}" for n, o, _ in BAD_OPTIONS])
+def test_bad_method_options_are_refused_by_the_python_api(name, options, message):
+    from kappatune.methods import get_method
+
+    with pytest.raises(ConfigError) as exc:
+        get_method(name, options)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("name, options, message", BAD_OPTIONS[:7] + BAD_OPTIONS[9:11] + BAD_OPTIONS[14:15],
+                         ids=lambda x: str(x)[:20] if not isinstance(x, dict) else "-".join(x))
+def test_bad_method_options_are_one_line_at_config_time(corpora, tmp_path, capsys, name, options, message):
+    cfg = _cfg(corpora, tmp_path / "out", method={"name": name, "options": options})
+    # refused by the static config check, before any model or corpus is loaded
+    with pytest.raises(ConfigError, match="method "):
+        config_from_dict(cfg)
+    for argv in (["run"], ["run", "--check"]):
+        err = _error(capsys, *argv, _yaml(tmp_path / "c.yaml", cfg), "-q")
+        assert message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("budget", [float("nan"), "20000", True, 0, -5, 1.5, float("inf")])
+def test_for_budget_refuses_a_budget_that_is_not_a_positive_integer(budget):
+    from kappatune.methods import for_budget
+
+    model = build_tiny_llama()
+    for name in ("selective", "lora", "curlora"):
+        with pytest.raises(ConfigError, match="param_budget must be a positive integer"):
+            for_budget(name, model, budget)
+
+
+def test_for_budget_checks_options_and_tolerance():
+    from kappatune.methods import for_budget
+
+    model = build_tiny_llama()
+    with pytest.raises(ConfigError, match="method 'lora': alpha must be a number"):
+        for_budget("lora", model, 20000, alpha="x")
+    with pytest.raises(ConfigError, match="method 'curlora': alpha must be a number"):
+        for_budget("curlora", model, 2000, alpha="x")
+    with pytest.raises(ConfigError, match="tolerance must be a number in"):
+        for_budget("selective", model, 20000, tolerance=2)
+    assert for_budget("selective", model, 2e4).budget_report.param_budget == 20000  # YAML's 2e4 is an integer
+
+
+def test_lora_accepts_peft_names_and_targets_the_modules_peft_would():
+    from peft import LoraConfig, get_peft_model
+
+    from kappatune.methods import get_method
+
+    for targets in (["q_proj", "v_proj"], ["self_attn.o_proj", "down_proj"], "model\\.layers\\.1\\..*_proj"):
+        m = get_method("lora", {"r": 4, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": targets})
+        assert (m.config.rank, m.config.alpha, m.config.dropout) == (4, 16.0, 0.1)
+        m.prepare(build_tiny_llama())
+        peft = get_peft_model(build_tiny_llama(), LoraConfig(r=4, target_modules=targets))
+        theirs = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A")
+                        for n, _ in peft.named_modules() if n.endswith(".lora_A"))
+        assert sorted(m.selection.module_names) == theirs and theirs, targets
+        assert m.num_trainable() == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    everything = get_method("lora", {"target_modules": "all-linear"})
+    assert everything.config.include is None and everything.config.policy == "all"
+
+
+def test_policy_all_with_include_keeps_every_matching_tensor():
+    """`policy: all` restricted by include keeps all matching tensors (it used to keep a silent 20%), also when
+    matching a budget."""
+    from kappatune.methods import for_budget, get_method
+
+    m = get_method("selective", {"policy": "all", "include": ["mlp"]})
+    m.prepare(build_tiny_llama())
+    assert len(m.selection.parameter_names) == 6  # gate/up/down in both layers
+    fb = for_budget("selective", build_tiny_llama(), 2 * 32 * 64, policy="all", include=["v_proj"])
+    names = fb.default_targets.parameter_names
+    assert names and all("v_proj" in n for n in names), names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Invalid regular expressions in include/exclude
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, pattern", [("--include", "re:("), ("--exclude", "re:[a-"), ("--include", "re:*x")])
+def test_invalid_regex_in_analyze_and_select_is_one_line(capsys, flag, pattern):
+    for cmd in ("analyze", "select"):
+        err = _error(capsys, cmd, "tiny-llama", flag, pattern, "-q", "--no-cache")
+        assert f"{flag[2:]}: {pattern!r} is not a valid regular expression" in err, err
+
+
+def test_invalid_regex_through_the_python_api():
+    from kappatune.analysis import analyze_model
+    from kappatune.selection import select_targets
+
+    model = build_tiny_llama()
+    with pytest.raises(ConfigError, match="include: 're:\\(' is not a valid regular expression"):
+        analyze_model(model, include=["re:("], cache=False, progress=False)
+    with pytest.raises(ConfigError, match="exclude must be a list of name patterns"):
+        analyze_model(model, exclude=[5], cache=False, progress=False)
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        select_targets(model, "kappa", top_p=0.5, exclude=["re:(?P<"], progress=False)
+    # a single string is one pattern, not a list of one-character patterns
+    rep = analyze_model(model, include="q_proj", cache=False, progress=False)
+    assert rep.records and all("q_proj" in r.name for r in rep.records)
