@@ -181,3 +181,28 @@ def test_invalid_regex_through_the_python_api():
     # a single string is one pattern, not a list of one-character patterns
     rep = analyze_model(model, include="q_proj", cache=False, progress=False)
     assert rep.records and all("q_proj" in r.name for r in rep.records)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Duplicate YAML keys
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, key, lines", [
+    ("model: tiny-llama\ntasks: [a]\nmethod: selective\ntraining: {steps: 1}\ntraining: {lr: 0.1}\n", "training", (4, 5)),
+    ("model: tiny-llama\ntasks: [a]\nmethod: selective\ntraining:\n  steps: 1\n  steps: 2\n", "steps", (5, 6)),
+    ("model: tiny-llama\nmodel: smollm2-135m\ntasks: [a]\nmethod: selective\ntraining: {steps: 1}\n", "model", (1, 2)),
+    ("model: tiny-llama\ntasks: [{corpus: a, name: x, name: y}]\nmethod: selective\ntraining: {steps: 1}\n", "name", (2, 2)),
+])
+def test_duplicate_yaml_keys_are_refused(tmp_path, capsys, text, key, lines):
+    from kappatune.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"key {key!r} appears twice \\(lines {lines[0]} and {lines[1]}\\)"):
+        load_config(p)
+    assert f"key {key!r} appears twice" in _error(capsys, "run", str(p), "--check", "-q")
+    # the same keys in different mappings, and YAML merge keys, are fine
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base: &b {steps: 1}\nmodel: tiny-llama\ntasks: [{corpus: a, name: a}]\nmethod: {name: selective, "
+                  "options: {seed: 1}}\nseed: 1\ntraining: {<<: *b}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown key 'base'"):  # parsed fine; only the unknown key is refused
+        load_config(ok)

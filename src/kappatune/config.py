@@ -556,6 +556,35 @@ def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> Run
     return validate_static(cfg)
 
 
+def _reject_duplicate_keys(text: str, path: Path) -> None:
+    """Refuse a mapping that repeats a key: YAML keeps only the last one, so a second ``training:`` section
+    would silently replace the whole first. Walks the composed node graph (no objects are constructed; shared
+    alias nodes are visited once, so an alias bomb stays cheap)."""
+    import yaml
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    k = (key.tag, key.value)
+                    if k in first:
+                        raise ConfigError(
+                            f"config file {path}: key {key.value!r} appears twice (lines {first[k].line + 1} and "
+                            f"{key.start_mark.line + 1}); YAML would silently keep only the last, merge them into one"
+                        )
+                    first[k] = key.start_mark
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config file (``yaml.safe_load``), apply overrides and validate statically."""
     import yaml
@@ -570,6 +599,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     try:
+        _reject_duplicate_keys(text, p)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
