@@ -206,3 +206,147 @@ def test_duplicate_yaml_keys_are_refused(tmp_path, capsys, text, key, lines):
                   "options: {seed: 1}}\nseed: 1\ntraining: {<<: *b}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown key 'base'"):  # parsed fine; only the unknown key is refused
         load_config(ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged GGUF files
+# ---------------------------------------------------------------------------------------------------------------
+def _gguf_files(d: Path) -> dict[str, Path]:
+    import os
+
+    import gguf
+    import numpy as np
+
+    d.mkdir(parents=True, exist_ok=True)
+    good = d / "good.gguf"
+    w = gguf.GGUFWriter(str(good), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    data = good.read_bytes()
+    files = {"empty": b"", "random": os.urandom(4096), "truncated-header": data[:30], "truncated-tensors": data[: len(data) // 2],
+             "bad-version": b"GGUF" + os.urandom(4092)}
+    out = {}
+    for name, blob in files.items():
+        (out.setdefault(name, d / f"{name}.gguf")).write_bytes(blob)
+    return out
+
+
+def test_damaged_gguf_is_one_line_for_analyze_and_eval(tmp_path, capsys):
+    for name, path in _gguf_files(tmp_path).items():
+        for argv in (["analyze", str(path), "-q"], ["eval", str(path), "-q"]):
+            err = _error(capsys, *argv)
+            assert str(path) in err and ("GGUF" in err), (name, err)
+            assert "download or convert it again" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints missing weights (or holding unexpected ones)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory) -> dict[str, Path]:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("models")
+    build_tiny_llama().save_pretrained(d / "ok")
+    out = {}
+    for case in ("missing", "unexpected", "both"):
+        shutil.copytree(d / "ok", d / case)
+        sd = load_file(d / case / "model.safetensors")
+        if case in ("missing", "both"):
+            sd.pop("model.layers.1.mlp.up_proj.weight")
+        if case in ("unexpected", "both"):
+            sd["model.layers.7.extra.weight"] = torch.zeros(3, 3)
+        save_file(sd, d / case / "model.safetensors", metadata={"format": "pt"})
+        out[case] = d / case
+    return out
+
+
+@pytest.mark.parametrize("case, what", [("missing", "1 missing (model.layers.1.mlp.up_proj.weight)"),
+                                        ("unexpected", "1 unexpected (model.layers.7.extra.weight)"),
+                                        ("both", "1 missing (model.layers.1.mlp.up_proj.weight); 1 unexpected")])
+def test_checkpoint_with_missing_or_unexpected_weights_is_refused(broken_models, corpora, tmp_path, capsys, case, what):
+    from kappatune.models import load_model
+    from kappatune.storage import fingerprint_model
+
+    path = broken_models[case]
+    for argv in (["analyze", str(path), "-q", "--no-cache"], ["eval", str(path), "-q", "--max-blocks", "1"],
+                 ["run", _yaml(tmp_path / "c.yaml", _cfg(corpora, tmp_path / "out", model=str(path))), "--check", "-q"]):
+        err = _error(capsys, *argv)
+        assert what in err and "--allow-missing-weights" in err, err
+    # opted in: loads, with a warning, and the new weights are seeded (same model on every load)
+    with pytest.warns(UserWarning, match="newly initialised"):
+        a, _ = load_model(path, allow_missing_weights=True)
+        b, _ = load_model(path, allow_missing_weights=True)
+    assert fingerprint_model(a) == fingerprint_model(b)
+    assert main(["analyze", str(path), "-q", "--no-cache", "--allow-missing-weights", "--top", "1"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache entries carry checksums verified on read
+# ---------------------------------------------------------------------------------------------------------------
+def test_corpus_text_cache_is_verified_and_rebuilt(tmp_path):
+    import json
+    import warnings
+
+    from kappatune.data.corpora import CorpusSpec, _load_builtin, _raw_cache_path
+
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return ["first document here", "second document", "third one"]
+
+    spec = CorpusSpec("edge-test", "task", "test corpus", "generated", "none", loader)
+    assert _load_builtin(spec).documents == loader() and len(calls) == 2
+    path = _raw_cache_path(spec)
+    entry = json.loads(path.read_text())
+    assert entry["sha256"]
+    # edited into other valid JSON: a changed document, a dropped one, a wrong type
+    for docs in (["first document HERE", "second document", "third one"], ["first document here"], "text"):
+        path.write_text(json.dumps({**entry, "documents": docs}))
+        with pytest.warns(UserWarning, match="corpus cache .* is (corrupt \\(checksum mismatch\\)|unreadable); rebuilding"):
+            assert _load_builtin(spec).documents == loader()
+    # an entry written before checksums: used once and given its checksum, no warning
+    path.write_text(json.dumps({k: v for k, v in entry.items() if k != "sha256"}))
+    n = len(calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _load_builtin(spec).documents == loader()
+    assert len(calls) == n + 1 and json.loads(path.read_text())["sha256"] == entry["sha256"]
+
+
+def test_converted_model_cache_is_verified_and_rebuilt(tmp_path, monkeypatch):
+    """A changed float in the converted SmolLM2 cache is detected by the checksums of the conversion and the
+    directory is converted again (here the "conversion" produces a tiny model: no download in tests)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from kappatune import models
+    from kappatune.storage import fingerprint_model
+
+    reference = build_tiny_llama()
+    monkeypatch.setattr(models, "extract_smollm2_gguf", lambda tmp, progress=True: Path(tmp) / "fake.gguf")
+    monkeypatch.setattr(models, "load_gguf", lambda path: (Path(path).write_bytes(b"") or build_tiny_llama(), models.ByteTokenizer()))
+    monkeypatch.setattr(models.ByteTokenizer, "save_pretrained", lambda self, d: None, raising=False)
+    target = models.prepare_smollm2(progress=False)
+    marker = json.loads((target / models._MARKER).read_text())
+    assert set(marker["files"]) >= {"config.json", "model.safetensors"}
+    model, _ = models._load_smollm2()
+    assert fingerprint_model(model) == fingerprint_model(reference)
+    # one float changed, the file still valid safetensors
+    sd = load_file(target / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] += 1.0
+    save_file(sd, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="converted model cache .* is corrupt: model.safetensors changed since it was converted"):
+        model, _ = models._load_smollm2()
+    assert fingerprint_model(model) == fingerprint_model(reference)
+    # a cache converted before checksums: verified once by weight fingerprint, then given its checksums
+    (target / models._MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "files"}))
+    model, _ = models._load_smollm2()
+    assert "files" in json.loads((target / models._MARKER).read_text())
+    assert fingerprint_model(model) == fingerprint_model(reference)

@@ -184,6 +184,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     output_dir: str | None = None  # default: runs/<name>
     trust_remote_code: bool = False
+    allow_missing_weights: bool = False  # load a checkpoint lacking weights of its architecture (new ones seeded)
     progress: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default); 1 is far faster on a busy small CPU
 
@@ -619,6 +620,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
     for k in _NON_RESULT_KEYS:
         d.pop(k, None)
     d["training"].pop("checkpoint_every", None)
+    if not d.get("allow_missing_weights"):  # added later: the default leaves older runs' fingerprints unchanged
+        d.pop("allow_missing_weights", None)
     d["output"] = {}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of documents in the eval split (default: 0.1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model directory's own Python code to run")
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="load a checkpoint that lacks weights of its architecture (new ones seeded) instead of refusing it")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_eval)
@@ -96,7 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.model, args.data, split=args.split, block_size=args.block_size,
         max_blocks=args.max_blocks or None, seed=args.seed, eval_fraction=args.eval_fraction,
         batch_size=args.batch_size, text_field=args.text_field, progress=not args.quiet,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, allow_missing_weights=args.allow_missing_weights,
     )
     if args.json:
         print(json.dumps(result, indent=2))
