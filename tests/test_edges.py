@@ -350,3 +350,129 @@ def test_converted_model_cache_is_verified_and_rebuilt(tmp_path, monkeypatch):
     model, _ = models._load_smollm2()
     assert "files" in json.loads((target / models._MARKER).read_text())
     assert fingerprint_model(model) == fingerprint_model(reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select needs a budget; --check is exactly as strict as the command
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["kappa", "snr", "random"])
+def test_select_without_a_budget_is_refused(capsys, policy):
+    err = _error(capsys, "select", "tiny-llama", "--policy", policy, "-q")
+    assert f"select --policy {policy} needs exactly one budget" in err
+    assert main(["select", "tiny-llama", "--policy", "all", "-q"]) == 0  # "all" needs none
+
+
+def test_check_is_as_strict_as_the_command(corpora, tmp_path, capsys):
+    bench_cfg = _cfg(corpora, tmp_path / "b", method=None,
+                     methods=[{"name": "selective", "options": {"top_p": 0.5}}, {"name": "full"}])
+    path = _yaml(tmp_path / "bench.yaml", bench_cfg)
+    for argv in (["run", path, "--check"], ["run", path]):
+        assert "run it with `kappatune bench`" in _error(capsys, *argv, "-q")
+    seeds = _yaml(tmp_path / "seeds.yaml", _cfg(corpora, tmp_path / "s", seeds=[0, 1]))
+    assert "several methods or seeds" in _error(capsys, "run", seeds, "--check", "-q")
+    for argv in (["bench", path, "--check", "--only", "nosuch"], ["bench", path, "--only", "nosuch"]):
+        assert "--only: no method labelled 'nosuch'" in _error(capsys, *argv, "-q")
+    assert not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lost or unprotected work: run-directory identity, --force scope, a deleted final adapter, two writers
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(corpora, tmp_path_factory) -> dict:
+    """One finished tiny run (fp16 requested: on a CPU it runs in fp32, recorded as such)."""
+    import warnings
+
+    from kappatune.harness import run
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cfg = _cfg(corpora, out, training__mixed_precision="fp16", output__plots=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run(cfg)
+    return {"cfg": cfg, "out": out, "results": results, "warnings": [str(w.message) for w in caught]}
+
+
+def _copy(finished: dict, tmp_path: Path) -> tuple[dict, Path]:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished["out"], out)
+    return {**finished["cfg"], "output_dir": str(out)}, out
+
+
+def test_fp16_on_a_cpu_warns_and_records_what_ran(finished):
+    assert any("fp16 needs a GPU" in w for w in finished["warnings"]), finished["warnings"]
+    assert finished["results"]["mixed_precision"] == {"requested": "fp16", "used": "no"}
+
+
+@pytest.mark.parametrize("deleted", [["state.json"], ["state.json", "results.json"], ["state.json", "final/adapter.safetensors"]])
+def test_a_run_directory_without_state_json_is_still_protected(finished, tmp_path, capsys, deleted):
+    from kappatune.harness import run
+
+    cfg, out = _copy(finished, tmp_path)
+    for rel in deleted:
+        (out / rel).unlink()
+    other = {**cfg, "seed": 1}  # another config must not overwrite it
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for argv in ([], ["--resume"], ["--check"]):
+        err = _error(capsys, "run", _yaml(tmp_path / "c.yaml", other), *argv, "-q")
+        assert "holds files of a run" in err and "no state.json" in err and "--force" in err, err
+    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run(other, force=True)
+    assert again["status"] == "complete" and again["seed"] == 1
+
+
+def test_force_deletes_only_what_the_run_wrote(finished, tmp_path):
+    from kappatune.harness import run
+
+    cfg, out = _copy(finished, tmp_path)
+    mine = {"final/notes.txt": "mine", "plots/my-figure.png": "png", "checkpoints/keep.bin": "bin", "README.md": "hi"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    again = run({**cfg, "seed": 1}, force=True)
+    assert again["status"] == "complete"
+    for rel, text in mine.items():
+        assert (out / rel).read_text() == text, rel
+    assert not list((out / "checkpoints").glob("stage-1.safetensors"))  # the old run's superseded files are gone
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_a_deleted_or_damaged_final_adapter_is_restored_on_resume(finished, tmp_path, capsys, damage):
+    from safetensors.torch import load_file
+
+    from kappatune.harness import run
+
+    cfg, out = _copy(finished, tmp_path)
+    adapter = out / "final" / "adapter.safetensors"
+    original = {k: v.clone() for k, v in load_file(adapter).items()}  # not views of the file it damages
+    if damage == "delete":
+        adapter.unlink()
+    else:
+        adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
+    assert "already holds a run" in _error(capsys, "run", _yaml(tmp_path / "c.yaml", cfg), "-q")  # not "complete"
+    again = run(cfg, resume=True)
+    restored = load_file(adapter)
+    assert restored.keys() == original.keys() and all((restored[k] == original[k]).all() for k in original)
+    assert again["matrix"] == finished["results"]["matrix"]  # nothing retrained
+    # without the last stage checkpoint it cannot be restored: said so, nothing else touched
+    adapter.unlink()
+    (out / "checkpoints" / "stage-2.safetensors").unlink()
+    err = _error(capsys, "run", _yaml(tmp_path / "c.yaml", cfg), "--resume", "-q")
+    assert "stage-2.safetensors is missing or corrupt" in err and "cannot be restored" in err
+
+
+def test_a_second_writer_gets_one_clear_line(finished, tmp_path, capsys):
+    import os
+
+    from kappatune.harness import run
+    from kappatune.storage import DirectoryLock
+
+    cfg, out = _copy(finished, tmp_path)
+    with DirectoryLock(out):
+        for argv in ([], ["--resume"], ["--force"]):
+            err = _error(capsys, "run", _yaml(tmp_path / "c.yaml", cfg), *argv, "-q")
+            assert f"is in use by another kappatune process (pid {os.getpid()})" in err, err
+    assert run(cfg)["status"] == "complete"  # released: the lock never outlives its holder
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing added to the run dir
