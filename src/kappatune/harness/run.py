@@ -262,8 +262,10 @@ def run(
         torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg.training.mixed_precision)
     main = accelerator.is_main_process
-    # One writer per run directory: a second process gets one clear line instead of silently losing results.
-    with DirectoryLock(out) if main else contextlib.nullcontext():
+    # One writer (job) per run directory: a second one gets one clear line instead of silently losing results.
+    # Only rank 0 of a launched job takes it (by RANK too: accelerate may not see a torchrun job on CPU).
+    rank0 = main and os.environ.get("RANK", "0") == "0"
+    with DirectoryLock(out) if rank0 else contextlib.nullcontext():
         return _run_locked(cfg, out, fp, spec, seed, accelerator, resume=resume, force=force, progress=progress,
                            base_eval_cache=base_eval_cache)
 
