@@ -7,7 +7,6 @@ Each class has several instances; through the CLI each is exactly one ``kappatun
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import yaml
 
 from kappatune.cli import main
 from kappatune.config import config_from_dict
-from kappatune.errors import ConfigError, KappaTuneError
+from kappatune.errors import ConfigError
 from kappatune.models import build_tiny_llama
 from run_helpers import make_corpora, tiny_run_config
 
@@ -162,8 +161,8 @@ def test_policy_all_with_include_keeps_every_matching_tensor():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag, pattern", [("--include", "re:("), ("--exclude", "re:[a-"), ("--include", "re:*x")])
 def test_invalid_regex_in_analyze_and_select_is_one_line(capsys, flag, pattern):
-    for cmd in ("analyze", "select"):
-        err = _error(capsys, cmd, "tiny-llama", flag, pattern, "-q", "--no-cache")
+    for cmd in (["analyze"], ["select", "--num", "1"]):
+        err = _error(capsys, *cmd, "tiny-llama", flag, pattern, "-q", "--no-cache")
         assert f"{flag[2:]}: {pattern!r} is not a valid regular expression" in err, err
 
 

@@ -73,5 +73,5 @@ def _load_all() -> None:
 
 __all__ = [
     "Method", "MethodConfig", "Targets", "METHODS", "register", "get_method", "resolve_linear_targets",
-    "BudgetReport", "match_budget", "for_budget", *_LAZY,
+    "BudgetReport", "match_budget", "for_budget", "option", "check_param_budget", *_LAZY,
 ]
