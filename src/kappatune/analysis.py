@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 __all__ = [
     "TensorSpectrum",
@@ -42,6 +42,7 @@ __all__ = [
     "WeightRef",
     "analyze_model",
     "iter_weights",
+    "check_patterns",
     "spectrum_from_singular_values",
     "singular_values",
     "extreme_singular_values",
@@ -250,6 +251,27 @@ def _dequantize(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.detach()
 
 
+def check_patterns(patterns: Any, where: str = "include") -> list[str] | None:
+    """``patterns`` (``include``/``exclude``) as a list of strings, each ``re:`` expression compiled once so that a
+    bad one is a :class:`ConfigError` naming it instead of a ``re.error`` deep inside the matching. A single string
+    is one pattern (never iterated character by character)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{where} must be a list of name patterns (glob, substring or re:REGEX), got {patterns!r}")
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise ConfigError(f"{where}: {p!r} is not a valid regular expression: {exc}") from None
+        elif not p:
+            raise ConfigError(f"{where}: an empty pattern matches every name; remove it")
+    return list(patterns)
+
+
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     """True if ``name`` matches any glob pattern or regular expression (``re:`` prefix) in ``patterns``."""
     for p in patterns or ():
@@ -279,6 +301,7 @@ def iter_weights(
     regular expressions, tested on parameter names. ``max_dim_size`` skips tensors with a larger dimension
     (as the references do), ``min_ndim`` skips vectors (norms, biases).
     """
+    include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude")
     try:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # pragma: no cover - transformers always installed with kappatune
@@ -779,6 +802,7 @@ def analyze_model(
     from .storage import fingerprint_tensors
 
     t0 = time.perf_counter()
+    include, exclude = check_patterns(include, "include"), check_patterns(exclude, "exclude")
     refs = iter_weights(model, min_ndim=min_ndim, max_dim_size=max_dim_size, include=include, exclude=exclude,
                         moe_suffixes=moe_suffixes)
     if not refs:

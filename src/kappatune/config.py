@@ -214,6 +214,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     output_dir: str | None = None  # default: runs/<name>
     trust_remote_code: bool = False
+    allow_missing_weights: bool = False  # load a checkpoint lacking weights of its architecture (new ones seeded)
     progress: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default); 1 is far faster on a busy small CPU
 
@@ -415,6 +416,13 @@ def _check_task(t: TaskConfig, where: str) -> None:
 def _check_method(m: MethodSpec, where: str) -> None:
     if not m.name:
         raise ConfigError(f"config: {where}.name must name a method")
+    from .methods import METHODS, get_method
+
+    get_method(m.name)  # registers every method; an unknown name is an error suggesting the closest
+    try:  # each method's declared option schema (types, ranges, choices, aliases), before any model is loaded
+        METHODS[m.name].config_cls.from_dict(m.options)
+    except ConfigError as exc:
+        raise ConfigError(f"method {m.display!r}: {exc}") from None
     if m.targets is not None:
         _check_targets(m.targets, f"{where}.targets")
     _positive(m.budget, f"{where}.budget")
@@ -624,6 +632,35 @@ def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> Run
     return validate_static(cfg)
 
 
+def _reject_duplicate_keys(text: str, path: Path) -> None:
+    """Refuse a mapping that repeats a key: YAML keeps only the last one, so a second ``training:`` section
+    would silently replace the whole first. Walks the composed node graph (no objects are constructed; shared
+    alias nodes are visited once, so an alias bomb stays cheap)."""
+    import yaml
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    k = (key.tag, key.value)
+                    if k in first:
+                        raise ConfigError(
+                            f"config file {path}: key {key.value!r} appears twice (lines {first[k].line + 1} and "
+                            f"{key.start_mark.line + 1}); YAML would silently keep only the last, merge them into one"
+                        )
+                    first[k] = key.start_mark
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config file (``yaml.safe_load``), apply overrides and validate statically."""
     import yaml
@@ -638,6 +675,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     try:
+        _reject_duplicate_keys(text, p)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -657,6 +695,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
     for k in _NON_RESULT_KEYS:
         d.pop(k, None)
     d["training"].pop("checkpoint_every", None)
+    if not d.get("allow_missing_weights"):  # added later: the default leaves older runs' fingerprints unchanged
+        d.pop("allow_missing_weights", None)
     d["output"] = {}
     # Keys added with supervised tasks drop out at their defaults, so configs written before them keep their
     # fingerprint (and their run directories stay resumable).

@@ -207,6 +207,7 @@ def evaluate(
     text_field: str = "text",
     progress: bool = True,
     trust_remote_code: bool = False,
+    allow_missing_weights: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of a model (name/path or loaded model) on a corpus split; returns a JSON-ready summary.
 
@@ -220,7 +221,8 @@ def evaluate(
         model, name = model_name_or_model, getattr(getattr(model_name_or_model, "config", None), "name_or_path", "model")
     else:
         name = str(model_name_or_model)
-        model, tok = _models.load_model(name, trust_remote_code=trust_remote_code)
+        model, tok = _models.load_model(name, trust_remote_code=trust_remote_code,
+                                       allow_missing_weights=allow_missing_weights)
         tokenizer = tokenizer if tokenizer is not None else tok
     tokenizer = _data.get_tokenizer(tokenizer if tokenizer is not None else model)
     blocks = _data.build_blocks(

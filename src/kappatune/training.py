@@ -118,10 +118,25 @@ def batch_schedule(num_blocks: int, batch_size: int, steps: int, *, seed: int, s
 # Accelerate.
 # ---------------------------------------------------------------------------------------------------------------
 
+def _has_gpu() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
-    """An :class:`accelerate.Accelerator` (reads the environment set by ``accelerate launch`` / ``torchrun``)."""
+    """An :class:`accelerate.Accelerator` (reads the environment set by ``accelerate launch`` / ``torchrun``).
+
+    ``fp16`` on a CPU-only machine would be accepted by accelerate and change nothing (it has no CPU fp16
+    autocast): it is replaced by ``"no"`` with a warning, so ``accelerator.mixed_precision`` — which the harness
+    records in ``results.json`` — is what actually ran. (``bf16`` does autocast on CPU.)"""
     from accelerate import Accelerator
 
+    if mixed_precision == "fp16" and (cpu or not _has_gpu()):
+        warnings.warn("training.mixed_precision fp16 needs a GPU; this machine has none, so training runs in full "
+                      "precision (fp32); use bf16 for mixed precision on a CPU", stacklevel=2)
+        mixed_precision = "no"
     kwargs: dict[str, Any] = {"mixed_precision": mixed_precision}
     if cpu is not None:
         kwargs["cpu"] = cpu

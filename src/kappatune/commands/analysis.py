@@ -11,6 +11,8 @@ from ..errors import ConfigError
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="built-in name (tiny-llama, tiny-moe, smollm2-135m), local directory or hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="load a checkpoint that lacks weights of its architecture (new ones seeded) instead of refusing it")
     p.add_argument("--max-dim", type=int, default=16384, help="skip tensors with a dimension above this (default 16384)")
     p.add_argument("--include", action="append", default=None, metavar="PATTERN", help="analyse only matching tensor names (glob, substring or re:REGEX); repeatable")
     p.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip matching tensor names; repeatable")
@@ -31,7 +33,8 @@ def _analyze(args: argparse.Namespace, kappa_only: bool = False):
               progress=not args.quiet, kappa_only=kappa_only, device=args.device)
     if args.model not in BUILTIN_MODELS and not args.load and is_checkpoint_path(args.model):
         return analyze_checkpoint(args.model, trust_remote_code=args.trust_remote_code, **kw)
-    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                          allow_missing_weights=args.allow_missing_weights)
     return analyze_model(model, **kw)
 
 
@@ -53,6 +56,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     from ..selection import select_from_report
     from ..storage import atomic_write_json
 
+    if args.policy != "all" and all(v is None for v in (args.top_p, args.num, args.threshold, args.param_budget)):
+        raise ConfigError(f"select --policy {args.policy} needs exactly one budget: --top-p, --num, --threshold or "
+                          "--param-budget (--policy all selects every tensor without one)")
     report = _analyze(args, kappa_only=args.policy != "snr")  # only SNR needs the full spectrum
     sel = select_from_report(report, args.policy, top_p=args.top_p, num_modules=args.num, threshold=args.threshold,
                              param_budget=args.param_budget, balance_types=args.balance_types, seed=args.seed)
@@ -87,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_analyze)
 
     p = sub.add_parser("select", help="select tensors to adapt (κ, SNR, random) under a budget",
-                       description="Select adaptation targets of MODEL. Give exactly one budget.")
+                       description="Select adaptation targets of MODEL. Give exactly one budget (--policy all needs none).")
     _add_model_args(p)
     p.add_argument("--policy", choices=("kappa", "snr", "random", "all"), default="kappa")
     budget = p.add_mutually_exclusive_group()

@@ -53,6 +53,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-blocks", type=int, default=64, help="evaluate this many evenly spaced blocks; 0 = all (default: 64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model directory's own Python code to run")
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="load a checkpoint that lacks weights of its architecture (new ones seeded) instead of refusing it")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_eval)
@@ -248,7 +250,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.model, data, split=args.split or "eval", block_size=args.block_size,
         max_blocks=args.max_blocks or None, seed=args.seed, eval_fraction=args.eval_fraction,
         batch_size=args.batch_size, text_field=args.text_field, progress=not args.quiet,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, allow_missing_weights=args.allow_missing_weights,
     )
     if args.json:
         print(json.dumps(result, indent=2))

@@ -71,6 +71,21 @@ def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[st
     return rows
 
 
+def _select_only(cfg: RunConfig, only: Sequence[str] | None) -> RunConfig:
+    """The bench config restricted to the method labels in ``only`` (``--only``); an unknown label is an error."""
+    from ..config import CompareConfig
+
+    if not only:
+        return cfg
+    labels = [s.display for s in cfg.method_specs()]
+    unknown = [o for o in only if o not in labels]
+    if unknown:
+        raise ConfigError(f"--only: no method labelled {unknown[0]!r} in this config; labels: {', '.join(labels)}")
+    keep = [s for s in cfg.method_specs() if s.display in only]
+    compare = cfg.compare if cfg.compare.reference in only else CompareConfig()
+    return dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
+
+
 def bench(
     config: RunConfig | str | os.PathLike | dict,
     *,
@@ -87,17 +102,8 @@ def bench(
     method of a published study; a cell's results do not depend on which other methods the config lists.
     """
     from .. import reporting
-    from ..config import CompareConfig
 
-    cfg = _as_config(config, overrides)
-    if only:
-        labels = [s.display for s in cfg.method_specs()]
-        unknown = [o for o in only if o not in labels]
-        if unknown:
-            raise ConfigError(f"--only: no method labelled {unknown[0]!r} in this config; labels: {', '.join(labels)}")
-        keep = [s for s in cfg.method_specs() if s.display in only]
-        compare = cfg.compare if cfg.compare.reference in only else CompareConfig()
-        cfg = dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
+    cfg = _select_only(_as_config(config, overrides), only)
     progress = cfg.progress if progress is None else progress
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()

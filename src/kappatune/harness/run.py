@@ -3,6 +3,7 @@ stage, evaluate every task and the control corpus, commit each stage), and the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,9 +17,11 @@ import torch
 
 from ..config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
 from ..errors import CacheError, ConfigError, DataError, KappaTuneError, ModelError
-from ..storage import atomic_write_json, atomic_write_text, sha256_file
+from ..storage import DirectoryLock, atomic_write_json, atomic_write_text, sha256_file
 from .metrics import SCORE_METRICS, compute_metrics, compute_score_metrics, control_suite_changes
-from .state import STATE_VERSION, _clear_run_dir, _finished, _read_state, _write_state, library_versions, load_results
+from .state import (
+    STATE_VERSION, _clear_run_dir, _finished, _holds_a_run, _read_state, _write_state, library_versions, load_results,
+)
 
 __all__ = ["run", "validate"]
 
@@ -184,15 +187,13 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     except KappaTuneError as exc:
         msg = str(exc)
         raise type(exc)(msg if spec.name in msg or spec.display in msg else f"{where}: {msg}") from None
-    except TypeError as exc:  # a method's constructor rejecting an option
-        raise ConfigError(f"{where}: invalid options {spec.options}: {exc}") from None
 
 
 def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     from .. import data as kdata
     from ..models import load_model
 
-    model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_missing_weights=cfg.allow_missing_weights)
     for name, p in model.named_parameters():  # fail fast: NaN weights would only surface as a "diverged" loss
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ModelError(f"model {cfg.model}: weight tensor {name!r} contains NaN or Inf values; fix or reload the model")
@@ -201,15 +202,28 @@ def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
 
 
 def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequence[str] = (), progress: bool = False,
-             deep: bool = True) -> dict[str, Any]:
+             deep: bool = True, command: str | None = None, resume: bool = False, force: bool = False,
+             only: Sequence[str] | None = None) -> dict[str, Any]:
     """Check everything a run/bench needs before training: config, model, corpora, every method and its budget.
 
     With ``deep=True`` each method is also prepared on a copy of the model (catches e.g. a LoRA rank larger
-    than a matrix). Returns ``{label: trainable parameters}``. Raises one :class:`KappaTuneError` on the first problem.
+    than a matrix). ``command="run"`` (with its ``resume``/``force``) or ``"bench"`` (with its ``only``) adds that
+    command's own refusals — one method and seed for a run, the output directory's state, ``--only`` labels — so a
+    check is exactly as strict as the command (``run --check`` / ``bench --check``). Returns ``{label: trainable
+    parameters}``. Raises one :class:`KappaTuneError` on the first problem.
     """
     import copy
 
     cfg = _as_config(config, overrides)
+    if command == "run":
+        _single(cfg)
+        _preflight(cfg, cfg.out_dir(), config_fingerprint(cfg), resume=resume, force=force)
+    elif command == "bench":
+        from .bench import _select_only
+
+        cfg = _select_only(cfg, only)
+    elif command is not None:
+        raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)
     data = _load_data(cfg, tokenizer, progress)
     steps = cfg.steps_per_stage()
@@ -319,57 +333,101 @@ def run(
     ``base_eval_cache``: a JSON file sharing the base model's evaluation between runs (used by :func:`bench`).
     """
     from .. import data as kdata  # noqa: F401  (fail early if the data layer is missing)
-    from ..training import PeakMemory, fault_point, make_accelerator, remove_checkpoints, train_stage
+    from ..training import make_accelerator
 
     cfg = _as_config(config, overrides)
     progress = cfg.progress if progress is None else progress
-    specs = cfg.method_specs()
-    if len(specs) != 1 or len(cfg.seed_list()) != 1:
-        raise ConfigError("this config lists several methods or seeds: run it with `kappatune bench` (or give one 'method' and one 'seed')")
-    spec, seed = specs[0], cfg.seed_list()[0]
+    spec, seed = _single(cfg)
     out = cfg.out_dir()
     fp = config_fingerprint(cfg)
-    T = len(cfg.tasks)
-    steps = cfg.steps_per_stage()
 
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg.training.mixed_precision)
     main = accelerator.is_main_process
-    talk = progress and main
+    # One writer (job) per run directory: a second one gets one clear line instead of silently losing results.
+    # Only rank 0 of a launched job takes it (by RANK too: accelerate may not see a torchrun job on CPU).
+    rank0 = main and os.environ.get("RANK", "0") == "0"
+    with DirectoryLock(out) if rank0 else contextlib.nullcontext():
+        return _run_locked(cfg, out, fp, spec, seed, accelerator, resume=resume, force=force, progress=progress,
+                           base_eval_cache=base_eval_cache)
 
+
+def _single(cfg: RunConfig) -> tuple[MethodSpec, int]:
+    """The one method and seed of a run config (a config with several is a bench)."""
+    specs = cfg.method_specs()
+    if len(specs) != 1 or len(cfg.seed_list()) != 1:
+        raise ConfigError("this config lists several methods or seeds: run it with `kappatune bench` (or give one 'method' and one 'seed')")
+    return specs[0], cfg.seed_list()[0]
+
+
+def _preflight(cfg: RunConfig, out: Path, fp: str, *, resume: bool, force: bool) -> tuple[str, dict[str, Any] | None]:
+    """What a run in ``out`` will do — ``"complete"`` (nothing), ``"new"``, ``"restart"`` (``--force``: clear what
+    the old run wrote) or ``"resume"`` — with the state to continue; refusals are :class:`ConfigError`. Reads
+    only: ``run --check`` calls it too, so the check refuses exactly what the run refuses."""
+    T = len(cfg.tasks)
     state = _read_state(out)
-    if state is not None and not force and state.get("config_fingerprint") == fp and _finished(out, state):
+    if state is None:
+        leftovers = _holds_a_run(out) if out.is_dir() else []
+        if leftovers and not force:
+            shown = ", ".join(leftovers[:3]) + (", ..." if len(leftovers) > 3 else "")
+            raise ConfigError(
+                f"{out} holds files of a run ({shown}) but no state.json, so it cannot be "
+                + ("resumed" if resume else "identified") + "; pass --force to start over (only the run's files are "
+                "deleted), or choose another output_dir"
+            )
+        return ("restart" if leftovers else "new"), None
+    if not force and state.get("config_fingerprint") == fp and _finished(out, state):
+        return "complete", state
+    if not resume and not force:
+        raise ConfigError(
+            f"{out} already holds a run ({state.get('stages_done', 0)}/{state.get('num_stages', '?')} stages done); "
+            "pass --resume to continue it, --force to start over, or choose another output_dir"
+        )
+    if not resume:  # force: start over
+        return "restart", None
+    if state.get("config_fingerprint") != fp:
+        diff = _config_diff(state.get("config", {}), cfg.to_dict())
+        if not force:
+            raise ConfigError(
+                f"cannot resume {out}: the config differs from the one that started it ("
+                + ("; ".join(diff[:4]) or "fingerprint differs") + ("; ..." if len(diff) > 4 else "")
+                + "); pass --force to resume anyway, or choose another output_dir"
+            )
+        state["forced_resume"] = state.get("forced_resume", []) + [{"from": state.get("config_fingerprint"), "changes": diff}]
+        state["config_fingerprint"], state["config"] = fp, cfg.to_dict()
+    if state.get("num_stages") != T:
+        raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
+    if _finished(out, state):  # else (killed during _finalize, or a final file deleted since) it is redone
+        return "complete", state
+    if state.get("stages_done", 0) > 0:
+        ck = state["checkpoint"]
+        path = out / ck["file"]
+        if not path.is_file() or sha256_file(path) != ck["sha256"]:
+            raise CacheError(f"stage checkpoint {path} is missing or corrupt (checksum mismatch); it cannot be "
+                             "restored, rerun with --force to start over")
+    return "resume", state
+
+
+def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int, accelerator: Any, *, resume: bool,
+                force: bool, progress: bool, base_eval_cache: Any) -> dict[str, Any]:
+    from ..training import PeakMemory, fault_point, remove_checkpoints, train_stage
+
+    main = accelerator.is_main_process
+    talk = progress and main
+    T = len(cfg.tasks)
+    steps = cfg.steps_per_stage()
+    action, state = _preflight(cfg, out, fp, resume=resume, force=force)
+    if action == "complete":
         _log(talk, f"{out}: this run is already complete (same config); results in {out / 'results.json'} "
                    "(--force to run it again)")
         return load_results(out)
-    if state is not None:
-        if not resume and not force:
-            raise ConfigError(
-                f"{out} already holds a run ({state.get('stages_done', 0)}/{state.get('num_stages', '?')} stages done); "
-                "pass --resume to continue it, --force to start over, or choose another output_dir"
-            )
-        if not resume:  # force: start over
-            accelerator.wait_for_everyone()
-            if main:
-                _clear_run_dir(out)
-            accelerator.wait_for_everyone()
-            state = None
-        elif state.get("config_fingerprint") != fp:
-            diff = _config_diff(state.get("config", {}), cfg.to_dict())
-            if not force:
-                raise ConfigError(
-                    f"cannot resume {out}: the config differs from the one that started it ("
-                    + ("; ".join(diff[:4]) or "fingerprint differs") + ("; ..." if len(diff) > 4 else "")
-                    + "); pass --force to resume anyway, or choose another output_dir"
-                )
-            state["forced_resume"] = state.get("forced_resume", []) + [{"from": state.get("config_fingerprint"), "changes": diff}]
-            state["config_fingerprint"], state["config"] = fp, cfg.to_dict()
-        if state is not None and state.get("num_stages") != T:
-            raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
-        if state is not None and _finished(out, state):  # else (killed during _finalize) it is redone below
-            _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
-            return load_results(out)
+    if action == "restart":
+        accelerator.wait_for_everyone()
+        if main:
+            _clear_run_dir(out)
+        accelerator.wait_for_everyone()
+        state = None
 
     if main and state is not None and out.is_dir():  # what atomic writes of a killed process left behind
         for tmp in out.rglob(".*.tmp"):
@@ -391,6 +449,7 @@ def run(
             "stages_done": 0, "complete": False, "base": None, "stages": [], "checkpoint": None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+    state["mixed_precision"] = str(accelerator.mixed_precision)  # what ran (fp16 on a CPU runs as "no")
     if state.get("base") is None:
         state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main)
         if main:
@@ -406,11 +465,8 @@ def run(
         raise type(exc)(f"method {spec.display!r}: {exc}") from None
     trainable = method.num_trainable()
     budget_report = method.budget_report.to_dict() if getattr(method, "budget_report", None) is not None else None
-    if state["stages_done"] > 0:
-        ck = state["checkpoint"]
-        path = out / ck["file"]
-        if not path.is_file() or sha256_file(path) != ck["sha256"]:
-            raise CacheError(f"stage checkpoint {path} is missing or corrupt (checksum mismatch); rerun with --force to start over")
+    if state["stages_done"] > 0:  # verified by _preflight before anything was loaded
+        path = out / state["checkpoint"]["file"]
         method.load(path)
         _log(talk, f"resuming {out} after stage {state['stages_done']}/{T}")
     accelerator.wait_for_everyone()
@@ -569,6 +625,8 @@ def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int,
         "control": data.control_label,
         "corpora": data.corpora,
         "steps_per_stage": cfg.steps_per_stage(),
+        "mixed_precision": {"requested": cfg.training.mixed_precision,
+                            "used": state.get("mixed_precision", cfg.training.mixed_precision)},
         "trainable_params": trainable,
         "total_params": total,
         "budget_report": budget_report,
@@ -594,7 +652,7 @@ def _spectrum(cfg: RunConfig, merged: torch.nn.Module) -> dict[str, Any] | None:
         from ..analysis import analyze_model
     except ImportError:  # pragma: no cover - analysis not installed
         return None
-    base, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    base, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_missing_weights=cfg.allow_missing_weights)
     bp = dict(base.named_parameters())
     changed = []
     for n, p in merged.named_parameters():
@@ -624,6 +682,8 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
     if cfg.output.save_adapter:
         method.save(out / "final" / "adapter.safetensors")
         files["adapter"] = "final/adapter.safetensors"
+        # a resume checks it: a deleted or damaged final adapter is written again from the last stage checkpoint
+        results["file_sha256"] = {files["adapter"]: sha256_file(out / files["adapter"])}
     from ..training import fault_point
 
     fault_point("finalize")
