@@ -339,7 +339,7 @@ def save_sharded_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "meta.json")
-        full = {**meta, "sharded": accelerator.num_processes,
+        full = {**meta, "processes": accelerator.num_processes,
                 "files": {str(p.relative_to(d)): sha256_file(p) for p in files}}
         atomic_write_json(d / "meta.json", full)
         remove_checkpoints(root, keep=d)
