@@ -329,7 +329,9 @@ def save_sharded_checkpoint(
         d.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     fault_point("checkpoint_write")
-    model_sd, optim_sd = get_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_sharded_options())
+    # The optimizer itself, not an inner one: SelectiveOptimizer shares its param_groups with its inner
+    # optimizer and must see the load (in load_sharded_checkpoint) to keep sharing them.
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_sharded_options())
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(d / "dcp"))
     blob = {"rng": get_rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None}
     buf = io.BytesIO()
@@ -354,11 +356,10 @@ def load_sharded_checkpoint(directory: Path, model: torch.nn.Module, optimizer: 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    opt = getattr(optimizer, "optimizer", optimizer)
-    model_sd, optim_sd = get_state_dict(model, opt, options=_sharded_options())
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_sharded_options())
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(directory / "dcp"))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_sharded_options(strict=False))
     f = directory / f"state-{accelerator.process_index}.pt"
     if not f.is_file():  # resumed on more processes than wrote it: take rank 0's RNG
