@@ -69,10 +69,17 @@ def _check_blocks(blocks: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> float:
+def mean_nll(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity",
+             distributed: bool = False) -> float:
     """Mean next-token negative log-likelihood (nats) over every predicted token of every block.
 
     Token-weighted: each block of length T contributes T-1 predictions; sums are accumulated in float64.
+
+    ``distributed=True`` (every process of an initialised ``torch.distributed`` group calls it with the same
+    blocks): process ``r`` evaluates batches ``r, r + W, ...``, the per-batch sums are all-reduced into their
+    slots and added up in batch order, so the result is the single-process number (same batches, same order of
+    addition) at 1/W of the work per process. Every process runs the same number of forwards (a process short
+    of batches repeats one and discards it), which a sharded (FSDP) model needs for its collectives.
     """
     blocks = _check_blocks(blocks)
     if batch_size < 1:
@@ -86,27 +93,49 @@ def mean_nll(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bo
     from tqdm.auto import tqdm
 
     device = _device_of(model)
-    total, count = 0.0, 0
+    starts = list(range(0, blocks.shape[0], batch_size))
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+    rounds = -(-len(starts) // world)
+    sums = torch.zeros(len(starts), dtype=torch.float64)
     with _EvalMode(model):
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        for i in tqdm(range(rounds), desc=desc, unit="batch", disable=not progress, leave=False):
+            j = rank + i * world  # this process's i-th batch
+            start = starts[j] if j < len(starts) else starts[0]  # a spare forward keeps FSDP's collectives in step
             batch = blocks[start:start + batch_size].to(device)
             logits = model(input_ids=batch).logits[:, :-1, :].float()
             targets = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
             )
-            total += float(nll.double())
-            count += targets.numel()
+            if j < len(starts):
+                sums[j] = nll.double().cpu()
+    if world > 1:
+        import torch.distributed as dist
+
+        # Each slot is written by exactly one process (the others hold 0.0), so the sum is exact.
+        buf = sums.to(device) if dist.get_backend() == "nccl" else sums
+        dist.all_reduce(buf)
+        sums = buf.cpu()
+    total = 0.0
+    for v in sums.tolist():  # batch order, as one process adds them
+        total += v
+    count = blocks.shape[0] * (blocks.shape[1] - 1)
     return total / count
 
 
-def perplexity(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True) -> float:
+def perplexity(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True, distributed: bool = False) -> float:
     """Token-weighted perplexity ``exp(mean NLL)`` of ``model`` on ``blocks`` (``[N, block_size]`` token ids).
 
     Deterministic, batched and gradient-free. Returns ``inf`` if the mean NLL overflows ``exp`` and ``nan`` if
     the model produced non-finite logits (a diverged model), never a silently clipped number.
+    ``distributed``: split the batches over the processes of ``torch.distributed`` (see :func:`mean_nll`).
     """
-    return _ppl(mean_nll(model, blocks, batch_size=batch_size, progress=progress))
+    return _ppl(mean_nll(model, blocks, batch_size=batch_size, progress=progress, distributed=distributed))
 
 
 def _ppl(nll: float) -> float:

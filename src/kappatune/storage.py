@@ -46,12 +46,16 @@ def fault_point(name: str) -> None:
 
     Atomic writes reach ``write:<path>`` halfway through writing their temporary file (so e.g.
     ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file); the training loop and the
-    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``. A real,
+    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``. With
+    ``$KAPPATUNE_FAULT_RANK`` set, only the process of that ``RANK`` (torchrun / accelerate launch) is killed. A real,
     uncatchable signal: nothing is flushed or cleaned up, as with an OOM kill or a pulled plug. Used by
     tests/test_faults.py and tests/test_harness.py; see docs/reliability.md.
     """
     spec = os.environ.get("KAPPATUNE_FAULT")
     if not spec:
+        return
+    only = os.environ.get("KAPPATUNE_FAULT_RANK")  # multi-process runs: kill only the process of this RANK
+    if only is not None and os.environ.get("RANK", "0") != only:
         return
     pattern, _, count = spec.rpartition(":")
     if not count.isdigit():  # no ":N": the first time

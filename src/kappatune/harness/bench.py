@@ -97,7 +97,8 @@ def bench(
     """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
 
     Writes ``bench.json``, ``bench.md`` and ``pareto.png`` to the output directory; cell ``<label>/seed-<s>/``
-    holds each run. All methods are validated (and budget-matched) before the first cell trains.
+    holds each run. All methods are validated (and budget-matched) before the first cell trains. Under a launcher
+    (DDP/FSDP) every process runs the cells; only rank 0 prints and writes the bench reports.
     ``only``: method labels to run (the others are left out of this bench and its report), e.g. to re-run one
     method of a published study; a cell's results do not depend on which other methods the config lists.
     """
@@ -105,6 +106,9 @@ def bench(
 
     cfg = _select_only(_as_config(config, overrides), only)
     progress = cfg.progress if progress is None else progress
+    # Under a launcher every process runs the bench (the cells' training is collective); one prints and writes.
+    main = os.environ.get("RANK", "0") == "0"
+    talk = progress and main
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()
     t0 = time.perf_counter()
@@ -120,10 +124,10 @@ def bench(
 
     if all(done for *_, done in cell_status.values()):
         # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
-        _log(progress, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
+        _log(talk, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
     else:
         trainable = validate(cfg, progress=progress)
-        _log(progress, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
+        _log(talk, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
              + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
     cells: dict[str, dict[int, dict[str, Any]]] = {}
     ran, skipped = [], []
@@ -134,7 +138,7 @@ def bench(
                 res = load_results(cell_dir)
                 skipped.append(f"{spec.display}/seed-{seed}")
             else:
-                _log(progress, f"== {spec.display} seed {seed} -> {cell_dir}")
+                _log(talk, f"== {spec.display} seed {seed} -> {cell_dir}")
                 res = run(cell_cfg, resume=st is not None, force=force, progress=progress,
                           base_eval_cache=out / "base_eval.json")
                 ran.append(f"{spec.display}/seed-{seed}")
@@ -153,6 +157,8 @@ def bench(
         summary["paired"] = paired_against(cells, cfg.compare.baseline)
     if cfg.compare.reference is not None:
         summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage, cfg.compare.step)
+    if not main:
+        return summary
     if cfg.output.plots:
         reporting.plot_pareto(summary, out / "pareto.png")
         summary["plots"] = ["pareto.png"]
@@ -162,5 +168,5 @@ def bench(
             summary["plots"].append("curves.png")
     atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
     atomic_write_json(out / "bench.json", summary)
-    _log(progress, reporting.bench_table(summary))
+    _log(talk, reporting.bench_table(summary))
     return summary

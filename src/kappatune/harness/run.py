@@ -232,6 +232,7 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     out: dict[str, Any] = {}
     for spec in cfg.method_specs():
         method = _build_method(spec, model, cfg, cfg.seed_list()[0], progress)
+        _check_shardable(method, spec)
         if deep:
             clone = copy.deepcopy(model)
             if callable(getattr(method, "set_calibration", None)):
@@ -248,14 +249,17 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
 
 
 def _measure(model: torch.nn.Module, data: _Data, label: str, obj: Any, cfg: RunConfig, progress: bool,
-             metrics: Sequence[str] | None = None) -> dict[str, float]:
-    """The metrics of one task or probe: ``{"ppl": ...}`` for lm, plus accuracy/exact_match for sft."""
+             metrics: Sequence[str] | None = None, distributed: bool = False) -> dict[str, float]:
+    """The metrics of one task or probe: ``{"ppl": ...}`` for lm, plus accuracy/exact_match for sft.
+
+    ``distributed``: every process calls it and perplexity is split over them (same numbers as one process, see
+    ``evaluation.mean_nll``); sft metrics are computed by every process on all examples."""
     from ..evaluation import evaluate_sft, perplexity
 
     bs = cfg.eval.batch_size
     spec = data.specs[label]
     if spec.type != "sft":
-        return {"ppl": perplexity(model, obj, batch_size=bs, progress=progress)}
+        return {"ppl": perplexity(model, obj, batch_size=bs, progress=progress, distributed=distributed)}
     return evaluate_sft(
         model, data.tokenizer, obj, list(metrics or data.metrics_of(label)), chat_template=spec.chat_template,
         batch_size=bs, max_length=cfg.training.seq_len, max_new_tokens=cfg.eval.max_new_tokens, stop=cfg.eval.stop,
@@ -263,7 +267,8 @@ def _measure(model: torch.nn.Module, data: _Data, label: str, obj: Any, cfg: Run
     )
 
 
-def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: bool) -> tuple[dict[str, float], float, dict[str, Any]]:
+def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: bool,
+              distributed: bool = False) -> tuple[dict[str, float], float, dict[str, Any]]:
     """Every task and every control probe: ``(task_ppl, control_ppl, {"task_metrics", "probes"})``.
 
     ``task_metrics[task]`` / ``probes[probe]`` hold every metric measured (``ppl`` included); the perplexities
@@ -271,27 +276,81 @@ def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: boo
     from ..training import fault_point
 
     fault_point("eval")
-    task_metrics = {t: _measure(model, data, t, data.eval[t], cfg, progress) for t in data.tasks}
-    probes = {p: _measure(model, data, p, obj, cfg, progress) for p, obj in data.probes.items()}
+    kw = dict(distributed=distributed)
+    task_metrics = {t: _measure(model, data, t, data.eval[t], cfg, progress, **kw) for t in data.tasks}
+    probes = {p: _measure(model, data, p, obj, cfg, progress, **kw) for p, obj in data.probes.items()}
     task_ppl = {t: v["ppl"] for t, v in task_metrics.items()}
     return task_ppl, probes[data.control_label]["ppl"], {"task_metrics": task_metrics, "probes": probes}
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several (evaluation is then split across them)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable[[int], dict[str, float] | None]:
     """Every ``eval.curve_every`` steps: the stage's task (perplexity, and its accuracy/exact-match for sft) and the
     primary control's perplexity (a curve point)."""
     every = cfg.eval.curve_every
+    dist = _distributed()
 
     def hook(step: int) -> dict[str, float] | None:
         if step % every:
             return None
-        vals = _measure(method.model, data, task, data.eval[task], cfg, False)
+        vals = _measure(method.model, data, task, data.eval[task], cfg, False, distributed=dist)
         point = {"task_ppl": vals.pop("ppl"),
-                 "control_ppl": _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"])["ppl"]}
+                 "control_ppl": _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"],
+                                         distributed=dist)["ppl"]}
         point.update({f"task_{k}": v for k, v in vals.items()})
         return point
 
     return hook
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded (FSDP) runs: the hooks run() calls; the mechanics are in kappatune.training.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_shardable(method: Any, spec: MethodSpec) -> None:
+    """Under an FSDP launch, refuse (before anything trains) a method that cannot be sharded, naming why."""
+    from ..training import fsdp_requested
+
+    reason = getattr(method, "fsdp_unsupported", None)
+    if reason and fsdp_requested():
+        raise ConfigError(f"method {spec.display!r} cannot be trained under FSDP: {reason}; run it without FSDP (DDP or one process)")
+
+
+def _shard_if_requested(method: Any, accelerator: Any, cfg: RunConfig) -> bool:
+    """Shard the prepared model with FSDP2 when launched for it (see ``training.shard_model``); returns whether."""
+    from ..training import fsdp_requested, shard_model
+
+    if not fsdp_requested():
+        return False
+    shard_model(method, accelerator, mixed_precision=cfg.training.mixed_precision)
+    return True
+
+
+def _trained_for_commit(method: Any, sharded: bool) -> dict[str, torch.Tensor] | None:
+    """The trained tensors to commit, gathered from the shards (a collective: every process calls it); ``None``
+    when unsharded (``method.save`` then reads them itself)."""
+    from ..training import gather_trained_state
+
+    return gather_trained_state(method) if sharded else None
+
+
+def _unsharded_method(cfg: RunConfig, spec: MethodSpec, seed: int, data: _Data, adapter: Path, progress: bool) -> Any:
+    """The run's method on a fresh, unsharded copy of the base model with the committed trained tensors loaded:
+    what merging and saving the final model need (FSDP2 has no way back from shards to plain modules). Main
+    process only; it holds one full model, as ``save_pretrained`` of a merged model does anyway."""
+    model, _ = _load(cfg)
+    method = _build_method(spec, model, cfg, seed, progress)
+    if callable(getattr(method, "set_calibration", None)):
+        method.set_calibration(data.train[data.tasks[0]][:32])
+    method.prepare(model)
+    method.load(adapter)
+    return method
 
 
 def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
@@ -439,6 +498,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
     model, tokenizer = _load(cfg)
     data = _load_data(cfg, tokenizer, progress)
     method = _build_method(spec, model, cfg, seed, progress)
+    _check_shardable(method, spec)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(accelerator.device)
     setup_s = time.perf_counter() - t0
@@ -451,7 +511,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
         }
     state["mixed_precision"] = str(accelerator.mixed_precision)  # what ran (fp16 on a CPU runs as "no")
     if state.get("base") is None:
-        state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main)
+        state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main, distributed=_distributed())
         if main:
             _write_state(out, state)
         _log(talk, f"base model: " + _ppl_line(data.tasks, state["base"]["task_ppl"], data.control_label, state["base"]["control_ppl"]))
@@ -469,6 +529,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
         path = out / state["checkpoint"]["file"]
         method.load(path)
         _log(talk, f"resuming {out} after stage {state['stages_done']}/{T}")
+    sharded = _shard_if_requested(method, accelerator, cfg)
     accelerator.wait_for_everyone()
 
     for k in range(state["stages_done"] + 1, T + 1):
@@ -492,7 +553,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
                 on_step=curve_hook,
             )
             t_eval = time.perf_counter()
-            task_ppl, ctrl_ppl, extra = _eval_all(method.model, data, cfg, progress)
+            task_ppl, ctrl_ppl, extra = _eval_all(method.model, data, cfg, progress, distributed=_distributed())
             eval_s = time.perf_counter() - t_eval
         record = {
             "stage": k, "task": task, "steps": res.steps, "tokens": res.tokens, "losses": res.losses,
@@ -500,16 +561,18 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
             "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
             "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
             **extra,
+            **_distributed_record(accelerator, res, mem),
         }
         if curved:  # the learning curve of this stage, ending with the stage-end evaluation
             end = {"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}
             end.update({f"task_{k}": v for k, v in extra["task_metrics"][task].items() if k != "ppl"})
             record["curve"] = res.curve + [end]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
+        trained = _trained_for_commit(method, sharded)
         if main:
             fault_point("stage_commit")
             ck_rel = f"checkpoints/stage-{k}.safetensors"
-            method.save(out / ck_rel)
+            method.save(out / ck_rel, trained)
             prev = state.get("checkpoint")
             state["stages"] = [s for s in state["stages"] if s["stage"] < k] + [record]
             state["stages_done"] = k
@@ -536,9 +599,24 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
 
     results = _results(cfg, state, data, trainable, total_params, budget_report, spec, setup_s, fp)
     if main:
-        results = _finalize(cfg, out, method, results, progress)
+        final = _unsharded_method(cfg, spec, seed, data, out / state["checkpoint"]["file"], progress) if sharded else method
+        results = _finalize(cfg, out, final, results, progress)
     accelerator.wait_for_everyone()
     return results
+
+
+def _distributed_record(accelerator: Any, res: Any, mem: Any) -> dict[str, Any]:
+    """A stage record's multi-process fields: processes, FSDP or not, and per rank the bytes of optimizer state
+    and the peak RSS (gathered: a collective). Empty for one process."""
+    from ..training import per_rank
+
+    if accelerator.num_processes <= 1:
+        return {"optimizer_state_bytes": res.optimizer_state_bytes[0] if res.optimizer_state_bytes else None}
+    return {
+        "processes": accelerator.num_processes, "fsdp": res.sharded,
+        "optimizer_state_bytes_per_rank": res.optimizer_state_bytes,
+        "peak_rss_mb_per_rank": per_rank(accelerator, mem.to_dict()["peak_rss_mb"]),
+    }
 
 
 def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str, ctrl: float, base: dict[str, Any] | None = None) -> str:
@@ -556,7 +634,8 @@ def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str, ct
     return "ppl " + ", ".join(parts)
 
 
-def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, progress: bool, main: bool) -> dict[str, Any]:
+def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, progress: bool, main: bool,
+               distributed: bool = False) -> dict[str, Any]:
     """Perplexities of the untouched base model (shared through ``cache`` between the cells of a benchmark)."""
     key = _base_eval_key(model, data, cfg) if cache is not None else None
     if cache is not None:
@@ -568,7 +647,7 @@ def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, 
         if key in entries:
             return entries[key]
     t = time.perf_counter()
-    task_ppl, ctrl, extra = _eval_all(model, data, cfg, progress)
+    task_ppl, ctrl, extra = _eval_all(model, data, cfg, progress, distributed=distributed)
     base = {"task_ppl": task_ppl, "control_ppl": ctrl, **extra, "eval_time_s": time.perf_counter() - t}
     if cache is not None and main:
         p = Path(cache)

@@ -325,6 +325,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Why the method cannot train a model sharded with FSDP (``None``: it can); the harness refuses with it.
+    fsdp_unsupported: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | dict | None = None):
         if not isinstance(config, self.config_cls):
@@ -404,14 +406,17 @@ class Method(ABC):
         assert self.model is not None, "call prepare() first"
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the trained tensors as safetensors, tagged with method, config and base-weight fingerprint."""
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained tensors as safetensors, tagged with method, config and base-weight fingerprint.
+
+        ``state``: the tensors to write instead of :meth:`trained_state` (e.g. gathered from FSDP shards by
+        :func:`kappatune.training.gather_trained_state`)."""
         from safetensors.torch import save
 
         from ..storage import atomic_write_bytes
 
         meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "base_fingerprint": self.base_fingerprint or ""}
-        return atomic_write_bytes(path, save(self.trained_state(), metadata=meta))
+        return atomic_write_bytes(path, save(self.trained_state() if state is None else state, metadata=meta))
 
     def read_adapter(self, path: str | Path) -> dict[str, torch.Tensor]:
         """The tensors of an adapter file written by :meth:`save`; refuses a missing or corrupt file, another

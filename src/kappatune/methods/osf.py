@@ -278,6 +278,11 @@ class OSF(Method):
     name = "osf"
     config_cls = OSFMethodConfig
     config: OSFMethodConfig
+    fsdp_unsupported = (
+        "its guarantee projects each whole weight gradient and the updated weights onto the complement of the "
+        "preserved subspace (hooks on the parameter objects, which FSDP replaces by per-rank shards that never see "
+        "a whole matrix), and next_task() swaps in new parameters between tasks, which a sharded model cannot take"
+    )
 
     def __init__(self, config: OSFMethodConfig | dict | None = None):
         super().__init__(config)
