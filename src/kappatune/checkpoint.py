@@ -182,10 +182,14 @@ def _open_gguf(p: Path) -> Checkpoint:
         from gguf import GGUFReader
     except ImportError as exc:  # pragma: no cover - gguf is a dependency of the smollm2 path too
         raise ModelError("reading .gguf files needs the gguf package (pip install gguf)") from exc
+    from .models import check_gguf_header
+
+    check_gguf_header(p)
     try:
         reader = GGUFReader(str(p))
     except Exception as exc:
-        raise ModelError(f"cannot read GGUF file {p}: {_first_line(exc)} (truncated or corrupt?)") from exc
+        raise ModelError(f"cannot read GGUF file {p}: {_first_line(exc)}; the file is damaged or truncated: "
+                         "download or convert it again") from exc
     entries = {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))  # GGUF lists dimensions innermost first

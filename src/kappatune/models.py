@@ -107,13 +107,9 @@ def extract_smollm2_gguf(dest_dir: str | os.PathLike, *, progress: bool = True) 
     return out
 
 
-def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """Load a GGUF checkpoint with transformers (de-quantized to float32) plus its tokenizer.
-
-    A damaged file (empty, truncated, not GGUF) is a :class:`ModelError` naming it, never an exception from deep
-    inside the GGUF reader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_gguf_header(gguf_path: str | os.PathLike) -> Path:
+    """Refuse (one ModelError line) a .gguf that is unreadable, empty or lacks the GGUF magic bytes, before any
+    reader sees it: the readers fail on such files from deep inside with unrelated messages."""
     gguf_path = Path(gguf_path)
     try:
         with open(gguf_path, "rb") as fh:
@@ -125,6 +121,17 @@ def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
     if magic != b"GGUF":
         raise ModelError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes); "
                          "download or convert it again")
+    return gguf_path
+
+
+def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Load a GGUF checkpoint with transformers (de-quantized to float32) plus its tokenizer.
+
+    A damaged file (empty, truncated, not GGUF) is a :class:`ModelError` naming it, never an exception from deep
+    inside the GGUF reader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = check_gguf_header(gguf_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)

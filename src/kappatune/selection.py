@@ -225,7 +225,7 @@ def select_targets(
         report = model
     else:
         # Only the snr policy needs the whole spectrum; the others use the faster κ-only analysis.
-        analysis_kwargs.setdefault("kappa_only", policy != "snr")
+        analysis_kwargs.setdefault("kappa_only", False)  # measured slower than the full Gram path (benchmarks/results/analysis_speed_gpu*.txt)
         report = analyze_model(model, include=include, exclude=exclude, progress=progress, **analysis_kwargs)
     return select_from_report(report, policy, top_p=top_p, num_modules=num_modules, threshold=threshold,
                               param_budget=param_budget, balance_types=balance_types, seed=seed, kinds=kinds)
@@ -262,7 +262,7 @@ class KappaTuneSelector:
         if self._condition_numbers is not None:
             return
         report = analyze_model(self.model, max_dim_size=self.max_dim_size_to_analyze,
-                               moe_suffixes=self.moe_param_suffixes, progress=self.show_progress, kappa_only=True)
+                               moe_suffixes=self.moe_param_suffixes, progress=self.show_progress)
         by_name = report.by_name()
         self._condition_numbers = {}
         for mname, module in self.model.named_modules():

@@ -18,6 +18,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="skip matching tensor names; repeatable")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached analysis of these weights exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--kappa-only", action="store_true",
+                   help="κ, σ_max, σ_min and stable rank only (no entropy/SNR), by Cholesky + Lanczos on the Gram "
+                        "matrix; measured slower than the default path so far (benchmarks/results/analysis_speed_gpu*.txt)")
     p.add_argument("--load", action="store_true",
                    help="load the whole model instead of streaming a local checkpoint one tensor at a time")
     p.add_argument("--device", default=None, help="where the numerics run (cpu, cuda; default: cpu, or the model's device)")
@@ -59,7 +62,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.policy != "all" and all(v is None for v in (args.top_p, args.num, args.threshold, args.param_budget)):
         raise ConfigError(f"select --policy {args.policy} needs exactly one budget: --top-p, --num, --threshold or "
                           "--param-budget (--policy all selects every tensor without one)")
-    report = _analyze(args, kappa_only=args.policy != "snr")  # only SNR needs the full spectrum
+    report = _analyze(args, kappa_only=args.kappa_only)  # opt-in: measured slower than the full Gram path
     sel = select_from_report(report, args.policy, top_p=args.top_p, num_modules=args.num, threshold=args.threshold,
                              param_budget=args.param_budget, balance_types=args.balance_types, seed=args.seed)
     total = sum(r.numel for r in report.records if r.kind in ("linear", "conv1d", "moe"))
@@ -88,8 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=30, help="rows to print (0 = all; default 30)")
     p.add_argument("--json", metavar="PATH", help="write all per-tensor figures as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of κ per layer and module type")
-    p.add_argument("--kappa-only", action="store_true",
-                   help="κ, σ_max, σ_min and stable rank only (no entropy/SNR): faster on large matrices")
     p.set_defaults(handler=cmd_analyze)
 
     p = sub.add_parser("select", help="select tensors to adapt (κ, SNR, random) under a budget",
