@@ -34,7 +34,9 @@ def _analyze(args: argparse.Namespace, kappa_only: bool = False):
 
     kw = dict(max_dim_size=args.max_dim, include=args.include, exclude=args.exclude, cache=not args.no_cache,
               progress=not args.quiet, kappa_only=kappa_only, device=args.device)
-    if args.model not in BUILTIN_MODELS and not args.load and is_checkpoint_path(args.model):
+    # --allow-missing-weights needs the built model (transformers initialises what the files lack), so it loads
+    streaming = not (args.load or args.allow_missing_weights)
+    if args.model not in BUILTIN_MODELS and streaming and is_checkpoint_path(args.model):
         return analyze_checkpoint(args.model, trust_remote_code=args.trust_remote_code, **kw)
     model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code,
                           allow_missing_weights=args.allow_missing_weights)
