@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_prepared
 from ..selection import Selection
 from . import register
 from .base import Method, MethodConfig, Targets, match_budget
@@ -162,7 +162,7 @@ class LoRA(Method):
 
     def merge(self) -> nn.Module:
         """Fold the adapters into the weights (PEFT ``merge_and_unload``); returns a plain transformers model."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         if hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
             self.merged = True
