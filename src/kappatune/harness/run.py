@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -55,9 +56,13 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
+logger = logging.getLogger("kappatune")
+
+
 def _log(enabled: bool, msg: str) -> None:
+    """A progress line of a run, through the ``kappatune`` logger at INFO (the CLI shows INFO; ``-q`` hides it)."""
     if enabled:
-        print(msg, flush=True)
+        logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,8 +74,8 @@ class _Data:
     tasks: list[str]
     train: dict[str, torch.Tensor]
     eval: dict[str, torch.Tensor]
-    control_label: str
-    control: torch.Tensor
+    control_label: str | None  # None: no control corpus (a train run without one)
+    control: torch.Tensor | None
     corpora: dict[str, dict[str, Any]]
 
 
@@ -82,7 +87,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
     train: dict[str, torch.Tensor] = {}
     evals: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
-    for task in [*cfg.tasks, cfg.control]:
+    for task in [*cfg.tasks] + ([cfg.control] if cfg.control is not None else []):
         corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
         common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
         try:
@@ -98,6 +103,8 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
             "train_blocks": int(train[task.label].shape[0]) if task.label in train else 0,
             "eval_blocks": int(evals[task.label].shape[0]),
         }
+    if cfg.control is None:
+        return _Data([t.label for t in cfg.tasks], train, evals, None, None, info)
     control = evals.pop(cfg.control.label)
     return _Data([t.label for t in cfg.tasks], train, evals, cfg.control.label, control, info)
 
@@ -126,9 +133,13 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     budget = (spec.budget if spec.budget is not None else cfg.budget) if spec.match_budget else None
     where = f"method {spec.display!r}"
     try:
+        targets = _spec_targets(spec, model, seed, progress)
         if budget is not None:
-            return methods.for_budget(spec.name, model, int(budget), None, **opts)
-        return methods.get_method(spec.name, opts)
+            return methods.for_budget(spec.name, model, int(budget), targets, **opts)
+        method = methods.get_method(spec.name, opts)
+        if targets is not None:
+            method.default_targets = targets
+        return method
     except KappaTuneError as exc:
         msg = str(exc)
         raise type(exc)(msg if spec.name in msg or spec.display in msg else f"{where}: {msg}") from None
@@ -136,11 +147,74 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
         raise ConfigError(f"{where}: invalid options {spec.options}: {exc}") from None
 
 
+_SELECTION_KEYS = ("policy", "top_p", "num_modules", "threshold", "param_budget", "balance_types", "include", "exclude")
+
+
+def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress: bool | None) -> Any:
+    """The :class:`~kappatune.selection.Selection` a method's ``targets`` section asks for (None without one).
+
+    Works for every method that adapts selected tensors: the selection is handed to the method as its targets
+    (and, with a budget, as the candidate pool its ``for_budget`` ranks). Refused for full fine-tuning (which
+    trains everything) and when the same knob is also given in ``options``.
+    """
+    t = spec.targets
+    if t is None:
+        return None
+    from ..methods.budget import resolve_selection
+    from ..selection import match_module_names
+
+    if spec.name == "full":
+        raise ConfigError(f"method {spec.display!r}: full fine-tuning trains every tensor; remove its 'targets' section "
+                          "(use the 'selective' method to train only some)")
+    clash = [k for k in _SELECTION_KEYS if k in spec.options]
+    if clash:
+        raise ConfigError(f"method {spec.display!r}: the selection is given twice ({clash[0]!r} in options and a 'targets' "
+                          "section); give it in one place")
+    policy = t.policy or ("all" if t.modules is not None else "kappa")
+    include = list(t.include) if t.include else None
+    if t.modules is not None:
+        every = [n for n, p in model.named_parameters() if p.ndim >= 2]
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        pats = t.modules if isinstance(t.modules, str) else list(t.modules)
+        hits = match_module_names(linear, pats)
+        names = [f"{n}.weight" for n in hits] + [n for n in match_module_names(every, pats) if n not in {f"{h}.weight" for h in hits}]
+        if not names:
+            raise ConfigError(f"method {spec.display!r}: targets.modules {t.modules!r} matches no module or weight of this model")
+        import re
+
+        pool = "re:^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+        include = [pool] if include is None else include + [pool]
+        if policy == "all" and not t.exclude:
+            return resolve_selection(model, names)
+    return resolve_selection(
+        model, None, policy=policy, top_p=t.top_p, num_modules=t.num_modules, threshold=t.threshold,
+        param_budget=t.param_budget, balance_types=t.balance_types, seed=t.seed if t.seed is not None else seed,
+        include=include, exclude=t.exclude, progress=bool(progress),
+    )
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     from .. import data as kdata
     from ..models import load_model
 
+    dtype = _torch_dtype(cfg.training.dtype)
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"training.dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) does not support bf16; "
+                          "use float32 (optionally with training.mixed_precision fp16)")
     model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if cfg.training.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model {cfg.model}: its architecture does not support gradient checkpointing")
+        # non-reentrant: works when the inputs do not require grad (frozen embeddings, adapters)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
     for name, p in model.named_parameters():  # fail fast: NaN weights would only surface as a "diverged" loss
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ModelError(f"model {cfg.model}: weight tensor {name!r} contains NaN or Inf values; fix or reload the model")
@@ -181,13 +255,13 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     return out
 
 
-def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bool) -> tuple[dict[str, float], float]:
+def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bool) -> tuple[dict[str, float], float | None]:
     from ..evaluation import perplexity
     from ..training import fault_point
 
     fault_point("eval")
     task = {t: perplexity(model, data.eval[t], batch_size=batch_size, progress=progress) for t in data.tasks}
-    ctrl = perplexity(model, data.control, batch_size=batch_size, progress=progress)
+    ctrl = perplexity(model, data.control, batch_size=batch_size, progress=progress) if data.control is not None else None
     return task, ctrl
 
 
@@ -200,18 +274,32 @@ def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable
     def hook(step: int) -> dict[str, float] | None:
         if step % every:
             return None
-        return {
-            "task_ppl": perplexity(method.model, data.eval[task], batch_size=bs, progress=False),
-            "control_ppl": perplexity(method.model, data.control, batch_size=bs, progress=False),
-        }
+        point = {"task_ppl": perplexity(method.model, data.eval[task], batch_size=bs, progress=False)}
+        if data.control is not None:
+            point["control_ppl"] = perplexity(method.model, data.control, batch_size=bs, progress=False)
+        return point
 
     return hook
+
+
+def _early_stop(patience: int) -> Callable[[list[dict[str, Any]]], bool] | None:
+    """Stop when the last ``patience`` curve points' task (validation) perplexity did not beat the best before them."""
+    if patience <= 0:
+        return None
+
+    def stop(curve: list[dict[str, Any]]) -> bool:
+        vals = [p["task_ppl"] for p in curve if "task_ppl" in p]
+        if len(vals) <= patience:
+            return False
+        return min(vals[-patience:]) >= min(vals[:-patience])
+
+    return stop
 
 
 def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
     from ..storage import fingerprint_model, fingerprint_tensors
 
-    blocks = [(f"task:{t}", data.eval[t]) for t in data.tasks] + [("control", data.control)]
+    blocks = [(f"task:{t}", data.eval[t]) for t in data.tasks] + ([("control", data.control)] if data.control is not None else [])
     h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}".encode())
     return h.hexdigest()[:24]
 
@@ -235,6 +323,20 @@ def run(
     changed, unless ``force``). ``force`` without ``resume``: start over in a directory that already holds a run.
     ``base_eval_cache``: a JSON file sharing the base model's evaluation between runs (used by :func:`bench`).
     """
+    return _run(config, resume=resume, force=force, progress=progress, overrides=overrides,
+                base_eval_cache=base_eval_cache)[0]
+
+
+def _run(
+    config: RunConfig | str | os.PathLike | dict,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+    overrides: Sequence[str] = (),
+    base_eval_cache: str | os.PathLike | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """:func:`run`, also returning the trained method (``None`` when the run was already complete on disk)."""
     from .. import data as kdata  # noqa: F401  (fail early if the data layer is missing)
     from ..training import PeakMemory, fault_point, make_accelerator, remove_checkpoints, train_stage
 
@@ -259,7 +361,7 @@ def run(
     if state is not None and not force and state.get("config_fingerprint") == fp and _finished(out, state):
         _log(talk, f"{out}: this run is already complete (same config); results in {out / 'results.json'} "
                    "(--force to run it again)")
-        return load_results(out)
+        return load_results(out), None
     if state is not None:
         if not resume and not force:
             raise ConfigError(
@@ -286,7 +388,7 @@ def run(
             raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
         if state is not None and _finished(out, state):  # else (killed during _finalize) it is redone below
             _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
-            return load_results(out)
+            return load_results(out), None
 
     if main and state is not None and out.is_dir():  # what atomic writes of a killed process left behind
         for tmp in out.rglob(".*.tmp"):
@@ -350,7 +452,7 @@ def run(
                 max_grad_norm=cfg.training.max_grad_norm, seed=seed, stage=k,
                 checkpoint_dir=out / "checkpoints" / "mid", checkpoint_every=cfg.training.checkpoint_every,
                 checkpoint_meta={"config_fingerprint": fp}, progress=progress, desc=f"stage {k}/{T} {task}",
-                on_step=curve_hook,
+                on_step=curve_hook, optimizer=cfg.training.optimizer, stop_when=_early_stop(cfg.eval.early_stopping),
             )
             t_eval = time.perf_counter()
             task_ppl, ctrl_ppl = _eval_all(method.model, data, cfg.eval.batch_size, progress)
@@ -361,8 +463,13 @@ def run(
             "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
             "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
         }
+        if res.steps < steps:
+            record["stopped_early"] = {"at_step": res.steps, "planned_steps": steps}
         if curved:  # the learning curve of this stage, ending with the stage-end evaluation
-            record["curve"] = res.curve + [{"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}]
+            end = {"step": res.steps, "task_ppl": task_ppl[task]}
+            if ctrl_ppl is not None:
+                end["control_ppl"] = ctrl_ppl
+            record["curve"] = (res.curve if not (res.curve and res.curve[-1]["step"] == res.steps) else res.curve[:-1]) + [end]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
         if main:
             fault_point("stage_commit")
@@ -396,11 +503,14 @@ def run(
     if main:
         results = _finalize(cfg, out, method, results, progress)
     accelerator.wait_for_everyone()
-    return results
+    return results, method
 
 
-def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str, ctrl: float, base: dict[str, Any] | None = None) -> str:
+def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str | None, ctrl: float | None,
+              base: dict[str, Any] | None = None) -> str:
     parts = []
+    if control is None:
+        return "ppl " + ", ".join(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}" if base else f"{t} {task_ppl[t]:.2f}" for t in tasks)
     for t in tasks:
         if base:
             parts.append(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}")
@@ -498,8 +608,8 @@ def _spectrum(cfg: RunConfig, merged: torch.nn.Module) -> dict[str, Any] | None:
     bp = dict(base.named_parameters())
     changed = []
     for n, p in merged.named_parameters():
-        q = bp.get(n)
-        if q is not None and q.ndim >= 2 and q.shape == p.shape and not torch.equal(q.detach().cpu(), p.detach().cpu()):
+        q = bp.get(n)  # the base as loaded (float32) cast to the trained model's dtype (training.dtype)
+        if q is not None and q.ndim >= 2 and q.shape == p.shape and not torch.equal(q.detach().cpu().to(p.dtype), p.detach().cpu()):
             changed.append(n)
     if not changed:
         return {"names": [], "kappa_before": [], "kappa_after": []}
@@ -522,7 +632,7 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
     """Final adapter/model, κ spectrum, plots and reports (idempotent: a killed finalize is simply redone)."""
     files: dict[str, str] = {}
     if cfg.output.save_adapter:
-        method.save(out / "final" / "adapter.safetensors")
+        method.save(out / "final" / "adapter.safetensors", extra_metadata={"base_model": cfg.model})
         files["adapter"] = "final/adapter.safetensors"
     from ..training import fault_point
 

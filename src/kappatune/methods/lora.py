@@ -168,11 +168,11 @@ class LoRA(Method):
             self.merged = True
         return self.model
 
-    def save(self, path: Any) -> Any:
+    def save(self, path: Any, extra_metadata: dict[str, Any] | None = None) -> Any:
         if self.merged:
             raise ConfigError("the LoRA adapter was merged into the model; save the adapter before merge(), "
                               "or save the merged model with save_pretrained")
-        return super().save(path)
+        return super().save(path, extra_metadata)
 
     @classmethod
     def for_budget(
