@@ -133,7 +133,7 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     budget = (spec.budget if spec.budget is not None else cfg.budget) if spec.match_budget else None
     where = f"method {spec.display!r}"
     try:
-        targets = _spec_targets(spec, model, seed, progress)
+        targets = _spec_targets(spec, model, seed, progress, pool=budget is not None)
         if budget is not None:
             return methods.for_budget(spec.name, model, int(budget), targets, **opts)
         method = methods.get_method(spec.name, opts)
@@ -150,11 +150,11 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
 _SELECTION_KEYS = ("policy", "top_p", "num_modules", "threshold", "param_budget", "balance_types", "include", "exclude")
 
 
-def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress: bool | None) -> Any:
+def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress: bool | None, *, pool: bool = False) -> Any:
     """The :class:`~kappatune.selection.Selection` a method's ``targets`` section asks for (None without one).
 
     Works for every method that adapts selected tensors: the selection is handed to the method as its targets
-    (and, with a budget, as the candidate pool its ``for_budget`` ranks). Refused for full fine-tuning (which
+    (and, with a budget, ``pool=True``, as the candidate pool its ``for_budget`` ranks). Refused for full fine-tuning (which
     trains everything) and when the same knob is also given in ``options``.
     """
     t = spec.targets
@@ -186,8 +186,11 @@ def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress:
         include = [pool] if include is None else include + [pool]
         if policy == "all" and not t.exclude:
             return resolve_selection(model, names)
+    top_p = t.top_p
+    if pool and top_p is None and t.num_modules is None and t.threshold is None and t.param_budget is None:
+        top_p = 1.0  # a budget draws from every candidate in policy order (no default 20% cut first)
     return resolve_selection(
-        model, None, policy=policy, top_p=t.top_p, num_modules=t.num_modules, threshold=t.threshold,
+        model, None, policy=policy, top_p=top_p, num_modules=t.num_modules, threshold=t.threshold,
         param_budget=t.param_budget, balance_types=t.balance_types, seed=t.seed if t.seed is not None else seed,
         include=include, exclude=t.exclude, progress=bool(progress),
     )
@@ -212,7 +215,10 @@ def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"model {cfg.model}: its architecture does not support gradient checkpointing")
         # non-reentrant: works when the inputs do not require grad (frozen embeddings, adapters)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - transformers 4
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     for name, p in model.named_parameters():  # fail fast: NaN weights would only surface as a "diverged" loss
