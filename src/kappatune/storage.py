@@ -45,7 +45,8 @@ def fault_point(name: str) -> None:
 
     Atomic writes reach ``write:<path>`` halfway through writing their temporary file (so e.g.
     ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file); the training loop and the
-    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``. A real,
+    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``, ``kappatune train``
+    also ``export``. A real,
     uncatchable signal: nothing is flushed or cleaned up, as with an OOM kill or a pulled plug. Used by
     tests/test_faults.py and tests/test_harness.py; see docs/reliability.md.
     """
