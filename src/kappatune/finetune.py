@@ -72,7 +72,8 @@ def _train_config(
         if not data:
             raise ConfigError("train needs data (--data FILE_OR_CORPUS) or a config file")
         data_dict = {
-            "name": "train", "model": str(model), "tasks": [{"corpus": str(data), "text_field": text_field}],
+            "name": "train", "model": str(model),
+            "tasks": [{"corpus": str(data), "text_field": text_field, "name": _data_label(str(data))}],
             "control": None, "method": {"name": method, "options": dict(method_options or {})},
             "training": {"lr": 1e-4, "checkpoint_every": 50}, "eval": {"max_blocks": 32},
             "output": {"plots": False, "spectrum_plot": False},
@@ -129,6 +130,12 @@ def _train_config(
     if cfg.output_dir is None:
         raise ConfigError("train needs an output directory (--output DIR / output_dir)")
     return cfg, placeholder
+
+
+def _data_label(data: str) -> str:
+    """The task's name in tables and the card: a file's stem (``notes`` for ``notes.txt``), else the corpus name."""
+    p = Path(data)
+    return p.stem if p.suffix.lower() in (".txt", ".md", ".jsonl", ".json", ".csv", ".parquet", ".gz") else data
 
 
 def _steps_for_epochs(cfg: RunConfig, epochs: float, progress: bool) -> int:
