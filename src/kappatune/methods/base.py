@@ -235,7 +235,10 @@ class Method(ABC):
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
+                # clone: safetensors hands out views into the mapped file, aligned only as the header length
+                # allows; BLAS kernels may round differently on unaligned operands, and a resumed run must compute
+                # bitwise what an uninterrupted one does (in-memory tensors are allocator-aligned)
+                state = {k: fh.get_tensor(k).clone() for k in fh.keys()}
         except Exception as exc:  # safetensors raises its own error types on corrupt headers
             raise CacheError(f"adapter file {path} is corrupt or not safetensors: {exc}") from exc
         if meta.get("method") != self.name:
