@@ -15,9 +15,9 @@ if [ -n "$TORCH_SPEC" ] && ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "$TORCH_SPEC"
 fi
 python -m pip install -q -e ".[test]"
-# Built-in corpora "control" and "wordnet" come from Debian text packages, fetched with `apt-get download` into
-# the kappatune cache (nothing is installed); that needs apt's package lists, which a fresh machine may lack.
+# Built-in corpora "control" and "wordnet" and the labelled tasks come from Debian packages (`apt-get download` into
+# the kappatune cache; nothing is installed) and from apt's package lists, which a fresh machine may lack.
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! apt-cache show r-cran-janeaustenr >/dev/null 2>&1; then
-  apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed; built-in corpora control and wordnet cannot be fetched" >&2
+  apt-get update -qq >/dev/null 2>&1 || echo "warning: apt-get update failed; built-in corpora control and wordnet and the labelled tasks cannot be fetched" >&2
 fi
 python -c "import kappatune, torch; print(f'kappatune {kappatune.__version__} ready (torch {torch.__version__})')"

@@ -173,6 +173,10 @@ def test_cli_models_and_data_listings(capsys):
     for name in ("control", "shakespeare", "python-docs", "wordnet"):
         assert name in out
     assert main(["data", "--json"]) == 0
-    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    listing = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in listing["corpora"]}
     assert all(1 < r["base_perplexity"] < 100 for r in rows.values())
+    tasks = {r["name"]: r for r in listing["labelled_tasks"]}
+    assert {"debian-section", "wordnet-noun", "shakespeare-genre", "gcide-pos", "gcide-field"} <= set(tasks)
+    assert all(not r["cached"] and 0 < r["chance_accuracy"] < 1 for r in tasks.values())  # nothing built here
     assert rows["control"]["kind"] == "control"

