@@ -236,6 +236,10 @@ def train(
         if info.get("save") == save:
             logger.info(f"{out}: already trained and exported (--force to train again)")
             return _load_exported(out, cfg), {**results, "export": info}
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun only the main process exports
+        return (trained.merge() if trained is not None else None), results
     if trained is None:  # trained, but killed before the export finished: rebuild the method from the last stage
         trained = _rebuild(cfg, out)
     info = _export(cfg, out, trained, results, save, progress)
