@@ -248,8 +248,8 @@ class Method(ABC):
         if not (exact or robust):
             if strict:
                 raise CacheError(
-                    f"adapter {path} was trained on a different base model (weight fingerprint mismatch, also after "
-                    "rounding both to bfloat16); load it with strict=False (CLI: --force) if you are sure it fits"
+                    f"adapter {path} was trained on a different base model (weight fingerprint mismatch), not on these "
+                    "weights in another dtype either; if you are sure it fits, load it with strict=False"
                 )
             warnings.warn(f"adapter {path} was trained on a different base model (weight fingerprint mismatch); "
                           "loading it anyway (strict=False)", UserWarning, stacklevel=3)
