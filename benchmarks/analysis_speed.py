@@ -6,10 +6,14 @@ All three analyse the same weights in one run, one after the other:
 (b) one Llama-3-8B-shaped decoder layer (q/o 4096×4096, k/v 1024×4096, gate/up 14336×4096, down 4096×14336),
     random weights with a decaying spectrum (timing does not depend on the values).
 
-PEFT is timed with torch's default thread count and with one thread, and credited with the faster of the two
-(MKL's threaded SVD can be several times slower than one thread on a shared CPU). It checks that the three rank
-the tensors identically and ends with ``speedup_vs_peft: X.XX`` (best PEFT time / ours, on (b)).
-Usage: ``python benchmarks/analysis_speed.py [--real] [--skip-8b] [--skip-kappatune-loop]``.
+kappatune is timed twice: the full analysis (every figure) and the κ-only analysis that selection uses (what
+PEFT's selector computes). Every tool is timed ``--repeats`` times and credited with its best time (the CPU may be
+shared); PEFT on CPU also with one thread, credited with the faster. It checks that the tools rank the tensors
+identically and ends with ``speedup_vs_peft: X.XX`` (best PEFT time / kappatune κ-only, on (b)) and
+``speedup_vs_peft_smollm2: X.XX``. ``--device cuda`` runs both tools on the GPU; ``--out FILE`` also writes the
+output there. Standalone from a checkout (needs torch, transformers, peft, safetensors):
+``PYTHONPATH=src python benchmarks/analysis_speed.py --real --device cuda --out benchmarks/results/analysis_speed_gpu.txt``.
+Without the cached SmolLM2-135M, ``--real`` uses a random model of SmolLM2-135M's shapes (said in the output).
 """
 
 from __future__ import annotations
@@ -63,40 +67,62 @@ def llama3_8b_layer(seed: int = 0) -> nn.Module:
     return layer
 
 
-def time_it(fn):
-    t0 = time.perf_counter()
-    res = fn()
-    return time.perf_counter() - t0, res
+REPEATS = 3
 
 
-def compare(label: str, model: nn.Module, run_loop: bool) -> float:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_it(fn, repeats: int | None = None):
+    """Best wall time of ``repeats`` runs (and the last result)."""
+    best, res = math.inf, None
+    for _ in range(repeats or REPEATS):
+        _sync()
+        t0 = time.perf_counter()
+        res = fn()
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def _peft_kappas(model: nn.Module):
     from peft.helpers import KappaTuneSelector as PeftSelector
 
+    sel = PeftSelector(model, show_progress=False)
+    sel._compute_kappas()
+    return sel._condition_numbers
+
+
+def compare(label: str, model: nn.Module, run_loop: bool, device: str = "cpu") -> float:
     from kappatune.analysis import analyze_model
 
-    t_ours, rep = time_it(lambda: analyze_model(model, cache=False, progress=False))
+    model = model.to(device)
+    t_full, _ = time_it(lambda: analyze_model(model, cache=False, progress=False))
+    t_ours, rep = time_it(lambda: analyze_model(model, cache=False, progress=False, kappa_only=True))
     ours = {}
     for r in rep.records:
         for m in r.modules:
             ours[m] = r.kappa
-    sel = PeftSelector(model, show_progress=False)
-    t_peft_default, _ = time_it(sel._compute_kappas)
-    peft = sel._condition_numbers
-    # MKL's threaded SVD can be much slower than one thread on a shared CPU; PEFT is credited with its better time.
+    t_peft_default, peft = time_it(lambda: _peft_kappas(model))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sel1 = PeftSelector(model, show_progress=False)
-        t_peft_1, _ = time_it(sel1._compute_kappas)
-    finally:
-        torch.set_num_threads(threads)
+    t_peft_1 = math.inf
+    if device == "cpu":  # MKL's threaded SVD can be much slower than one thread on a shared CPU: credit the better
+        torch.set_num_threads(1)
+        try:
+            t_peft_1, _ = time_it(lambda: _peft_kappas(model))
+        finally:
+            torch.set_num_threads(threads)
     t_peft = min(t_peft_default, t_peft_1)
-    line = (f"[{label}] kappatune {t_ours:8.2f} s | peft KappaTuneSelector {t_peft_default:8.2f} s ({threads} threads), "
-            f"{t_peft_1:8.2f} s (1 thread) -> best {t_peft / t_ours:5.2f}x")
+    where = f"{threads} threads" if device == "cpu" else device
+    line = (f"[{label}] kappatune κ-only {t_ours:8.2f} s, full {t_full:8.2f} s | peft KappaTuneSelector "
+            f"{t_peft_default:8.2f} s ({where})" + (f", {t_peft_1:8.2f} s (1 thread)" if device == "cpu" else "")
+            + f" -> {t_peft / t_ours:5.2f}x (κ-only), {t_peft / t_full:5.2f}x (full)")
     if run_loop:
-        t_loop, loop = time_it(lambda: kappatune_reference_loop(model))
+        t_loop, loop = time_it(lambda: kappatune_reference_loop(model), 1)
         line += f" | kappaTune full-SVD loop {t_loop:8.2f} s ({t_loop / t_ours:5.2f}x)"
-    print(line)
+    print(line, flush=True)
 
     order_ours = sorted(ours, key=lambda k: ours[k])
     order_peft = sorted(peft, key=lambda k: peft[k])
@@ -113,30 +139,70 @@ def compare(label: str, model: nn.Module, run_loop: bool) -> float:
     return t_peft / t_ours
 
 
+def smollm2_shaped(seed: int = 0) -> nn.Module:
+    """A random model with SmolLM2-135M's architecture (for machines without the converted checkpoint)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s):
+        for st in self.streams:
+            st.write(s)
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both tools on the same device)")
+    ap.add_argument("--out", help="also write the output to this file")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per tool; the best time counts (default 3)")
     ap.add_argument("--skip-8b", action="store_true", help="only the tiny-llama case")
     ap.add_argument("--skip-kappatune-loop", action="store_true", help="skip the (slowest) full-SVD baseline")
     ap.add_argument("--real", action="store_true", help="also time the pretrained smollm2-135m (downloads it once)")
     args = ap.parse_args()
+    global REPEATS
+    REPEATS = args.repeats
+    import sys
+
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout = _Tee(sys.__stdout__, open(args.out, "w", buffering=1))
     from kappatune.models import build_tiny_llama
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    dev = args.device
+    gpu = f", {torch.cuda.get_device_name()}" if dev.startswith("cuda") else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}{gpu}; best of {REPEATS} runs per tool")
     tiny = build_tiny_llama(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                             num_key_value_heads=4, vocab_size=2048)
-    compare("tiny-llama (4 layers, d=512, random init)", tiny, not args.skip_kappatune_loop)
-    try:
-        from kappatune.models import load_model
+    compare("tiny-llama (4 layers, d=512, random init)", tiny, not args.skip_kappatune_loop, dev)
+    if args.real:
+        from kappatune.models import is_cached, load_model
 
-        if args.real:
-            real, _ = load_model("smollm2-135m")
-            compare("smollm2-135m (pretrained)", real, not args.skip_kappatune_loop)
-    except Exception as exc:  # the real model is optional here
-        print(f"[smollm2-135m] skipped: {exc}")
-    if args.skip_8b:
-        return
-    speedup = compare("Llama-3-8B layer", llama3_8b_layer(), not args.skip_kappatune_loop)
-    print(f"speedup_vs_peft: {speedup:.2f}")
+        if is_cached("smollm2-135m"):
+            real, label = load_model("smollm2-135m")[0], "smollm2-135m (pretrained)"
+        else:
+            real, label = smollm2_shaped(), "smollm2-135m shapes (random init; checkpoint not cached here)"
+        s2 = compare(label, real, not args.skip_kappatune_loop, dev)
+        del real
+    if not args.skip_8b:
+        speedup = compare("Llama-3-8B layer", llama3_8b_layer(), not args.skip_kappatune_loop, dev)
+    if args.real:
+        print(f"speedup_vs_peft_smollm2: {s2:.2f}")
+    if not args.skip_8b:
+        print(f"speedup_vs_peft: {speedup:.2f}")
 
 
 if __name__ == "__main__":

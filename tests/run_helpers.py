@@ -53,3 +53,42 @@ def tiny_run_config(corpora: dict[str, str], out: Path, *, name: str, training: 
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return cfg
+
+
+def write_sft(path: Path, key: str, n: int = 30, *, choices: bool = True) -> str:
+    """Write ``n`` supervised examples as JSON lines: a prompt of words from ``WORDS[key]`` and a response that is
+    one of two words decided by the prompt's first word (so it is learnable); returns the path."""
+    import json
+
+    rng = random.Random(f"sft-{key}")
+    words = WORDS[key]
+    answers = {"alpha": ["yes", "no"], "beta": ["up", "down"], "ctrl": ["left", "right"]}[key]
+    lines = []
+    for i in range(n):
+        ws = [rng.choice(words) for _ in range(rng.randint(4, 8))]
+        ex = {"prompt": f"{' '.join(ws)} ?", "response": answers[len(ws[0]) % 2], "id": i}
+        if choices:
+            ex["choices"] = answers
+        lines.append(json.dumps(ex))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def tiny_sft_config(corpora: dict[str, str], sft: dict[str, str], out: Path, **over: Any) -> dict:
+    """A two-task sft run config on tiny-llama (tasks ``sft['alpha']``, ``sft['beta']``, control = the ctrl corpus)."""
+    cfg = tiny_run_config(
+        corpora, out, name="sft",
+        training={"steps": 4, "batch_size": 4, "seq_len": 48, "lr": 3e-3, "checkpoint_every": 2},
+        eval={"max_blocks": 4, "batch_size": 8, "max_examples": 12},
+        output={"plots": False, "spectrum_plot": False},
+        num_threads=1,
+    )
+    cfg["tasks"] = [{"corpus": sft["alpha"], "name": "alpha", "type": "sft"},
+                    {"corpus": sft["beta"], "name": "beta", "type": "sft", "metrics": ["accuracy", "exact_match"]}]
+    for key, value in over.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg

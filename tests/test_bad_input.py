@@ -262,7 +262,7 @@ def test_unknown_keys_suggest_the_closest(corpora, tmp_path, capsys, over, messa
         ({"eval__max_blocks": -1}, "eval.max_blocks must be > 0"),
         ({"method__options__param_budget": 0}, "param_budget must be ≥ 1, got 0"),
         ({"method__options": {"num_modules": 0}}, "num_modules must be ≥ 1, got 0"),
-        ({"method": {"name": "lora", "options": {"rank": 0}}}, "rank must be a positive integer"),
+        ({"method": {"name": "lora", "options": {"rank": 0}}}, "method 'lora': rank must be ≥ 1, got 0"),
         ({"budget": 10**9}, "cannot land within ±10% of 1,000,000,000"),
     ],
 )

@@ -209,7 +209,8 @@ def test_force_starts_over_with_identical_results(reference, tmp_path):
     cfg = {**reference["config"], "output_dir": str(out)}
     again = run(cfg, force=True)
     assert _key_metrics(again) == _key_metrics(reference)
-    assert not (out / "checkpoints" / "stray.txt").exists()  # the run's own files were cleared first
+    # only the run's own files were cleared first: a user's file inside checkpoints/ is kept
+    assert (out / "checkpoints" / "stray.txt").read_text() == "x"
 
 
 # ---------------------------------------------------------------------------------------------------------------

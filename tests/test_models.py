@@ -95,7 +95,9 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tmp_path):
 
     def fake_from_pretrained(name, **kwargs):
         seen.append(kwargs.get("trust_remote_code"))
-        return build_tiny_llama()
+        model = build_tiny_llama()
+        # load_model asks for transformers' loading report (missing / unexpected weights)
+        return (model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}) if kwargs.get("output_loading_info") else model
 
     import transformers
 

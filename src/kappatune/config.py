@@ -41,6 +41,8 @@ __all__ = [
     "config_fingerprint",
     "SCHEDULES",
     "POLICIES",
+    "TASK_TYPES",
+    "METRICS",
 ]
 
 POLICIES = ("kappa", "snr", "random", "all")
@@ -53,13 +55,32 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 DTYPES = ("float32", "bfloat16")
 
 
+TASK_TYPES = ("lm", "sft")
+METRICS = ("ppl", "accuracy", "exact_match")
+
+
 @dataclass
 class TaskConfig:
-    """One corpus: a built-in name (see ``kappatune data list``) or a path to a text/JSONL/CSV file or directory."""
+    """One task (or control probe): its data and how to read and measure it.
+
+    ``type: lm`` (default): raw text — a built-in corpus name (``kappatune data``) or a .txt/.jsonl/.csv/.parquet
+    file; measured by perplexity. ``type: sft``: prompt → response examples (docs/data.md) — a built-in task name,
+    a .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` directory or a hub dataset ``NAME[:CONFIG]:SPLIT``;
+    trained with the loss on response tokens only; measured by ``metrics`` (``accuracy`` needs choices,
+    ``exact_match`` generates greedily, ``ppl`` is the response perplexity). Default metrics: ``[ppl]`` for lm,
+    ``[accuracy]`` for sft data with choices, else ``[ppl]``.
+    """
 
     corpus: str
     name: str | None = None  # label in tables; defaults to the corpus name
     text_field: str = "text"
+    type: str = "lm"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None  # chat data: a list of {role, content} (replaces prompt/response fields)
+    choices_field: str | None = None  # candidate responses (default: a "choices" field when the data has one)
+    chat_template: bool = True  # apply the tokenizer's chat template when it has one (sft)
+    metrics: list[str] | None = None
 
     @property
     def label(self) -> str:
@@ -150,6 +171,12 @@ class EvalConfig:
     # Early stopping on the stage's validation (task eval split) perplexity, read at every curve point: stop when
     # it has not improved for this many consecutive evaluations (0: off). Needs curve_every.
     early_stopping: int = 0
+    # Supervised (sft) tasks: the seeded three-way split (test = eval_fraction), the evaluated test examples and
+    # generation for exact_match.
+    validation_fraction: float = 0.1
+    max_examples: int | None = 200  # test examples evaluated per sft task (evenly spaced; None: all)
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=lambda: ["\n"])
 
 
 @dataclass
@@ -175,6 +202,7 @@ class CompareConfig:
     reference: str | None = None
     stage: int = 1
     step: int | None = None
+    baseline: str | None = None  # method label: every other method's paired per-seed differences against it
 
 
 @dataclass
@@ -184,7 +212,10 @@ class RunConfig:
     model: str
     tasks: list[TaskConfig]
     name: str = "run"
-    control: TaskConfig | None = field(default_factory=lambda: TaskConfig(corpus="control"))  # null: none
+    # The control suite: what the base model can already do, each probe reported as change from base. One task
+    # (``control: NAME`` as before) or a list; the first is the primary control (its perplexity is control_ppl).
+    # null: no control (a `kappatune train` without --control; the control metrics are then null)
+    control: Union[TaskConfig, list[TaskConfig], None] = field(default_factory=lambda: TaskConfig(corpus="control"))
     method: MethodSpec | None = None
     methods: list[MethodSpec] = field(default_factory=list)
     budget: int | None = None  # trainable-parameter target, matched by each method's for_budget
@@ -196,6 +227,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     output_dir: str | None = None  # default: runs/<name>
     trust_remote_code: bool = False
+    allow_missing_weights: bool = False  # load a checkpoint lacking weights of its architecture (new ones seeded)
     progress: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default); 1 is far faster on a busy small CPU
 
@@ -212,6 +244,12 @@ class RunConfig:
 
     def method_specs(self) -> list[MethodSpec]:
         return list(self.methods) if self.methods else ([self.method] if self.method else [])
+
+    def control_suite(self) -> list[TaskConfig]:
+        """The control probes (the first one is the primary control)."""
+        if self.control is None:  # no control (kappatune train without --control)
+            return []
+        return list(self.control) if isinstance(self.control, list) else [self.control]
 
     def learning_rate(self) -> float:
         """The learning rate of this (single-method) run: the method's ``lr`` if set, else ``training.lr``."""
@@ -258,6 +296,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"config: {where} must be {_type_name(tp)}, got null")
+        dc = [a for a in args if dataclasses.is_dataclass(a)]
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if dc and lists:  # e.g. control: a task or a list of tasks: keep the precise error of the shape given
+            return _convert(value, lists[0] if isinstance(value, (list, tuple)) else dc[0], where)
         errors = []
         for a in args:
             if a is type(None):
@@ -370,9 +412,32 @@ def _check_targets(t: TargetsConfig, where: str) -> None:
         raise ConfigError(f"config: {where}.threshold must be > 0, got {t.threshold!r}")
 
 
+def _check_task(t: TaskConfig, where: str) -> None:
+    if t.type not in TASK_TYPES:
+        raise ConfigError(f"config: {where}.type must be one of {', '.join(TASK_TYPES)}, got {t.type!r}")
+    if t.metrics is not None:
+        if not t.metrics:
+            raise ConfigError(f"config: {where}.metrics must list at least one of {', '.join(METRICS)}")
+        for m in t.metrics:
+            if m not in METRICS:
+                hint = difflib.get_close_matches(m, METRICS, n=1)
+                raise ConfigError(f"config: {where}.metrics: unknown metric {m!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                  + f"; choose from {', '.join(METRICS)}")
+        if t.type == "lm" and set(t.metrics) - {"ppl"}:
+            bad = sorted(set(t.metrics) - {"ppl"})[0]
+            raise ConfigError(f"config: {where}: metric {bad!r} needs a supervised task (type: sft); an lm task has only ppl")
+
+
 def _check_method(m: MethodSpec, where: str) -> None:
     if not m.name:
         raise ConfigError(f"config: {where}.name must name a method")
+    from .methods import METHODS, get_method
+
+    get_method(m.name)  # registers every method; an unknown name is an error suggesting the closest
+    try:  # each method's declared option schema (types, ranges, choices, aliases), before any model is loaded
+        METHODS[m.name].config_cls.from_dict(m.options)
+    except ConfigError as exc:
+        raise ConfigError(f"method {m.display!r}: {exc}") from None
     if m.targets is not None:
         _check_targets(m.targets, f"{where}.targets")
     _positive(m.budget, f"{where}.budget")
@@ -394,8 +459,20 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise ConfigError(f"config: task names must be unique, {dup[0]!r} appears twice (give each a 'name')")
-    if cfg.control is not None and cfg.control.label in labels:
-        raise ConfigError(f"config: the control corpus {cfg.control.label!r} is also a task; pick another control")
+    suite = cfg.control_suite()
+    if not suite and cfg.control is not None:
+        raise ConfigError("config: control must name at least one corpus or task (the control suite)")
+    probes = [c.label for c in suite]
+    for c in probes:
+        if c in labels:
+            raise ConfigError(f"config: the control {c!r} is also a task; pick another control")
+    dup = sorted({x for x in probes if probes.count(x) > 1})
+    if dup:
+        raise ConfigError(f"config: control names must be unique, {dup[0]!r} appears twice (give each a 'name')")
+    for i, t in enumerate(cfg.tasks):
+        _check_task(t, f"tasks[{i}]")
+    for i, t in enumerate(suite):
+        _check_task(t, "control" if not isinstance(cfg.control, list) else f"control[{i}]")
     if cfg.method is not None and cfg.methods:
         raise ConfigError("config: give either 'method' (one run) or 'methods' (a benchmark), not both")
     if cfg.method is None and not cfg.methods:
@@ -490,6 +567,15 @@ def validate_static(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"config: compare.stage {c.stage} has no learning curve: add it to eval.curve_stages")
     if not (0.0 < e.eval_fraction < 1.0):
         raise ConfigError(f"config: eval.eval_fraction must be in (0, 1), got {e.eval_fraction!r}")
+    if not (0.0 < e.validation_fraction < 1.0) or e.validation_fraction + e.eval_fraction >= 1.0:
+        raise ConfigError(f"config: eval.validation_fraction must be in (0, 1) with eval.validation_fraction + "
+                          f"eval.eval_fraction < 1, got {e.validation_fraction!r}")
+    _positive(e.max_examples, "eval.max_examples")
+    _positive(e.max_new_tokens, "eval.max_new_tokens", allow_none=False)
+    if c.baseline is not None and c.baseline not in disp:
+        hint = difflib.get_close_matches(c.baseline, disp, n=1)
+        raise ConfigError(f"config: compare.baseline {c.baseline!r} is not a method label of this config"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
     return cfg
 
 
@@ -571,6 +657,35 @@ def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> Run
     return validate_static(cfg)
 
 
+def _reject_duplicate_keys(text: str, path: Path) -> None:
+    """Refuse a mapping that repeats a key: YAML keeps only the last one, so a second ``training:`` section
+    would silently replace the whole first. Walks the composed node graph (no objects are constructed; shared
+    alias nodes are visited once, so an alias bomb stays cheap)."""
+    import yaml
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    k = (key.tag, key.value)
+                    if k in first:
+                        raise ConfigError(
+                            f"config file {path}: key {key.value!r} appears twice (lines {first[k].line + 1} and "
+                            f"{key.start_mark.line + 1}); YAML would silently keep only the last, merge them into one"
+                        )
+                    first[k] = key.start_mark
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config file (``yaml.safe_load``), apply overrides and validate statically."""
     import yaml
@@ -585,6 +700,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     try:
+        _reject_duplicate_keys(text, p)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -619,6 +735,18 @@ def config_fingerprint(cfg: RunConfig) -> str:
     for m in ([d.get("method")] if d.get("method") else []) + list(d.get("methods") or []):
         if isinstance(m, dict) and isinstance(m.get("targets"), dict) and m["targets"].get("modules") is None:
             m["targets"].pop("modules", None)
+    if not d.get("allow_missing_weights"):  # added later: the default leaves older runs' fingerprints unchanged
+        d.pop("allow_missing_weights", None)
     d["output"] = {}
+    # Keys added with supervised tasks drop out at their defaults, so configs written before them keep their
+    # fingerprint (and their run directories stay resumable).
+    task_defaults = {f.name: f.default for f in dataclasses.fields(TaskConfig) if f.name not in ("corpus", "name", "text_field")}
+    for t in d["tasks"] + (d["control"] if isinstance(d["control"], list) else [d["control"]] if d["control"] else []):
+        for k, v in task_defaults.items():
+            if t.get(k) == v:
+                t.pop(k)
+    for k, v in (("validation_fraction", 0.1), ("max_examples", 200), ("max_new_tokens", 32), ("stop", ["\n"])):
+        if d["eval"].get(k) == v:
+            d["eval"].pop(k)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,12 +1,27 @@
-"""Evaluation: token-weighted perplexity over token blocks, and log-likelihood accuracy on prompt/label pairs.
+"""Evaluation: token-weighted perplexity over token blocks, and the metrics of supervised (``sft``) tasks.
 
-Both run under ``torch.no_grad()`` in eval mode (the model's training flag is restored afterwards), in a fixed
-order with no sampling, so evaluating the same model on the same blocks twice gives the same number.
+* :func:`perplexity` / :func:`mean_nll` -- raw text in token blocks (``lm`` tasks).
+* :func:`choice_accuracy` -- ``accuracy``: every choice is scored by the summed log-probability of its tokens
+  after the prompt (lm-evaluation-harness's ``acc``); ``accuracy_norm`` divides each score by the choice's length
+  in characters first (lm-eval's ``acc_norm``). When every choice of an example is one token (after a shared
+  prefix, e.g. the space before it), one forward pass of the prompt scores them all (one pass per example, not
+  per choice).
+* :func:`exact_match` -- greedy generation (at most ``max_new_tokens``; cut at the first stop string, after
+  leading whitespace) compared with the response after SQuAD-style normalisation (:func:`normalize_answer`).
+* :func:`response_perplexity` -- ``ppl`` of an sft task: token-weighted perplexity of the response tokens (and the
+  EOS that ends them) given the prompt, exactly the tokens the training loss covers.
+* :func:`evaluate_sft` / :func:`evaluate` -- several metrics at once; :func:`lm_eval_tasks` -- the bridge to
+  lm-evaluation-harness (optional extra ``lm_eval``).
+
+Everything runs under ``torch.no_grad()`` in eval mode (the model's training flag is restored afterwards), in a
+fixed order with no sampling, so evaluating the same model on the same data twice gives the same number.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -14,7 +29,12 @@ from torch import nn
 
 from .errors import DataError
 
-__all__ = ["perplexity", "mean_nll", "accuracy", "evaluate"]
+__all__ = [
+    "perplexity", "mean_nll", "accuracy", "evaluate", "choice_accuracy", "exact_match", "response_perplexity",
+    "evaluate_sft", "normalize_answer", "lm_eval_tasks", "SFT_METRICS",
+]
+
+SFT_METRICS = ("accuracy", "exact_match", "ppl")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -49,10 +69,17 @@ def _check_blocks(blocks: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> float:
+def mean_nll(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity",
+             distributed: bool = False) -> float:
     """Mean next-token negative log-likelihood (nats) over every predicted token of every block.
 
     Token-weighted: each block of length T contributes T-1 predictions; sums are accumulated in float64.
+
+    ``distributed=True`` (every process of an initialised ``torch.distributed`` group calls it with the same
+    blocks): process ``r`` evaluates batches ``r, r + W, ...``, the per-batch sums are all-reduced into their
+    slots and added up in batch order, so the result is the single-process number (same batches, same order of
+    addition) at 1/W of the work per process. Every process runs the same number of forwards (a process short
+    of batches repeats one and discards it), which a sharded (FSDP) model needs for its collectives.
     """
     blocks = _check_blocks(blocks)
     if batch_size < 1:
@@ -66,27 +93,49 @@ def mean_nll(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bo
     from tqdm.auto import tqdm
 
     device = _device_of(model)
-    total, count = 0.0, 0
+    starts = list(range(0, blocks.shape[0], batch_size))
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+    rounds = -(-len(starts) // world)
+    sums = torch.zeros(len(starts), dtype=torch.float64)
     with _EvalMode(model):
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        for i in tqdm(range(rounds), desc=desc, unit="batch", disable=not progress, leave=False):
+            j = rank + i * world  # this process's i-th batch
+            start = starts[j] if j < len(starts) else starts[0]  # a spare forward keeps FSDP's collectives in step
             batch = blocks[start:start + batch_size].to(device)
             logits = model(input_ids=batch).logits[:, :-1, :].float()
             targets = batch[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
             )
-            total += float(nll.double())
-            count += targets.numel()
+            if j < len(starts):
+                sums[j] = nll.double().cpu()
+    if world > 1:
+        import torch.distributed as dist
+
+        # Each slot is written by exactly one process (the others hold 0.0), so the sum is exact.
+        buf = sums.to(device) if dist.get_backend() == "nccl" else sums
+        dist.all_reduce(buf)
+        sums = buf.cpu()
+    total = 0.0
+    for v in sums.tolist():  # batch order, as one process adds them
+        total += v
+    count = blocks.shape[0] * (blocks.shape[1] - 1)
     return total / count
 
 
-def perplexity(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True) -> float:
+def perplexity(model: nn.Module, blocks: Any, *, batch_size: int = 8, progress: bool = True, distributed: bool = False) -> float:
     """Token-weighted perplexity ``exp(mean NLL)`` of ``model`` on ``blocks`` (``[N, block_size]`` token ids).
 
     Deterministic, batched and gradient-free. Returns ``inf`` if the mean NLL overflows ``exp`` and ``nan`` if
     the model produced non-finite logits (a diverged model), never a silently clipped number.
+    ``distributed``: split the batches over the processes of ``torch.distributed`` (see :func:`mean_nll`).
     """
-    return _ppl(mean_nll(model, blocks, batch_size=batch_size, progress=progress))
+    return _ppl(mean_nll(model, blocks, batch_size=batch_size, progress=progress, distributed=distributed))
 
 
 def _ppl(nll: float) -> float:
@@ -187,6 +236,7 @@ def evaluate(
     text_field: str = "text",
     progress: bool = True,
     trust_remote_code: bool = False,
+    allow_missing_weights: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of a model (name/path or loaded model) on a corpus split; returns a JSON-ready summary.
 
@@ -200,7 +250,8 @@ def evaluate(
         model, name = model_name_or_model, getattr(getattr(model_name_or_model, "config", None), "name_or_path", "model")
     else:
         name = str(model_name_or_model)
-        model, tok = _models.load_model(name, trust_remote_code=trust_remote_code)
+        model, tok = _models.load_model(name, trust_remote_code=trust_remote_code,
+                                       allow_missing_weights=allow_missing_weights)
         tokenizer = tokenizer if tokenizer is not None else tok
     tokenizer = _data.get_tokenizer(tokenizer if tokenizer is not None else model)
     blocks = _data.build_blocks(
@@ -214,3 +265,371 @@ def evaluate(
         "blocks": int(blocks.shape[0]), "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "seed": seed,
         "eval_fraction": eval_fraction, "nll": nll, "perplexity": ppl,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised tasks.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _pad_of(tokenizer: Any) -> int:
+    from .data.tasks import _pad_id
+
+    return _pad_id(tokenizer)
+
+
+def _forward_rows(model: nn.Module, rows: Sequence[list[int]], pad: int, batch_size: int, progress: bool, desc: str,
+                  consume: Any) -> None:
+    """Run right-padded batches of ``rows`` (longest first, for even batches) and call ``consume(i, logp_row)``
+    with each row's log-probabilities ``[len(row), vocab]`` (float32, CPU)."""
+    from tqdm.auto import tqdm
+
+    device = _device_of(model)
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    with _EvalMode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+            chunk = order[start:start + batch_size]
+            width = max(len(rows[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, i in enumerate(chunk):  # right padding: the real tokens keep their positions
+                ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                mask[j, : len(rows[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logp = torch.log_softmax(logits.float(), -1).cpu()
+            for j, i in enumerate(chunk):
+                consume(i, logp[j, : len(rows[i])])
+
+
+def _check_examples(examples: Sequence[Any], what: str) -> list[dict[str, Any]]:
+    exs = list(examples)
+    if not exs:
+        raise DataError(f"{what} needs at least one example (an empty task)")
+    return exs
+
+
+@torch.no_grad()
+def choice_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[dict[str, Any]],
+    *,
+    chat_template: bool = True,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``accuracy`` and ``accuracy_norm`` (fractions in [0, 1]) of examples with ``choices`` (module docstring).
+
+    Ties go to the first choice. Prompts longer than ``max_length - len(choice)`` tokens are cut from the left.
+    """
+    from .data import get_tokenizer
+    from .data.tasks import encode_example
+
+    tokenizer = get_tokenizer(tokenizer)
+    exs = _check_examples(examples, "accuracy")
+    for i, ex in enumerate(exs):
+        if not ex.get("choices"):
+            raise DataError(f"accuracy needs choices, and example {i + 1} has none (metric accuracy on a task without choices)")
+        if ex["response"] not in ex["choices"]:
+            raise DataError(f"example {i + 1}: the response {ex['response']!r:.60} is not one of its choices")
+    rows: list[list[int]] = []
+    # targets[r] = [(example, choice, first scored position, continuation ids)]
+    targets: list[list[tuple[int, int, int, list[int]]]] = []
+    for e, ex in enumerate(exs):
+        enc = [encode_example(tokenizer, ex, chat_template=chat_template, add_eos=False, max_length=max_length, response=c)
+               for c in ex["choices"]]
+        conts = [c for _, c in enc]
+        shared = conts[0][:-1]
+        if all(p == enc[0][0] for p, _ in enc) and all(len(c) == len(shared) + 1 and c[:-1] == shared for c in conts):
+            # Single-token choices (after a shared prefix such as the delimiter): one pass over prompt + prefix
+            # scores every choice, its last token read at the final position.
+            p = enc[0][0]
+            rows.append(p + shared)
+            targets.append([(e, k, len(p) - 1, c) for k, c in enumerate(conts)])
+        else:
+            for k, (p, c) in enumerate(enc):
+                rows.append(p + c)
+                targets.append([(e, k, len(p) - 1, c)])
+    scores = [[0.0] * len(ex["choices"]) for ex in exs]
+
+    def consume(r: int, logp: torch.Tensor) -> None:
+        for e, k, pos, cont in targets[r]:
+            idx = torch.arange(pos, pos + len(cont))
+            scores[e][k] = float(logp[idx, torch.tensor(cont)].double().sum())
+
+    _forward_rows(model, rows, _pad_of(tokenizer), batch_size, progress, "accuracy", consume)
+    correct = correct_norm = 0
+    for e, ex in enumerate(exs):
+        gold = ex["choices"].index(ex["response"])
+        raw = scores[e]
+        norm = [s / max(1, len(c)) for s, c in zip(raw, ex["choices"])]
+        correct += max(range(len(raw)), key=lambda k: (raw[k], -k)) == gold
+        correct_norm += max(range(len(norm)), key=lambda k: (norm[k], -k)) == gold
+    return {"accuracy": correct / len(exs), "accuracy_norm": correct_norm / len(exs), "n": len(exs), "forward_rows": len(rows)}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style answer normalisation: lower case, no punctuation, no articles (a/an/the), single spaces."""
+    import re
+    import string
+
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    text = text.lstrip()
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+@torch.no_grad()
+def exact_match(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    chat_template: bool = True,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """``exact_match`` (fraction): greedy generation (``model.generate``, no sampling) from each prompt, cut at the
+    first ``stop`` string, compared with the response after :func:`normalize_answer`."""
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from .data import get_tokenizer
+    from .data.tasks import _eos_id, encode_example
+
+    tokenizer = get_tokenizer(tokenizer)
+    exs = _check_examples(examples, "exact_match")
+    if max_new_tokens < 1:
+        raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = [encode_example(tokenizer, ex, chat_template=chat_template, add_eos=False, max_length=max_length)[0] for ex in exs]
+    if max_length is not None:
+        prompts = [p[-max(1, max_length - max_new_tokens):] for p in prompts]
+    stops = [s for s in stop if s]
+
+    class _Stop(StoppingCriteria):  # per row: stop once the generated text holds a stop string
+        def __init__(self, start: int):
+            self.start = start
+
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kw: Any) -> torch.BoolTensor:
+            done = [any(s in tokenizer.decode(row[self.start:].tolist(), skip_special_tokens=True).lstrip() for s in stops)
+                    for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    pad, eos = _pad_of(tokenizer), _eos_id(tokenizer)
+    device = _device_of(model)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    preds: list[str] = [""] * len(exs)
+    with _EvalMode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc="exact_match", unit="batch", disable=not progress, leave=False):
+            chunk = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, i in enumerate(chunk):  # left padding: generation continues every row from its last real token
+                ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[j, width - len(prompts[i]):] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                num_beams=1, pad_token_id=pad, eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+                stopping_criteria=StoppingCriteriaList([_Stop(width)]) if stops else None,
+            )
+            for j, i in enumerate(chunk):
+                preds[i] = _cut(tokenizer.decode(out[j, width:].tolist(), skip_special_tokens=True), stops)
+    hits = [normalize_answer(p) == normalize_answer(ex["response"]) for p, ex in zip(preds, exs)]
+    res: dict[str, Any] = {"exact_match": sum(hits) / len(exs), "n": len(exs)}
+    if return_predictions:
+        res["predictions"] = preds
+    return res
+
+
+@torch.no_grad()
+def response_nll(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any]], *, chat_template: bool = True,
+                 batch_size: int = 8, max_length: int | None = None, progress: bool = True) -> tuple[float, int]:
+    """``(mean NLL in nats, token count)`` over the response tokens (+ EOS) of ``examples``, given their prompts."""
+    from .data import get_tokenizer
+    from .data.tasks import encode_example
+
+    tokenizer = get_tokenizer(tokenizer)
+    exs = _check_examples(examples, "ppl")
+    rows, plens = [], []
+    for ex in exs:
+        p, r = encode_example(tokenizer, ex, chat_template=chat_template, max_length=max_length)
+        rows.append(p + r)
+        plens.append(len(p))
+    acc = {"nll": 0.0, "n": 0}
+
+    def consume(i: int, logp: torch.Tensor) -> None:
+        row, pl = rows[i], plens[i]
+        idx = torch.arange(pl - 1, len(row) - 1)
+        acc["nll"] -= float(logp[idx, torch.tensor(row[pl:])].double().sum())
+        acc["n"] += len(row) - pl
+
+    _forward_rows(model, rows, _pad_of(tokenizer), batch_size, progress, "ppl", consume)
+    return acc["nll"] / acc["n"], acc["n"]
+
+
+def response_perplexity(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any]], **kw: Any) -> float:
+    """Token-weighted perplexity of the responses given the prompts (``ppl`` of an sft task)."""
+    return _ppl(response_nll(model, tokenizer, examples, **kw)[0])
+
+
+def evaluate_sft(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[dict[str, Any]],
+    metrics: Sequence[str] = ("accuracy",),
+    *,
+    chat_template: bool = True,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    progress: bool = True,
+) -> dict[str, float]:
+    """The requested ``metrics`` (``accuracy`` -- which adds ``accuracy_norm`` --, ``exact_match``, ``ppl``) of
+    ``model`` on ``examples``; accuracy-like values are fractions in [0, 1]."""
+    unknown = [m for m in metrics if m not in SFT_METRICS]
+    if unknown:
+        raise DataError(f"unknown metric {unknown[0]!r}; choose from {', '.join(SFT_METRICS)}")
+    out: dict[str, float] = {}
+    common = dict(chat_template=chat_template, batch_size=batch_size, max_length=max_length, progress=progress)
+    for m in metrics:
+        if m == "accuracy":
+            r = choice_accuracy(model, tokenizer, examples, **common)
+            out.update(accuracy=r["accuracy"], accuracy_norm=r["accuracy_norm"])
+        elif m == "exact_match":
+            out["exact_match"] = exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens, stop=stop, **common)["exact_match"]
+        else:
+            out["ppl"] = response_perplexity(model, tokenizer, examples, **common)
+    return out
+
+
+def evaluate_task(
+    model_name_or_model: Any,
+    data: Any,
+    *,
+    metrics: Sequence[str] = ("accuracy",),
+    split: str = "test",
+    tokenizer: Any = None,
+    max_examples: int | None = None,
+    seed: int = 0,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    messages_field: str | None = None,
+    choices_field: str | None = None,
+    chat_template: bool = True,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    stop: Sequence[str] = ("\n",),
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Metrics of a model (name/path or loaded model) on one split of a supervised task (a built-in task name, a
+    file, a datasets object...; see :func:`kappatune.data.load_task`); returns a JSON-ready summary.
+
+    ``split``: ``train`` / ``validation`` / ``test`` of the seeded split, or ``all``. ``max_examples`` keeps that
+    many evenly spaced examples.
+    """
+    from . import data as _data
+    from . import models as _models
+
+    if isinstance(model_name_or_model, nn.Module):
+        model, name = model_name_or_model, getattr(getattr(model_name_or_model, "config", None), "name_or_path", "model")
+    else:
+        name = str(model_name_or_model)
+        model, tok = _models.load_model(name, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    tokenizer = _data.get_tokenizer(tokenizer if tokenizer is not None else (name if name in ("tiny-llama", "tiny-moe") else model))
+    task = _data.load_task(data, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                           prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
+                           choices_field=choices_field, choices_required="accuracy" in metrics, progress=progress)
+    if split == "all":
+        exs = [e for s in ("train", "validation", "test") for e in task[s]]
+    else:
+        exs = task[split]
+    if max_examples is not None and max_examples < len(exs):
+        exs = [exs[(i * len(exs)) // max_examples] for i in range(max_examples)]
+    values = evaluate_sft(model, tokenizer, exs, metrics, chat_template=chat_template, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, stop=stop, progress=progress)
+    return {"model": name, "data": task.name, "source": task.source, "split": split, "examples": len(exs),
+            "chat_template": bool(chat_template and _data.tasks._has_template(tokenizer)), "seed": seed, **values}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness bridge.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hf_tokenizer(tokenizer: Any) -> Any:
+    """A ``transformers`` tokenizer for lm-eval: the byte tokenizer of the tiny models maps to ``ByT5Tokenizer``
+    (the same ids for every byte: byte + 3), any other tokenizer is passed through."""
+    from .data import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer(extra_ids=0)
+    return tokenizer
+
+
+def lm_eval_tasks(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-evaluation-harness ``tasks`` on the in-memory ``model`` (``lm_eval.models.huggingface.HFLM``).
+
+    ``include_path``: a directory of extra task YAMLs (local tasks, e.g. over a local jsonl). Returns
+    ``{task: {metric: value}}`` with lm-eval's metric names (``acc``, ``acc_norm``, ...; fractions) and no
+    ``_stderr`` entries. Needs the optional extra: ``pip install 'kappatune[lm_eval]'``.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise DataError(f"the lm-eval bridge needs lm-evaluation-harness: pip install 'kappatune[lm_eval]' ({exc.name} is missing)") from None
+    if include_path is not None and not Path(include_path).is_dir():
+        raise DataError(f"lm-eval include path {include_path} is not a directory of task YAMLs")
+    # Indexing lm-eval's thousands of built-in task YAMLs takes a minute on a small CPU: skip it when every task
+    # asked for is a local one.
+    local = set()
+    if include_path is not None:
+        local = {m.group(1) for f in Path(include_path).rglob("*.y*ml")
+                 for m in [__import__("re").search(r"(?m)^task:\s*['\"]?([\w.-]+)", f.read_text("utf-8", "replace"))] if m}
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None, verbosity="ERROR",
+                          include_defaults=not set(tasks) <= local)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
+        raise DataError(f"lm-eval has no task {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + ("" if include_path else "; local task YAMLs need --lm-eval-include DIR"))
+    lm = HFLM(pretrained=model, tokenizer=_hf_tokenizer(tokenizer), batch_size=batch_size)
+    with _EvalMode(model):
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=False, verbosity="ERROR")
+    out: dict[str, dict[str, float]] = {}
+    for task, vals in (res or {}).get("results", {}).items():
+        out[task] = {k.split(",")[0]: float(v) for k, v in vals.items()
+                     if "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out

@@ -53,7 +53,7 @@ def _train_config(
     lr: float | None, batch_size: int | None, seq_len: int | None, control: str | None, text_field: str,
     eval_every: int, early_stopping: int, eval_blocks: int | None, optimizer: str | None, dtype: str | None,
     gradient_checkpointing: bool | None, checkpoint_every: int | None, seed: int, num_threads: int | None,
-    overrides: Sequence[str],
+    overrides: Sequence[str], sft: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, bool]:
     """The run config of a train: from ``config`` (a YAML path, dict or RunConfig with exactly one task), or
     built from the arguments. Arguments given explicitly override the config's values. Also says whether the
@@ -73,7 +73,7 @@ def _train_config(
             raise ConfigError("train needs data (--data FILE_OR_CORPUS) or a config file")
         data_dict = {
             "name": "train", "model": str(model),
-            "tasks": [{"corpus": str(data), "text_field": text_field, "name": _data_label(str(data))}],
+            "tasks": [_task_entry(str(data), text_field, sft)],
             "control": None, "method": {"name": method, "options": dict(method_options or {})},
             "training": {"lr": 1e-4, "checkpoint_every": 50}, "eval": {"max_blocks": 32},
             "output": {"plots": False, "spectrum_plot": False},
@@ -132,6 +132,33 @@ def _train_config(
     return cfg, placeholder
 
 
+def _is_sft_data(data: str, task_type: str | None, prompt_field: str, messages_field: str | None) -> bool:
+    """Whether ``data`` is read as supervised examples: asked for (``task_type``), a built-in sft task, or a
+    .jsonl/.json/.csv file whose first records have the prompt (or messages) field; else raw text."""
+    from .data import BUILTIN_CORPORA, BUILTIN_TASKS
+
+    if task_type is not None:
+        if task_type not in ("lm", "sft"):
+            raise ConfigError(f"task type must be lm or sft, got {task_type!r}")
+        return task_type == "sft"
+    if messages_field or data in BUILTIN_TASKS:
+        return True
+    if data in BUILTIN_CORPORA:
+        return False
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv"):
+        head = path.read_text("utf-8", "replace")[:4096]
+        return f'"{prompt_field}"' in head or prompt_field in head.split("\n", 1)[0].split(",")
+    return False
+
+
+def _task_entry(data: str, text_field: str, sft: dict[str, Any] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"corpus": data, "text_field": text_field, "name": _data_label(data)}
+    if sft is not None:  # supervised: prompt -> response examples through the harness's sft task loader
+        entry.update(type="sft", **{k: v for k, v in sft.items() if v is not None})
+    return entry
+
+
 def _data_label(data: str) -> str:
     """The task's name in tables and the card: a file's stem (``notes`` for ``notes.txt``), else the corpus name."""
     p = Path(data)
@@ -147,6 +174,13 @@ def _steps_for_epochs(cfg: RunConfig, epochs: float, progress: bool) -> int:
         raise ConfigError(f"epochs must be > 0, got {epochs}")
     tok = builtin_tokenizer(cfg.model) if cfg.model in BUILTIN_MODELS else kdata.get_tokenizer(cfg.model)
     task = cfg.tasks[0]
+    if task.type == "sft":  # one step per batch of training examples
+        t = kdata.load_task(task.corpus, name=task.label, seed=cfg.eval.split_seed,
+                            validation_fraction=cfg.eval.validation_fraction, test_fraction=cfg.eval.eval_fraction,
+                            prompt_field=task.prompt_field, response_field=task.response_field,
+                            messages_field=task.messages_field, choices_field=task.choices_field, progress=progress)
+        n = len(t["train"]) if cfg.training.max_train_blocks is None else min(len(t["train"]), cfg.training.max_train_blocks)
+        return max(1, math.ceil(epochs * n / cfg.training.batch_size))
     blocks = kdata.build_blocks(task.corpus, tok, cfg.training.seq_len, split="train", seed=cfg.eval.split_seed,
                                 eval_fraction=cfg.eval.eval_fraction, max_blocks=cfg.training.max_train_blocks,
                                 text_field=task.text_field, progress=progress)
@@ -187,6 +221,13 @@ def train(
     force: bool = False,
     progress: bool = True,
     overrides: Sequence[str] = (),
+    task_type: str | None = None,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    messages_field: str | None = None,
+    choices_field: str | None = None,
+    chat_template: bool = True,
+    metrics: Sequence[str] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Fine-tune ``model`` on ``data`` and write a loadable model directory; returns ``(trained model, results)``.
 
@@ -197,6 +238,10 @@ def train(
     ``policy`` (default ``kappa``) and ``top_p`` (default 0.2) / ``num_modules``, or ``targets`` (PEFT
     ``target_modules`` semantics: names or suffixes, or one regex); ``param_budget``: trainable parameters,
     matched within ±10% by the method's knob. Length: ``steps`` or ``epochs`` (default 1 epoch).
+    Supervised data (``task_type="sft"``, or detected: a built-in sft task or a file whose records have
+    ``prompt_field``): prompt → response examples, loss on the response tokens only, through the same task loader
+    as ``kappatune run`` (``response_field``, ``messages_field``, ``choices_field``, ``chat_template``, ``metrics``
+    e.g. ``["accuracy"]``); otherwise raw text documents of ``text_field``.
     ``eval_every``: validation perplexity (the data's held-out split) every N steps; ``early_stopping``: stop after
     that many validations without improvement. ``control``: a corpus whose perplexity change from the base
     model is reported (what the model forgot). ``optimizer``: adamw | adafactor | sgd; ``dtype``: float32 |
@@ -220,6 +265,10 @@ def train(
         early_stopping=early_stopping, eval_blocks=eval_blocks, optimizer=optimizer, dtype=dtype,
         gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
         num_threads=num_threads, overrides=overrides,
+        sft=(dict(prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
+                  choices_field=choices_field, chat_template=chat_template, metrics=list(metrics) if metrics else None)
+             if data is not None and config is None and _is_sft_data(str(data), task_type, prompt_field, messages_field)
+             else None),
     )
     if epochs is not None or no_length:  # default: one epoch
         from dataclasses import replace

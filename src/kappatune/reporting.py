@@ -31,6 +31,14 @@ __all__ = [
 
 # metric key -> (label, better direction) ; "lower"/"higher"/"" (informational)
 METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "acc": ("ACC (accuracy, pts)", "higher"),
+    "bwt_acc": ("BWT (accuracy, pts)", "higher"),
+    "fwt_acc": ("FWT (accuracy, pts)", "higher"),
+    "avg_forgetting_acc": ("avg forgetting (accuracy, pts)", "lower"),
+    "em": ("exact match (pts)", "higher"),
+    "bwt_em": ("BWT (exact match, pts)", "higher"),
+    "fwt_em": ("FWT (exact match, pts)", "higher"),
+    "avg_forgetting_em": ("avg forgetting (exact match, pts)", "lower"),
     "final_avg_task_ppl": ("final avg task ppl", "lower"),
     "task_gain_pct": ("task gain %", "higher"),
     "learning_gain_pct": ("gain right after each stage %", "higher"),
@@ -115,7 +123,26 @@ def metrics_table(results: dict[str, Any]) -> str:
             rows.append([label, fmt(m[key]), better and f"{better} is better"])
     for task, f in (m.get("forgetting_per_task") or {}).items():
         rows.append([f"forgetting {task} (ppl)", fmt(f), "lower is better"])
+    for short, name in (("acc", "accuracy"), ("em", "exact match")):
+        for task, f in (m.get(f"forgetting_{short}_per_task") or {}).items():
+            rows.append([f"forgetting {task} ({name}, pts)", fmt(f), "lower is better"])
+    for probe, vals in (m.get("control_suite") or {}).items():
+        for metric, v in vals.items():
+            unit = "%" if v.get("unit") == "%" else " pts"
+            rows.append([f"control {probe} {metric}: {fmt(v['base'])} -> {fmt(v['final'])}", f"{v['change']:+.2f}{unit}",
+                         "change from base"])
     return _md(rows, ["metric", "value", ""])
+
+
+SCORE_NAMES = {"accuracy": "accuracy", "accuracy_norm": "length-normalised accuracy", "exact_match": "exact match"}
+
+
+def score_table(results: dict[str, Any], metric: str) -> str:
+    """The forgetting matrix of an accuracy-like metric (in %, higher is better; – where a task lacks it)."""
+    rows = []
+    for label, row in zip(results["matrix"]["rows"], results["matrix"][metric]):
+        rows.append([label, *("–" if v is None else f"{100 * v:.1f}" for v in row)])
+    return _md(rows, [f"{SCORE_NAMES.get(metric, metric)} % after", *results["tasks"]])
 
 
 def stage_table(results: dict[str, Any]) -> str:
@@ -152,13 +179,21 @@ def run_markdown(results: dict[str, Any]) -> str:
         "",
         forgetting_table(results),
         "",
+    ]
+    for metric in SCORE_NAMES:
+        if metric in results["matrix"]:
+            lines += [f"## Forgetting matrix ({SCORE_NAMES[metric]}, % of the test examples)", "", score_table(results, metric), ""]
+    lines += [
         "## Metrics",
         "",
         metrics_table(results),
         "",
         "BWT = mean over earlier tasks of (ppl right after learning it − final ppl): negative means forgetting. "
         "Forgetting of a task = final ppl − best ppl it had after being learned (positive = forgot). "
-        "Task gain % = mean relative ppl drop from the base model, control Δ% = relative control ppl change.",
+        "Task gain % = mean relative ppl drop from the base model, control Δ% = relative control ppl change. "
+        "Accuracy metrics (points): ACC = mean final accuracy, BWT = mean of (final − right after learning), "
+        "FWT = mean of (before learning − base), forgetting = best accuracy at an earlier stage − final "
+        "(docs/harness.md).",
         "",
         "## Stages",
         "",
@@ -210,6 +245,18 @@ def bench_markdown(bench: dict[str, Any]) -> str:
             task_rows.append([m["label"], t, _pm(stat)])
     if task_rows:
         lines += ["## Final perplexity per task", "", _md(task_rows, ["method", "task", "final ppl"]), ""]
+    pr = bench.get("paired")
+    if pr:
+        rows = []
+        for label, diffs in pr["methods"].items():
+            for k, d in diffs.items():
+                if d.get("mean") is None or k not in METRIC_LABELS and not k.startswith("probe_"):
+                    continue
+                ci = d.get("ci")
+                rows.append([label, METRIC_LABELS.get(k, (k, ""))[0], fmt(d["mean"]),
+                             f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "–", d["n"], "yes" if d.get("significant") else "no"])
+        lines += [f"## Paired per-seed differences against {pr['baseline']} (method − {pr['baseline']}, 95% t interval)", "",
+                  _md(rows, ["method", "metric", "mean difference", "95% interval", "seeds", "interval excludes 0"]), ""]
     eq = bench.get("equal_quality")
     if eq:
         lines += [equal_quality_markdown(eq), ""]
@@ -262,6 +309,27 @@ def plot_forgetting_heatmap(results: dict[str, Any], path: str | Path) -> Path:
             ax.text(j, i, f"{fmt(float(arr[i, j]))}\n({rel[i, j]:+.1f}%)", ha="center", va="center", fontsize=7)
     ax.set_title("Perplexity after each stage (colour: % change vs base; red = worse)", fontsize=9)
     fig.colorbar(im, ax=ax, label="% change vs base")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_score_heatmap(results: dict[str, Any], metric: str, path: str | Path) -> Path:
+    """Heat map of an accuracy-like forgetting matrix (%, higher is better; blank where a task lacks the metric)."""
+    import numpy as np
+
+    plt = _plt()
+    tasks = list(results["tasks"])
+    arr = np.asarray([[np.nan if v is None else 100 * v for v in r] for r in results["matrix"][metric]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(tasks), 1.2 + 0.6 * arr.shape[0]))
+    im = ax.imshow(arr, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(arr.shape[0]), results["matrix"]["rows"], fontsize=8)
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            if np.isfinite(arr[i, j]):
+                ax.text(j, i, f"{arr[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_title(f"{SCORE_NAMES.get(metric, metric).capitalize()} % after each stage", fontsize=9)
+    fig.colorbar(im, ax=ax, label="%")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -345,6 +413,18 @@ def plot_learning_curves(bench: dict[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, pts in curves.items():
         ax.plot([p["task_ppl"] for p in pts], [p["control_ppl"] for p in pts], marker="o", ms=3, label=label)
+    pr = bench.get("paired")
+    if pr:
+        rows = []
+        for label, diffs in pr["methods"].items():
+            for k, d in diffs.items():
+                if d.get("mean") is None or k not in METRIC_LABELS and not k.startswith("probe_"):
+                    continue
+                ci = d.get("ci")
+                rows.append([label, METRIC_LABELS.get(k, (k, ""))[0], fmt(d["mean"]),
+                             f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "–", d["n"], "yes" if d.get("significant") else "no"])
+        lines += [f"## Paired per-seed differences against {pr['baseline']} (method − {pr['baseline']}, 95% t interval)", "",
+                  _md(rows, ["method", "metric", "mean difference", "95% interval", "seeds", "interval excludes 0"]), ""]
     eq = bench.get("equal_quality")
     if eq:
         ax.axvline(eq["mean_target_task_ppl"], color="gray", ls="--", lw=1, label=f"target ({eq['reference']})")

@@ -162,6 +162,9 @@ def select_from_report(
     if policy not in POLICIES:
         raise ConfigError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
     _validate_budget(top_p, num_modules, threshold, param_budget, policy)
+    if policy == "snr" and report.settings.get("kappa_only"):
+        raise ConfigError("the snr policy needs the full spectrum, but this analysis is κ-only (kappa_only=True); "
+                          "analyse again without kappa_only")
     candidates = [r for r in report.records if r.kind in kinds]
     if not candidates:
         raise ConfigError(f"no candidate tensor of kind {', '.join(kinds)} in the analysis; nothing to select")
@@ -245,6 +248,8 @@ def select_targets(
     if isinstance(model, SpectrumReport):
         report = model
     else:
+        # Only the snr policy needs the whole spectrum; the others use the faster κ-only analysis.
+        analysis_kwargs.setdefault("kappa_only", policy != "snr")
         report = analyze_model(model, include=include, exclude=exclude, progress=progress, **analysis_kwargs)
     return select_from_report(report, policy, top_p=top_p, num_modules=num_modules, threshold=threshold,
                               param_budget=param_budget, balance_types=balance_types, seed=seed, kinds=kinds)
@@ -298,7 +303,7 @@ class KappaTuneSelector:
         if self._condition_numbers is not None:
             return
         report = analyze_model(self.model, max_dim_size=self.max_dim_size_to_analyze,
-                               moe_suffixes=self.moe_param_suffixes, progress=self.show_progress)
+                               moe_suffixes=self.moe_param_suffixes, progress=self.show_progress, kappa_only=True)
         by_name = report.by_name()
         self._condition_numbers = {}
         head = tied_head_modules(self.model, tied_only=False) if self.exclude_head else set()

@@ -28,6 +28,7 @@ __all__ = [
     "fingerprint_model",
     "sha256_file",
     "fault_point",
+    "DirectoryLock",
 ]
 
 _UMASK = os.umask(0o022)  # read the process umask once (os.umask can only be read by setting it)
@@ -46,12 +47,16 @@ def fault_point(name: str) -> None:
     Atomic writes reach ``write:<path>`` halfway through writing their temporary file (so e.g.
     ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file); the training loop and the
     harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``, ``kappatune train``
-    also ``export``. A real,
+    also ``export``. With ``$KAPPATUNE_FAULT_RANK`` set, only the process of that ``RANK`` (torchrun / accelerate
+    launch) is killed. A real,
     uncatchable signal: nothing is flushed or cleaned up, as with an OOM kill or a pulled plug. Used by
     tests/test_faults.py and tests/test_harness.py; see docs/reliability.md.
     """
     spec = os.environ.get("KAPPATUNE_FAULT")
     if not spec:
+        return
+    only = os.environ.get("KAPPATUNE_FAULT_RANK")  # multi-process runs: kill only the process of this RANK
+    if only is not None and os.environ.get("RANK", "0") != only:
         return
     pattern, _, count = spec.rpartition(":")
     if not count.isdigit():  # no ":N": the first time
@@ -203,3 +208,47 @@ def _fingerprint_bf16(model: torch.nn.Module) -> str:
         if t.numel():
             h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+class DirectoryLock:
+    """An exclusive, advisory lock on a directory that one kappatune process writes (a run or bench directory).
+
+    ``fcntl.flock`` on ``$KAPPATUNE_CACHE/locks/<hash of the directory's real path>.lock`` (outside the directory,
+    which stays exactly as the run leaves it; created if needed and never deleted, so that it cannot race): the
+    kernel drops the lock when the holder exits, however it exits (even ``SIGKILL``), so a stale lock never
+    blocks a resume. A second process gets one clear :class:`KappaTuneError` naming the holder's pid. On systems
+    without ``fcntl`` (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str = "run"):
+        self.directory, self.what = Path(directory), what
+        self._fh: Any = None
+
+    def __enter__(self) -> "DirectoryLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        key = hashlib.sha256(os.path.realpath(self.directory).encode()).hexdigest()[:32]
+        fh = open(cache_dir("locks") / f"{key}.lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise KappaTuneError(
+                f"{self.directory} is in use by another kappatune process ({holder}); wait for it to finish, "
+                f"or choose another output_dir (two writers would overwrite each other's {self.what})"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the flock
+            self._fh = None

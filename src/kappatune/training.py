@@ -58,6 +58,12 @@ __all__ = [
     "PeakMemory",
     "fault_point",
     "optimizer_class",
+    "fsdp_requested",
+    "is_sharded",
+    "shard_model",
+    "gather_trained_state",
+    "optimizer_state_bytes",
+    "per_rank",
 ]
 
 
@@ -119,10 +125,31 @@ def batch_schedule(num_blocks: int, batch_size: int, steps: int, *, seed: int, s
 # Accelerate.
 # ---------------------------------------------------------------------------------------------------------------
 
+def _has_gpu() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
-    """An :class:`accelerate.Accelerator` (reads the environment set by ``accelerate launch`` / ``torchrun``)."""
+    """An :class:`accelerate.Accelerator` (reads the environment set by ``accelerate launch`` / ``torchrun``).
+
+    ``fp16`` on a CPU-only machine would be accepted by accelerate and change nothing (it has no CPU fp16
+    autocast): it is replaced by ``"no"`` with a warning, so ``accelerator.mixed_precision`` — which the harness
+    records in ``results.json`` — is what actually ran. (``bf16`` does autocast on CPU.)
+
+    Under an FSDP launch (:func:`fsdp_requested`) on a machine without CUDA, ``cpu=True`` is forced: accelerate's
+    FSDP launcher does not pass ``use_cpu`` on, and without it the processes would not even form a process group.
+    """
     from accelerate import Accelerator
 
+    if cpu is None and fsdp_requested() and not torch.cuda.is_available():
+        cpu = True
+    if mixed_precision == "fp16" and (cpu or not _has_gpu()):
+        warnings.warn("training.mixed_precision fp16 needs a GPU; this machine has none, so training runs in full "
+                      "precision (fp32); use bf16 for mixed precision on a CPU", stacklevel=2)
+        mixed_precision = "no"
     kwargs: dict[str, Any] = {"mixed_precision": mixed_precision}
     if cpu is not None:
         kwargs["cpu"] = cpu
@@ -171,6 +198,195 @@ class PeakMemory:
     def to_dict(self) -> dict[str, float]:
         gpu = round(self.peak_cuda / 2**20, 1) if torch.cuda.is_available() else None
         return {"peak_rss_mb": round(self.peak_rss / 2**20, 1), "peak_gpu_mb": gpu}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding (FSDP2).
+# ---------------------------------------------------------------------------------------------------------------
+#
+# kappatune applies ``torch.distributed.fsdp.fully_shard`` itself instead of letting ``Accelerator.prepare`` do it:
+# accelerate 1.15 turns FSDP on only for GPU-type backends (a CPU/gloo launch silently falls back to plain
+# data parallelism), and a sharded model has to exist *before* the per-stage optimizer is built, while
+# accelerate wants model and optimizer together. The settings are the ones ``accelerate launch --config_file
+# configs/accelerate/fsdp.yaml`` exports (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_RESHARD_AFTER_FORWARD``,
+# ``FSDP_TRANSFORMER_CLS_TO_WRAP``), so the same config file means the same thing on CPUs and GPUs.
+
+def fsdp_requested() -> bool:
+    """Whether this process was launched for FSDP (``ACCELERATE_USE_FSDP=true``, as ``accelerate launch`` with an
+    FSDP config sets it; set it yourself under ``torchrun``). Raises :class:`ConfigError` for FSDP version 1."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true", "yes"):
+        return False
+    version = os.environ.get("FSDP_VERSION", "2")
+    if version != "2":
+        raise ConfigError(f"FSDP version {version} requested: kappatune shards with FSDP2 (fully_shard); set fsdp_version: 2")
+    return True
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has been through ``fully_shard`` (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _layer_classes(model: torch.nn.Module) -> set[str]:
+    env = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").strip()
+    if env:
+        return {c.strip() for c in env.split(",") if c.strip()}
+    names: set[str] = set()
+    for m in model.modules():  # a PEFT wrapper has none itself; the transformers model inside it does
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
+
+
+def shard_model(method: Any, accelerator: Any, *, mixed_precision: str = "no") -> torch.nn.Module:
+    """Shard ``method.model`` in place with FSDP2: one unit per decoder layer, then the root (embeddings, final
+    norm, head; tied weights stay one tensor). Idempotent. Call after ``method.prepare`` (and after loading any
+    stage checkpoint), before building an optimizer: the optimizer then holds only this rank's shard of each
+    trainable tensor, and frozen tensors get no gradient and no state (FSDP2 accepts units mixing trainable and
+    frozen parameters). Raises :class:`ConfigError` for a method that declares it cannot be sharded.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = method.model
+    if is_sharded(model):
+        return model
+    reason = getattr(method, "fsdp_unsupported", None)
+    if reason:
+        raise ConfigError(f"method {method.name!r} cannot be trained under FSDP: {reason}; run it without FSDP (DDP or one process)")
+    if mixed_precision == "fp16":
+        raise ConfigError("training.mixed_precision fp16 is not supported under FSDP (it needs a sharded gradient scaler); use bf16")
+    classes = _layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ConfigError(
+            f"FSDP: no decoder layer to shard in {type(model).__name__} (looked for {sorted(classes) or 'the model _no_split_modules'}); "
+            "set fsdp_transformer_layer_cls_to_wrap in the accelerate config"
+        )
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("1", "true", "yes")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather_trained_state(method: Any) -> dict[str, torch.Tensor]:
+    """``method.trained_state()`` with every sharded tensor gathered to its full value (on CPU).
+
+    Under FSDP this is a collective: every rank must call it, in the same order; unsharded models just return
+    the method's own state.
+    """
+    state = method.trained_state()
+    if not is_sharded(method.model):
+        return state
+    return {k: _full(v).detach().cpu().contiguous() for k, v in state.items()}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state tensors held by *this* process (a DTensor counts its local shard only)."""
+    from torch.distributed.tensor import DTensor
+
+    opt = getattr(optimizer, "optimizer", optimizer)
+    total = 0
+    for st in opt.state.values():
+        for t in st.values():
+            if isinstance(t, DTensor):
+                t = t.to_local()
+            if isinstance(t, torch.Tensor) and t.ndim > 0:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def per_rank(accelerator: Any, value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (one element without distribution). A collective."""
+    if accelerator.num_processes <= 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * accelerator.num_processes
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _sharded_options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def save_sharded_checkpoint(
+    root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    *, meta: dict[str, Any], accelerator: Any,
+) -> Path:
+    """The FSDP counterpart of :func:`save_checkpoint` (a collective: every rank calls it).
+
+    ``step-N/dcp/`` holds the trainable tensors and their optimizer state as ``torch.distributed.checkpoint``
+    shards (each rank writes its own; frozen tensors are not saved), ``state-R.pt`` each rank's RNG and the
+    scheduler; rank 0 writes ``meta.json`` with the checksum of every file last, after all ranks finished,
+    so a rank killed mid-write leaves the previous checkpoint the newest valid one. The checkpoint directory
+    must be on a filesystem every rank sees (as DCP itself requires).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    step = int(meta["step"])
+    d = Path(root) / f"step-{step:06d}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        d.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    fault_point("checkpoint_write")
+    # The optimizer itself, not an inner one: SelectiveOptimizer shares its param_groups with its inner
+    # optimizer and must see the load (in load_sharded_checkpoint) to keep sharing them.
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_sharded_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(d / "dcp"))
+    blob = {"rng": get_rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(d / f"state-{rank}.pt", buf.getvalue())
+    fault_point("checkpoint_write")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "meta.json")
+        full = {**meta, "processes": accelerator.num_processes,
+                "files": {str(p.relative_to(d)): sha256_file(p) for p in files}}
+        atomic_write_json(d / "meta.json", full)
+        remove_checkpoints(root, keep=d)
+    accelerator.wait_for_everyone()
+    return d
+
+
+def load_sharded_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                            *, accelerator: Any) -> None:
+    """Restore a checkpoint written by :func:`save_sharded_checkpoint` into the sharded model and a freshly built
+    optimizer (DCP reshards when the number of processes changed). Never unpickles."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_sharded_options())
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(directory / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_sharded_options(strict=False))
+    f = directory / f"state-{accelerator.process_index}.pt"
+    if not f.is_file():  # resumed on more processes than wrote it: take rank 0's RNG
+        f = directory / "state-0.pt"
+    try:
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CacheError(f"checkpoint {f} cannot be read safely: {exc}") from exc
+    if scheduler is not None and blob.get("scheduler") is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,9 +555,34 @@ class StageResult:
     resumed_from_step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)  # what ``on_step`` returned, with its step
     stopped_early: bool = False  # ``stop_when`` ended the stage before ``steps`` (then ``steps`` is the steps done)
+    optimizer_state_bytes: list[int] = field(default_factory=list)  # held by each process (rank order)
+    sharded: bool = False  # trained under FSDP
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+IGNORE_INDEX = -100  # label of prompt and padding positions (kappatune.data.tasks)
+
+
+def _take_rows(batch: dict[str, torch.Tensor], idx: Any, device: Any = None) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of an sft batch, cut to their longest example (right padding: trailing all-pad columns go)."""
+    rows = {k: v[idx] for k, v in batch.items()}
+    width = max(1, int(rows["attention_mask"].sum(1).max())) if rows["attention_mask"].numel() else 1
+    return {k: (v[:, :width].to(device) if device is not None else v[:, :width]) for k, v in rows.items()}
+
+
+def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled (response) positions of an sft batch.
+
+    Labels -100 (prompt, padding) contribute nothing; the attention mask keeps padding out of every real token's
+    context, and each row is one example, so no example attends to another.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :]
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def train_stage(
@@ -370,6 +611,10 @@ def train_stage(
 ) -> StageResult:
     """Train ``method.model`` on ``blocks`` ``[N, seq_len]`` for ``steps`` optimizer steps.
 
+    ``blocks`` may instead be an sft task's tensors (``{input_ids, attention_mask, labels}``, from
+    :func:`kappatune.data.tokenize_sft`): the loss is then the mean over the response tokens of the global batch
+    (:func:`sft_loss_sum`), prompt and padding excluded.
+
     If ``checkpoint_dir`` holds a valid checkpoint of this stage (its meta matches ``checkpoint_meta``), training
     resumes from it and ends exactly where an uninterrupted stage would. Checkpoints are written every
     ``checkpoint_every`` steps and after the last step (when ``checkpoint_dir`` is given and ``checkpoint_every > 0``).
@@ -392,8 +637,9 @@ def train_stage(
     if local_bs % micro:
         raise ConfigError(f"per-process batch {local_bs} is not a multiple of training.micro_batch_size {micro}")
     n_micro = local_bs // micro
-    seq_len = blocks.shape[1]
-    order = batch_schedule(blocks.shape[0], batch_size, steps, seed=seed, stage=stage)
+    sft = isinstance(blocks, dict)  # supervised: {input_ids, attention_mask, labels}, loss on response tokens only
+    seq_len = (blocks["input_ids"] if sft else blocks).shape[1]
+    order = batch_schedule((blocks["input_ids"] if sft else blocks).shape[0], batch_size, steps, seed=seed, stage=stage)
 
     # Per-stage seeding (per process for dropout); overwritten by a checkpoint's RNG state on resume.
     seed_everything(_stage_seed(seed, stage, salt=1 + rank))
@@ -401,10 +647,13 @@ def train_stage(
     meta_base = dict(checkpoint_meta or {})
     meta_base.update({"stage": stage, "steps": steps})
     start = 0
-    result = StageResult(steps=steps, tokens=steps * batch_size * seq_len)
+    n_tok = int(blocks["attention_mask"][order].sum()) if sft else steps * batch_size * seq_len
+    result = StageResult(steps=steps, tokens=n_tok)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    sharded = is_sharded(method.model)  # FSDP2: see shard_model
+    meta_base["sharded"] = sharded  # a DDP checkpoint does not resume an FSDP stage, nor the reverse
     found = latest_checkpoint(ckpt, meta_base) if ckpt is not None else None
-    if found is not None:
+    if found is not None and not sharded:
         method.load(found[0] / "trained.safetensors")  # before the optimizer exists (see load_checkpoint)
 
     base_model = method.model
@@ -413,10 +662,17 @@ def train_stage(
     # The scheduler is deliberately not passed to prepare(): accelerate's wrapper steps it num_processes times
     # per step (it assumes per-process batches); our global batch is fixed, so one step per optimizer step.
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    model, optimizer = accelerator.prepare(base_model, optimizer)
+    if sharded:
+        # Already sharded: FSDP2 reduce-scatters the gradients itself; accelerate would wrap it in DDP again.
+        model = base_model
+    else:
+        model, optimizer = accelerator.prepare(base_model, optimizer)
     if found is not None:
         d, meta = found
-        load_checkpoint(d, method, optimizer, scheduler, tensors=False)
+        if sharded:
+            load_sharded_checkpoint(d, model, optimizer, scheduler, accelerator=accelerator)
+        else:
+            load_checkpoint(d, method, optimizer, scheduler, tensors=False)
         start = int(meta["step"])
         result.losses = list(meta.get("losses", []))
         result.train_time_s = float(meta.get("train_time_s", 0.0))
@@ -437,19 +693,37 @@ def train_stage(
     try:
         for step in range(start, steps):
             idx = order[step, rank * local_bs : (rank + 1) * local_bs]
-            batch = blocks[idx].to(device)
+            if sft:
+                # every response token of the *global* batch weighs the same, however it is split over
+                # micro-batches and processes (DDP averages gradients over processes, hence the factor world)
+                n_tokens = int((blocks["labels"][order[step]][:, 1:] != IGNORE_INDEX).sum())
+                batch = _take_rows(blocks, idx, device)
+            else:
+                batch = blocks[idx].to(device)
             loss_sum = torch.zeros((), device=device)
             for m in range(n_micro):
-                x = batch[m * micro : (m + 1) * micro]
                 sync = m == n_micro - 1
-                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-                with ctx, accelerator.autocast():
-                    out = model(input_ids=x, labels=x)
-                    loss = out.loss / n_micro
-                accelerator.backward(loss)
+                if sft:
+                    rows = _take_rows(batch, slice(m * micro, (m + 1) * micro))
+                    compute = lambda rows=rows: sft_loss_sum(model, rows) * world / max(1, n_tokens)  # noqa: E731
+                else:
+                    x = batch[m * micro : (m + 1) * micro]
+                    compute = lambda x=x: model(input_ids=x, labels=x).loss / n_micro  # noqa: E731
+                if sharded:
+                    model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch
+                    loss = compute()
+                    loss.backward()
+                else:
+                    ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+                    with ctx, accelerator.autocast():
+                        loss = compute()
+                    accelerator.backward(loss)
                 loss_sum += loss.detach()
             if max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
+                if sharded:  # torch's clipping computes the global norm over DTensor shards
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                else:
+                    accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -477,12 +751,12 @@ def train_stage(
                 t_prev = time.perf_counter()
             if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps or result.stopped_early):
                 elapsed = result.train_time_s + (time.perf_counter() - t_seg)
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        ckpt, method, optimizer, scheduler,
-                        meta={**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed, "curve": result.curve,
-                              "stopped_early": result.stopped_early},
-                    )
+                ck_meta = {**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed, "curve": result.curve,
+                           "stopped_early": result.stopped_early}
+                if sharded:
+                    save_sharded_checkpoint(ckpt, model, optimizer, scheduler, meta=ck_meta, accelerator=accelerator)
+                elif accelerator.is_main_process:
+                    save_checkpoint(ckpt, method, optimizer, scheduler, meta=ck_meta)
                 accelerator.wait_for_everyone()
             if result.stopped_early:
                 break
@@ -490,8 +764,11 @@ def train_stage(
         bar.close()
     if result.stopped_early:
         result.steps = len(result.losses)
-        result.tokens = result.steps * batch_size * seq_len
+        done_rows = order[: result.steps]
+        result.tokens = int(blocks["attention_mask"][done_rows].sum()) if sft else result.steps * batch_size * seq_len
     result.train_time_s += time.perf_counter() - t_seg
+    result.sharded = sharded
+    result.optimizer_state_bytes = per_rank(accelerator, optimizer_state_bytes(optimizer))
     model.eval()
     accelerator.free_memory()  # drop accelerate's references to this stage's optimizer (fresh one next stage)
     del optimizer, scheduler

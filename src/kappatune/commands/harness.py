@@ -29,7 +29,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .. import harness, reporting
 
     if args.check:
-        counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet)
+        counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet, command="run",
+                                  resume=args.resume, force=args.force)
         print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         return 0
     results = harness.run(args.config, resume=args.resume, force=args.force, progress=False if args.quiet else None,
@@ -48,11 +49,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import harness
 
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     if args.check:
-        counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet)
+        counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet, command="bench", only=only)
         print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         return 0
-    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     summary = harness.bench(args.config, force=args.force, progress=False if args.quiet else None, overrides=_overrides(args),
                             only=only)
     if args.quiet:

@@ -43,6 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing or None,
         checkpoint_every=args.checkpoint_every, save=args.save, seed=args.seed, num_threads=args.threads,
         resume=args.resume, force=args.force, progress=not args.quiet, overrides=args.overrides,
+        task_type=args.type, prompt_field=args.prompt_field, response_field=args.response_field,
+        messages_field=args.messages_field, choices_field=args.choices_field, chat_template=not args.no_chat_template,
+        metrics=args.metric,
     )
     if os.environ.get("RANK", "0") != "0":
         return 0
@@ -54,7 +57,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {info['trainable_params']:,} of {info['total_params']:,} parameters ({results['method']['label']}), "
           f"{info['steps']} steps" + (" (stopped early)" if info.get("stopped_early") else ""))
     if base is not None and final is not None:
-        print(f"validation perplexity ({task}): {base:.3f} -> {final:.3f}")
+        print(f"held-out perplexity ({task}): {base:.3f} -> {final:.3f}")
+    for metric in ("accuracy", "exact_match"):
+        row = (results.get("matrix") or {}).get(metric)
+        if row and row[0][0] is not None and row[-1][0] is not None:
+            print(f"held-out {metric} ({task}): {100 * row[0][0]:.1f}% -> {100 * row[-1][0]:.1f}%")
     if results.get("control") is not None and m.get("control_ppl_base") is not None:
         print(f"control probe ({results['control']}): perplexity {m['control_ppl_base']:.3f} -> {m['control_ppl_final']:.3f} "
               f"({m['control_change_pct']:+.2f}%)")
@@ -76,7 +83,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="built-in name (smollm2-135m, tiny-llama), local model directory or hub id")
     p.add_argument("--data", help="training data: .txt (blank-line separated documents), .jsonl/.json/.csv/.parquet "
                                   "(--text-field), a built-in corpus or a datasets name")
-    p.add_argument("--text-field", default="text", help="text field/column of structured data (default: text)")
+    p.add_argument("--text-field", default="text", help="text field/column of raw-text data (default: text)")
+    p.add_argument("--type", choices=("lm", "sft"), help="raw text (lm) or prompt/response examples (sft); default: sft "
+                                                          "for built-in tasks and files with a prompt field")
+    p.add_argument("--prompt-field", default="prompt", help="sft: prompt field (default: prompt)")
+    p.add_argument("--response-field", default="response", help="sft: response field (default: response)")
+    p.add_argument("--messages-field", help="sft: chat field, a list of {role, content}")
+    p.add_argument("--choices-field", help="sft: candidate responses (default: 'choices' when present)")
+    p.add_argument("--no-chat-template", action="store_true", help="sft: plain prompt format")
+    p.add_argument("--metric", action="append", choices=("ppl", "accuracy", "exact_match"),
+                   help="sft: metrics on the held-out examples (default: accuracy with choices, else ppl); repeatable")
     p.add_argument("-o", "--output", metavar="DIR", help="output directory")
     p.add_argument("--method", default="selective",
                    help="selective (KappaTune, default), lora, osf, eigentune, curlora, full")

@@ -21,8 +21,10 @@ documents keep their original order. A document is never cut between splits.
 Modules: :mod:`~kappatune.data.sources` (PyPI / Debian downloads), :mod:`~kappatune.data.corpora` (``Corpus``,
 built-in corpora), :mod:`~kappatune.data.formats` (user files, datasets, ``load_corpus``),
 :mod:`~kappatune.data.tokenizers` (``ByteTokenizer``, ``get_tokenizer``) and :mod:`~kappatune.data.blocks`
-(tokenising, splits, blocks); :mod:`~kappatune.data.labelled` holds the built-in labelled classification tasks
-(:func:`load_labelled_task`, :func:`list_labelled_tasks`). Everything is re-exported here; to monkeypatch a function, patch it in the module
+(tokenising, splits, blocks); :mod:`~kappatune.data.tasks` (supervised ``sft`` tasks: examples, three-way
+splits, response-only labels, collation, the built-in task registry) and :mod:`~kappatune.data.labelled` (the
+built-in labelled classification tasks: :func:`load_labelled_task`, :func:`list_labelled_tasks`). Everything is
+re-exported here; to monkeypatch a function, patch it in the module
 that looks it up.
 """
 
@@ -42,6 +44,21 @@ from .corpora import (
 from .labelled import LABELLED_TASKS, labelled_task_info, list_labelled_tasks, load_labelled_task
 from .formats import _field, _load_file, _load_hf_dataset, _read_text_file, load_corpus
 from .sources import _PYPI_FILES, _debian_root, _pip_download, _r_lazyload, _RReader, fetch_pypi_file
+from .tasks import (
+    BUILTIN_TASKS,
+    SFTTask,
+    TaskSpec,
+    collate_sft,
+    encode_example,
+    format_example,
+    list_tasks,
+    load_examples,
+    load_task,
+    register_builtin_task,
+    split_examples,
+    task_summary,
+    tokenize_sft,
+)
 from .tokenizers import ByteTokenizer, _eos_id, get_tokenizer, tokenizer_id
 
 __all__ = [
@@ -58,8 +75,36 @@ __all__ = [
     "split_documents",
     "tokenize_corpus",
     "build_blocks",
+    "SFTTask",
+    "TaskSpec",
+    "BUILTIN_TASKS",
+    "register_builtin_task",
+    "list_tasks",
+    "load_examples",
+    "load_task",
+    "split_examples",
+    "format_example",
+    "encode_example",
+    "tokenize_sft",
+    "collate_sft",
+    "task_summary",
     "LABELLED_TASKS",
     "load_labelled_task",
     "labelled_task_info",
     "list_labelled_tasks",
 ]
+
+
+def _register_labelled() -> None:
+    """Issue 13's labelled tasks become built-in sft tasks (``tasks: [{corpus: NAME, type: sft}]``,
+    ``kappatune eval MODEL --data NAME``); built (and cached) only when first used."""
+    import functools
+
+    from .labelled import _static_info
+
+    for _name, _spec in LABELLED_TASKS.items():
+        meta = {k: v for k, v in _static_info(_spec).items() if k not in ("name", "loader")}
+        register_builtin_task(_name, functools.partial(load_labelled_task, _name, progress=False), **meta)
+
+
+_register_labelled()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -207,17 +208,38 @@ def _raw_cache_path(spec: CorpusSpec) -> Path:
     return cache_dir("corpora") / f"{spec.name}-v{spec.version}.json"
 
 
+def _docs_sha256(docs: Any) -> str:
+    if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+        raise TypeError("documents must be a list of strings")
+    h = hashlib.sha256()
+    for d in docs:  # length-prefixed, so document boundaries count
+        b = d.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
 def _load_builtin(spec: CorpusSpec) -> Corpus:
     path = _raw_cache_path(spec)
     docs: list[str] | None = None
     if path.is_file():
+        # Every entry carries the SHA-256 of its documents, verified on each read (0.3 s for the largest corpus,
+        # docs/reliability.md): an entry edited into other valid JSON, or torn, is rebuilt with a warning. An entry
+        # written before checksums existed gets one (it was written atomically by the same loader).
         try:
-            docs = json.loads(path.read_text("utf-8"))["documents"]
-        except (ValueError, KeyError, OSError):
-            docs = None  # torn or foreign file: rebuild it
+            entry = json.loads(path.read_text("utf-8"))
+            docs = entry["documents"]
+            if "sha256" not in entry:
+                atomic_write_json(path, {**entry, "sha256": _docs_sha256(docs)})
+            elif entry["sha256"] != _docs_sha256(docs):
+                warnings.warn(f"corpus cache {path} is corrupt (checksum mismatch); rebuilding it", stacklevel=2)
+                docs = None
+        except (ValueError, KeyError, TypeError, OSError):
+            warnings.warn(f"corpus cache {path} is unreadable; rebuilding it", stacklevel=2)
+            docs = None
     if docs is None:
         docs = [d for d in spec.loader() if d.strip()]
         if not docs:
             raise DataError(f"built-in corpus {spec.name!r} came out empty from {spec.source} (report this as a bug)")
-        atomic_write_json(path, {"name": spec.name, "source": spec.source, "documents": docs})
+        atomic_write_json(path, {"name": spec.name, "source": spec.source, "documents": docs, "sha256": _docs_sha256(docs)})
     return Corpus(spec.name, docs, source=spec.source, license=spec.license, description=spec.description)

@@ -3,6 +3,7 @@ stage, evaluate every task and the control corpus, commit each stage), and the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,9 +18,11 @@ import torch
 
 from ..config import MethodSpec, RunConfig, config_fingerprint, config_from_dict, load_config
 from ..errors import CacheError, ConfigError, DataError, KappaTuneError, ModelError
-from ..storage import atomic_write_json, atomic_write_text, sha256_file
-from .metrics import compute_metrics
-from .state import STATE_VERSION, _clear_run_dir, _finished, _read_state, _write_state, library_versions, load_results
+from ..storage import DirectoryLock, atomic_write_json, atomic_write_text, sha256_file
+from .metrics import SCORE_METRICS, compute_metrics, compute_score_metrics, control_suite_changes
+from .state import (
+    STATE_VERSION, _clear_run_dir, _finished, _holds_a_run, _read_state, _write_state, library_versions, load_results,
+)
 
 __all__ = ["run", "validate"]
 
@@ -72,11 +75,53 @@ def _log(enabled: bool, msg: str) -> None:
 @dataclasses.dataclass
 class _Data:
     tasks: list[str]
-    train: dict[str, torch.Tensor]
-    eval: dict[str, torch.Tensor]
-    control_label: str | None  # None: no control corpus (a train run without one)
-    control: torch.Tensor | None
+    train: dict[str, Any]  # lm: blocks [N, seq_len]; sft: {input_ids, attention_mask, labels} [N, L]
+    eval: dict[str, Any]  # lm: blocks; sft: the evaluated test examples (list of dicts)
+    control_label: str | None  # the primary control (first probe of the control suite); None: no control
+    control: Any
     corpora: dict[str, dict[str, Any]]
+    probes: dict[str, Any] = dataclasses.field(default_factory=dict)  # every control probe, primary first
+    specs: dict[str, Any] = dataclasses.field(default_factory=dict)  # label -> TaskConfig (tasks and probes)
+    tokenizer: Any = None
+
+    def metrics_of(self, label: str) -> list[str]:
+        """The metrics measured on a task or probe (lm: ppl; sft: ppl plus the configured ones)."""
+        spec = self.specs[label]
+        if spec.type != "sft":
+            return ["ppl"]
+        return ["ppl"] + [m for m in (spec.metrics or []) if m != "ppl"]
+
+
+def _calibration(train: Any, n: int = 32) -> torch.Tensor:
+    """Token ids for methods that calibrate on data (OSF): the first ``n`` training rows."""
+    return train["input_ids"][:n] if isinstance(train, dict) else train[:n]
+
+
+def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool) -> tuple[Any, list, dict]:
+    """An sft task's training tensors (or None), evaluated test examples and info; resolves default metrics."""
+    from .. import data as kdata
+
+    e = cfg.eval
+    need_choices = bool(task.metrics) and "accuracy" in task.metrics
+    t = kdata.load_task(task.corpus, name=task.label, seed=e.split_seed, validation_fraction=e.validation_fraction,
+                        test_fraction=e.eval_fraction, prompt_field=task.prompt_field, response_field=task.response_field,
+                        messages_field=task.messages_field, choices_field=task.choices_field,
+                        choices_required=need_choices, progress=progress)
+    if task.metrics is None:  # default: accuracy when the data has choices
+        task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
+    test = t["test"]
+    if e.max_examples is not None and e.max_examples < len(test):
+        test = [test[(i * len(test)) // e.max_examples] for i in range(e.max_examples)]
+    tr = None
+    if train:
+        exs = t["train"]
+        if cfg.training.max_train_blocks is not None:
+            exs = exs[: cfg.training.max_train_blocks]
+        tr = kdata.tokenize_sft(exs, tokenizer, max_length=cfg.training.seq_len, chat_template=task.chat_template)
+    info = {"corpus": task.corpus, "type": "sft", "source": t.source, "metrics": list(task.metrics),
+            "examples": {k: len(v) for k, v in t.splits.items()}, "eval_examples": len(test),
+            "train_examples": int(tr["input_ids"].shape[0]) if tr is not None else 0}
+    return tr, test, info
 
 
 def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
@@ -84,29 +129,37 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
 
     seq = cfg.training.seq_len
     e = cfg.eval
-    train: dict[str, torch.Tensor] = {}
-    evals: dict[str, torch.Tensor] = {}
+    train: dict[str, Any] = {}
+    evals: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
-    for task in [*cfg.tasks] + ([cfg.control] if cfg.control is not None else []):
-        corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
-        common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
+    suite = cfg.control_suite()
+    specs = {t.label: dataclasses.replace(t) for t in [*cfg.tasks, *suite]}  # copies: default metrics get filled in
+    for label, task in specs.items():
+        is_task = label in [t.label for t in cfg.tasks]
         try:
-            if task is not cfg.control:
-                train[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
-            evals[task.label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
+            if task.type == "sft":
+                tr, ev, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress)
+                if tr is not None:
+                    train[label] = tr
+                evals[label] = ev
+                continue
+            corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
+            common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
+            if is_task:
+                train[label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
+            evals[label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
         except DataError as exc:  # name the corpus: a run reads several
             msg = str(exc)
             raise DataError(msg if task.corpus in msg or msg.startswith("tokenizer") else f"corpus {task.corpus!r}: {msg}") from None
-        info[task.label] = {
+        info[label] = {
             "corpus": task.corpus, "source": getattr(corpus, "source", ""), "license": getattr(corpus, "license", ""),
             "documents": len(corpus.documents),
-            "train_blocks": int(train[task.label].shape[0]) if task.label in train else 0,
-            "eval_blocks": int(evals[task.label].shape[0]),
+            "train_blocks": int(train[label].shape[0]) if label in train else 0,
+            "eval_blocks": int(evals[label].shape[0]),
         }
-    if cfg.control is None:
-        return _Data([t.label for t in cfg.tasks], train, evals, None, None, info)
-    control = evals.pop(cfg.control.label)
-    return _Data([t.label for t in cfg.tasks], train, evals, cfg.control.label, control, info)
+    probes = {c.label: evals.pop(c.label) for c in suite}
+    primary = suite[0].label if suite else None  # no control: a `kappatune train` without --control
+    return _Data([t.label for t in cfg.tasks], train, evals, primary, probes.get(primary), info, probes, specs, tokenizer)
 
 
 def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -> dict[str, Any]:
@@ -143,8 +196,6 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     except KappaTuneError as exc:
         msg = str(exc)
         raise type(exc)(msg if spec.name in msg or spec.display in msg else f"{where}: {msg}") from None
-    except TypeError as exc:  # a method's constructor rejecting an option
-        raise ConfigError(f"{where}: invalid options {spec.options}: {exc}") from None
 
 
 _SELECTION_KEYS = ("policy", "top_p", "num_modules", "threshold", "param_budget", "balance_types", "include", "exclude")
@@ -154,12 +205,14 @@ def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress:
     """The :class:`~kappatune.selection.Selection` a method's ``targets`` section asks for (None without one).
 
     Works for every method that adapts selected tensors: the selection is handed to the method as its targets
-    (and, with a budget, ``pool=True``, as the candidate pool its ``for_budget`` ranks). Refused for full fine-tuning (which
-    trains everything) and when the same knob is also given in ``options``.
+    (and, with a budget, ``pool=True``, as the candidate pool its ``for_budget`` ranks). Refused for full
+    fine-tuning (which trains everything) and when the same knob is also given in ``options``.
     """
     t = spec.targets
     if t is None:
         return None
+    import re
+
     from ..methods.budget import resolve_selection
     from ..selection import match_module_names
 
@@ -176,14 +229,12 @@ def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress:
         every = [n for n, p in model.named_parameters() if p.ndim >= 2]
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         pats = t.modules if isinstance(t.modules, str) else list(t.modules)
-        hits = match_module_names(linear, pats)
-        names = [f"{n}.weight" for n in hits] + [n for n in match_module_names(every, pats) if n not in {f"{h}.weight" for h in hits}]
+        hits = [f"{n}.weight" for n in match_module_names(linear, pats)]
+        names = hits + [n for n in match_module_names(every, pats) if n not in set(hits)]
         if not names:
             raise ConfigError(f"method {spec.display!r}: targets.modules {t.modules!r} matches no module or weight of this model")
-        import re
-
-        pool = "re:^(?:" + "|".join(re.escape(n) for n in names) + ")$"
-        include = [pool] if include is None else include + [pool]
+        pool_pattern = "re:^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+        include = [pool_pattern] if include is None else include + [pool_pattern]
         if policy == "all" and not t.exclude:
             return resolve_selection(model, names)
     top_p = t.top_p
@@ -208,7 +259,7 @@ def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"training.dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) does not support bf16; "
                           "use float32 (optionally with training.mixed_precision fp16)")
-    model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_missing_weights=cfg.allow_missing_weights)
     if dtype != torch.float32:
         model = model.to(dtype)
     if cfg.training.gradient_checkpointing:
@@ -229,15 +280,28 @@ def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
 
 
 def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequence[str] = (), progress: bool = False,
-             deep: bool = True) -> dict[str, Any]:
+             deep: bool = True, command: str | None = None, resume: bool = False, force: bool = False,
+             only: Sequence[str] | None = None) -> dict[str, Any]:
     """Check everything a run/bench needs before training: config, model, corpora, every method and its budget.
 
     With ``deep=True`` each method is also prepared on a copy of the model (catches e.g. a LoRA rank larger
-    than a matrix). Returns ``{label: trainable parameters}``. Raises one :class:`KappaTuneError` on the first problem.
+    than a matrix). ``command="run"`` (with its ``resume``/``force``) or ``"bench"`` (with its ``only``) adds that
+    command's own refusals — one method and seed for a run, the output directory's state, ``--only`` labels — so a
+    check is exactly as strict as the command (``run --check`` / ``bench --check``). Returns ``{label: trainable
+    parameters}``. Raises one :class:`KappaTuneError` on the first problem.
     """
     import copy
 
     cfg = _as_config(config, overrides)
+    if command == "run":
+        _single(cfg)
+        _preflight(cfg, cfg.out_dir(), config_fingerprint(cfg), resume=resume, force=force)
+    elif command == "bench":
+        from .bench import _select_only
+
+        cfg = _select_only(cfg, only)
+    elif command is not None:
+        raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)
     data = _load_data(cfg, tokenizer, progress)
     steps = cfg.steps_per_stage()
@@ -246,10 +310,11 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     out: dict[str, Any] = {}
     for spec in cfg.method_specs():
         method = _build_method(spec, model, cfg, cfg.seed_list()[0], progress)
+        _check_shardable(method, spec)
         if deep:
             clone = copy.deepcopy(model)
             if callable(getattr(method, "set_calibration", None)):
-                method.set_calibration(data.train[data.tasks[0]][:32])
+                method.set_calibration(_calibration(data.train[data.tasks[0]]))
             try:
                 method.prepare(clone)
             except KappaTuneError as exc:
@@ -261,28 +326,64 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     return out
 
 
-def _eval_all(model: torch.nn.Module, data: _Data, batch_size: int, progress: bool) -> tuple[dict[str, float], float | None]:
-    from ..evaluation import perplexity
+def _measure(model: torch.nn.Module, data: _Data, label: str, obj: Any, cfg: RunConfig, progress: bool,
+             metrics: Sequence[str] | None = None, distributed: bool = False) -> dict[str, float]:
+    """The metrics of one task or probe: ``{"ppl": ...}`` for lm, plus accuracy/exact_match for sft.
+
+    ``distributed``: every process calls it and perplexity is split over them (same numbers as one process, see
+    ``evaluation.mean_nll``); sft metrics are computed by every process on all examples."""
+    from ..evaluation import evaluate_sft, perplexity
+
+    bs = cfg.eval.batch_size
+    spec = data.specs[label]
+    if spec.type != "sft":
+        return {"ppl": perplexity(model, obj, batch_size=bs, progress=progress, distributed=distributed)}
+    return evaluate_sft(
+        model, data.tokenizer, obj, list(metrics or data.metrics_of(label)), chat_template=spec.chat_template,
+        batch_size=bs, max_length=cfg.training.seq_len, max_new_tokens=cfg.eval.max_new_tokens, stop=cfg.eval.stop,
+        progress=progress,
+    )
+
+
+def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: bool,
+              distributed: bool = False) -> tuple[dict[str, float], float | None, dict[str, Any]]:
+    """Every task and every control probe: ``(task_ppl, control_ppl, {"task_metrics", "probes"})``.
+
+    ``task_metrics[task]`` / ``probes[probe]`` hold every metric measured (``ppl`` included); the perplexities
+    are also returned on their own, the matrix the perplexity metrics are computed from."""
     from ..training import fault_point
 
     fault_point("eval")
-    task = {t: perplexity(model, data.eval[t], batch_size=batch_size, progress=progress) for t in data.tasks}
-    ctrl = perplexity(model, data.control, batch_size=batch_size, progress=progress) if data.control is not None else None
-    return task, ctrl
+    kw = dict(distributed=distributed)
+    task_metrics = {t: _measure(model, data, t, data.eval[t], cfg, progress, **kw) for t in data.tasks}
+    probes = {p: _measure(model, data, p, obj, cfg, progress, **kw) for p, obj in data.probes.items()}
+    task_ppl = {t: v["ppl"] for t, v in task_metrics.items()}
+    ctrl = probes[data.control_label]["ppl"] if data.control_label is not None else None
+    return task_ppl, ctrl, {"task_metrics": task_metrics, "probes": probes}
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several (evaluation is then split across them)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable[[int], dict[str, float] | None]:
-    """Every ``eval.curve_every`` steps: perplexity on the stage's task and on the control corpus (a curve point)."""
-    from ..evaluation import perplexity
-
-    every, bs = cfg.eval.curve_every, cfg.eval.batch_size
+    """Every ``eval.curve_every`` steps: the stage's task (perplexity, and its accuracy/exact-match for sft) and the
+    primary control's perplexity (a curve point)."""
+    every = cfg.eval.curve_every
+    dist = _distributed()
 
     def hook(step: int) -> dict[str, float] | None:
         if step % every:
             return None
-        point = {"task_ppl": perplexity(method.model, data.eval[task], batch_size=bs, progress=False)}
-        if data.control is not None:
-            point["control_ppl"] = perplexity(method.model, data.control, batch_size=bs, progress=False)
+        vals = _measure(method.model, data, task, data.eval[task], cfg, False, distributed=dist)
+        point = {"task_ppl": vals.pop("ppl")}
+        if data.control_label is not None:
+            point["control_ppl"] = _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"],
+                                            distributed=dist)["ppl"]
+        point.update({f"task_{k}": v for k, v in vals.items()})
         return point
 
     return hook
@@ -302,11 +403,66 @@ def _early_stop(patience: int) -> Callable[[list[dict[str, Any]]], bool] | None:
     return stop
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded (FSDP) runs: the hooks run() calls; the mechanics are in kappatune.training.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_shardable(method: Any, spec: MethodSpec) -> None:
+    """Under an FSDP launch, refuse (before anything trains) a method that cannot be sharded, naming why."""
+    from ..training import fsdp_requested
+
+    reason = getattr(method, "fsdp_unsupported", None)
+    if reason and fsdp_requested():
+        raise ConfigError(f"method {spec.display!r} cannot be trained under FSDP: {reason}; run it without FSDP (DDP or one process)")
+
+
+def _shard_if_requested(method: Any, accelerator: Any, cfg: RunConfig) -> bool:
+    """Shard the prepared model with FSDP2 when launched for it (see ``training.shard_model``); returns whether."""
+    from ..training import fsdp_requested, shard_model
+
+    if not fsdp_requested():
+        return False
+    shard_model(method, accelerator, mixed_precision=cfg.training.mixed_precision)
+    return True
+
+
+def _trained_for_commit(method: Any, sharded: bool) -> dict[str, torch.Tensor] | None:
+    """The trained tensors to commit, gathered from the shards (a collective: every process calls it); ``None``
+    when unsharded (``method.save`` then reads them itself)."""
+    from ..training import gather_trained_state
+
+    return gather_trained_state(method) if sharded else None
+
+
+def _unsharded_method(cfg: RunConfig, spec: MethodSpec, seed: int, data: _Data, adapter: Path, progress: bool) -> Any:
+    """The run's method on a fresh, unsharded copy of the base model with the committed trained tensors loaded:
+    what merging and saving the final model need (FSDP2 has no way back from shards to plain modules). Main
+    process only; it holds one full model, as ``save_pretrained`` of a merged model does anyway."""
+    model, _ = _load(cfg)
+    method = _build_method(spec, model, cfg, seed, progress)
+    if callable(getattr(method, "set_calibration", None)):
+        method.set_calibration(data.train[data.tasks[0]][:32])
+    method.prepare(model)
+    method.load(adapter)
+    return method
+
+
 def _base_eval_key(model: torch.nn.Module, data: _Data, cfg: RunConfig) -> str:
     from ..storage import fingerprint_model, fingerprint_tensors
 
-    blocks = [(f"task:{t}", data.eval[t]) for t in data.tasks] + ([("control", data.control)] if data.control is not None else [])
-    h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}".encode())
+    def tensor(obj: Any) -> torch.Tensor:  # sft examples: hashed through their JSON text
+        if isinstance(obj, torch.Tensor):
+            return obj
+        blob = json.dumps(obj, sort_keys=True, default=str).encode()
+        return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0)
+
+    blocks = [(f"task:{t}", tensor(data.eval[t])) for t in data.tasks] + [(f"probe:{p}", tensor(o)) for p, o in data.probes.items()]
+    if len(data.probes) == 1 and isinstance(data.control, torch.Tensor):  # keys of caches written before control suites
+        blocks = [(f"task:{t}", tensor(data.eval[t])) for t in data.tasks] + [("control", data.control)]
+    specs = {k: (v.type, v.metrics, v.chat_template) for k, v in data.specs.items() if v.type == "sft"}
+    gen = (cfg.eval.max_new_tokens, cfg.eval.stop, cfg.training.seq_len) if specs else ()
+    h = hashlib.sha256(f"{fingerprint_model(model)}|{fingerprint_tensors(blocks)}|{cfg.eval.batch_size}"
+                       f"{'|' + json.dumps([specs, gen], default=str) if specs else ''}".encode())
     return h.hexdigest()[:24]
 
 
@@ -342,59 +498,104 @@ def _run(
     overrides: Sequence[str] = (),
     base_eval_cache: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """:func:`run`, also returning the trained method (``None`` when the run was already complete on disk)."""
+    """:func:`run`, also returning the trained method (``None`` when the run was already complete on disk; the
+    unsharded method after an FSDP run)."""
     from .. import data as kdata  # noqa: F401  (fail early if the data layer is missing)
-    from ..training import PeakMemory, fault_point, make_accelerator, remove_checkpoints, train_stage
+    from ..training import make_accelerator
 
     cfg = _as_config(config, overrides)
     progress = cfg.progress if progress is None else progress
-    specs = cfg.method_specs()
-    if len(specs) != 1 or len(cfg.seed_list()) != 1:
-        raise ConfigError("this config lists several methods or seeds: run it with `kappatune bench` (or give one 'method' and one 'seed')")
-    spec, seed = specs[0], cfg.seed_list()[0]
+    spec, seed = _single(cfg)
     out = cfg.out_dir()
     fp = config_fingerprint(cfg)
-    T = len(cfg.tasks)
-    steps = cfg.steps_per_stage()
 
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg.training.mixed_precision)
     main = accelerator.is_main_process
-    talk = progress and main
+    # One writer (job) per run directory: a second one gets one clear line instead of silently losing results.
+    # Only rank 0 of a launched job takes it (by RANK too: accelerate may not see a torchrun job on CPU).
+    rank0 = main and os.environ.get("RANK", "0") == "0"
+    with DirectoryLock(out) if rank0 else contextlib.nullcontext():
+        return _run_locked(cfg, out, fp, spec, seed, accelerator, resume=resume, force=force, progress=progress,
+                           base_eval_cache=base_eval_cache)
 
+
+def _single(cfg: RunConfig) -> tuple[MethodSpec, int]:
+    """The one method and seed of a run config (a config with several is a bench)."""
+    specs = cfg.method_specs()
+    if len(specs) != 1 or len(cfg.seed_list()) != 1:
+        raise ConfigError("this config lists several methods or seeds: run it with `kappatune bench` (or give one 'method' and one 'seed')")
+    return specs[0], cfg.seed_list()[0]
+
+
+def _preflight(cfg: RunConfig, out: Path, fp: str, *, resume: bool, force: bool) -> tuple[str, dict[str, Any] | None]:
+    """What a run in ``out`` will do — ``"complete"`` (nothing), ``"new"``, ``"restart"`` (``--force``: clear what
+    the old run wrote) or ``"resume"`` — with the state to continue; refusals are :class:`ConfigError`. Reads
+    only: ``run --check`` calls it too, so the check refuses exactly what the run refuses."""
+    T = len(cfg.tasks)
     state = _read_state(out)
-    if state is not None and not force and state.get("config_fingerprint") == fp and _finished(out, state):
+    if state is None:
+        leftovers = _holds_a_run(out) if out.is_dir() else []
+        if leftovers and not force:
+            shown = ", ".join(leftovers[:3]) + (", ..." if len(leftovers) > 3 else "")
+            raise ConfigError(
+                f"{out} holds files of a run ({shown}) but no state.json, so it cannot be "
+                + ("resumed" if resume else "identified") + "; pass --force to start over (only the run's files are "
+                "deleted), or choose another output_dir"
+            )
+        return ("restart" if leftovers else "new"), None
+    if not force and state.get("config_fingerprint") == fp and _finished(out, state):
+        return "complete", state
+    if not resume and not force:
+        raise ConfigError(
+            f"{out} already holds a run ({state.get('stages_done', 0)}/{state.get('num_stages', '?')} stages done); "
+            "pass --resume to continue it, --force to start over, or choose another output_dir"
+        )
+    if not resume:  # force: start over
+        return "restart", None
+    if state.get("config_fingerprint") != fp:
+        diff = _config_diff(state.get("config", {}), cfg.to_dict())
+        if not force:
+            raise ConfigError(
+                f"cannot resume {out}: the config differs from the one that started it ("
+                + ("; ".join(diff[:4]) or "fingerprint differs") + ("; ..." if len(diff) > 4 else "")
+                + "); pass --force to resume anyway, or choose another output_dir"
+            )
+        state["forced_resume"] = state.get("forced_resume", []) + [{"from": state.get("config_fingerprint"), "changes": diff}]
+        state["config_fingerprint"], state["config"] = fp, cfg.to_dict()
+    if state.get("num_stages") != T:
+        raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
+    if _finished(out, state):  # else (killed during _finalize, or a final file deleted since) it is redone
+        return "complete", state
+    if state.get("stages_done", 0) > 0:
+        ck = state["checkpoint"]
+        path = out / ck["file"]
+        if not path.is_file() or sha256_file(path) != ck["sha256"]:
+            raise CacheError(f"stage checkpoint {path} is missing or corrupt (checksum mismatch); it cannot be "
+                             "restored, rerun with --force to start over")
+    return "resume", state
+
+
+def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int, accelerator: Any, *, resume: bool,
+                force: bool, progress: bool, base_eval_cache: Any) -> tuple[dict[str, Any], Any]:
+    from ..training import PeakMemory, fault_point, remove_checkpoints, train_stage
+
+    main = accelerator.is_main_process
+    talk = progress and main
+    T = len(cfg.tasks)
+    steps = cfg.steps_per_stage()
+    action, state = _preflight(cfg, out, fp, resume=resume, force=force)
+    if action == "complete":
         _log(talk, f"{out}: this run is already complete (same config); results in {out / 'results.json'} "
                    "(--force to run it again)")
         return load_results(out), None
-    if state is not None:
-        if not resume and not force:
-            raise ConfigError(
-                f"{out} already holds a run ({state.get('stages_done', 0)}/{state.get('num_stages', '?')} stages done); "
-                "pass --resume to continue it, --force to start over, or choose another output_dir"
-            )
-        if not resume:  # force: start over
-            accelerator.wait_for_everyone()
-            if main:
-                _clear_run_dir(out)
-            accelerator.wait_for_everyone()
-            state = None
-        elif state.get("config_fingerprint") != fp:
-            diff = _config_diff(state.get("config", {}), cfg.to_dict())
-            if not force:
-                raise ConfigError(
-                    f"cannot resume {out}: the config differs from the one that started it ("
-                    + ("; ".join(diff[:4]) or "fingerprint differs") + ("; ..." if len(diff) > 4 else "")
-                    + "); pass --force to resume anyway, or choose another output_dir"
-                )
-            state["forced_resume"] = state.get("forced_resume", []) + [{"from": state.get("config_fingerprint"), "changes": diff}]
-            state["config_fingerprint"], state["config"] = fp, cfg.to_dict()
-        if state is not None and state.get("num_stages") != T:
-            raise ConfigError(f"cannot resume {out}: it has {state.get('num_stages')} stages, the config {T}; use --force without --resume to start over")
-        if state is not None and _finished(out, state):  # else (killed during _finalize) it is redone below
-            _log(talk, f"{out}: run already complete (all {T} stages); results in {out / 'results.json'}")
-            return load_results(out), None
+    if action == "restart":
+        accelerator.wait_for_everyone()
+        if main:
+            _clear_run_dir(out)
+        accelerator.wait_for_everyone()
+        state = None
 
     if main and state is not None and out.is_dir():  # what atomic writes of a killed process left behind
         for tmp in out.rglob(".*.tmp"):
@@ -406,6 +607,7 @@ def _run(
     model, tokenizer = _load(cfg)
     data = _load_data(cfg, tokenizer, progress)
     method = _build_method(spec, model, cfg, seed, progress)
+    _check_shardable(method, spec)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     model.to(accelerator.device)
     setup_s = time.perf_counter() - t0
@@ -416,28 +618,27 @@ def _run(
             "stages_done": 0, "complete": False, "base": None, "stages": [], "checkpoint": None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+    state["mixed_precision"] = str(accelerator.mixed_precision)  # what ran (fp16 on a CPU runs as "no")
     if state.get("base") is None:
-        state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main)
+        state["base"] = _base_eval(model, data, cfg, base_eval_cache, progress, main, distributed=_distributed())
         if main:
             _write_state(out, state)
         _log(talk, f"base model: " + _ppl_line(data.tasks, state["base"]["task_ppl"], data.control_label, state["base"]["control_ppl"]))
 
     if callable(getattr(method, "set_calibration", None)):
         # Methods that measure layer importance on data (OSF) calibrate on the first task's training blocks.
-        method.set_calibration(data.train[data.tasks[0]][:32])
+        method.set_calibration(_calibration(data.train[data.tasks[0]]))
     try:
         method.prepare(model)
     except KappaTuneError as exc:
         raise type(exc)(f"method {spec.display!r}: {exc}") from None
     trainable = method.num_trainable()
     budget_report = method.budget_report.to_dict() if getattr(method, "budget_report", None) is not None else None
-    if state["stages_done"] > 0:
-        ck = state["checkpoint"]
-        path = out / ck["file"]
-        if not path.is_file() or sha256_file(path) != ck["sha256"]:
-            raise CacheError(f"stage checkpoint {path} is missing or corrupt (checksum mismatch); rerun with --force to start over")
+    if state["stages_done"] > 0:  # verified by _preflight before anything was loaded
+        path = out / state["checkpoint"]["file"]
         method.load(path)
         _log(talk, f"resuming {out} after stage {state['stages_done']}/{T}")
+    sharded = _shard_if_requested(method, accelerator, cfg)
     accelerator.wait_for_everyone()
 
     for k in range(state["stages_done"] + 1, T + 1):
@@ -461,13 +662,15 @@ def _run(
                 on_step=curve_hook, optimizer=cfg.training.optimizer, stop_when=_early_stop(cfg.eval.early_stopping),
             )
             t_eval = time.perf_counter()
-            task_ppl, ctrl_ppl = _eval_all(method.model, data, cfg.eval.batch_size, progress)
+            task_ppl, ctrl_ppl, extra = _eval_all(method.model, data, cfg, progress, distributed=_distributed())
             eval_s = time.perf_counter() - t_eval
         record = {
             "stage": k, "task": task, "steps": res.steps, "tokens": res.tokens, "losses": res.losses,
             "train_time_s": res.train_time_s, "tokens_per_s": res.tokens / res.train_time_s if res.train_time_s > 0 else None,
             "eval_time_s": eval_s, "wall_time_s": res.train_time_s + eval_s,  # resumed stages: summed over segments
             "resumed_from_step": res.resumed_from_step, **mem.to_dict(), "task_ppl": task_ppl, "control_ppl": ctrl_ppl,
+            **extra,
+            **_distributed_record(accelerator, res, mem),
         }
         if res.steps < steps:
             record["stopped_early"] = {"at_step": res.steps, "planned_steps": steps}
@@ -475,12 +678,15 @@ def _run(
             end = {"step": res.steps, "task_ppl": task_ppl[task]}
             if ctrl_ppl is not None:
                 end["control_ppl"] = ctrl_ppl
-            record["curve"] = (res.curve if not (res.curve and res.curve[-1]["step"] == res.steps) else res.curve[:-1]) + [end]
+            end.update({f"task_{k}": v for k, v in extra["task_metrics"][task].items() if k != "ppl"})
+            # an early stop ends on a curve point: the stage-end evaluation replaces it
+            record["curve"] = (res.curve[:-1] if res.curve and res.curve[-1]["step"] == res.steps else res.curve) + [end]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
+        trained = _trained_for_commit(method, sharded)
         if main:
             fault_point("stage_commit")
             ck_rel = f"checkpoints/stage-{k}.safetensors"
-            method.save(out / ck_rel)
+            method.save(out / ck_rel, trained)
             prev = state.get("checkpoint")
             state["stages"] = [s for s in state["stages"] if s["stage"] < k] + [record]
             state["stages_done"] = k
@@ -507,16 +713,33 @@ def _run(
 
     results = _results(cfg, state, data, trainable, total_params, budget_report, spec, setup_s, fp)
     if main:
-        results = _finalize(cfg, out, method, results, progress)
+        final = _unsharded_method(cfg, spec, seed, data, out / state["checkpoint"]["file"], progress) if sharded else method
+        results = _finalize(cfg, out, final, results, progress)
+        method = final
     accelerator.wait_for_everyone()
     return results, method
+
+
+def _distributed_record(accelerator: Any, res: Any, mem: Any) -> dict[str, Any]:
+    """A stage record's multi-process fields: processes, FSDP or not, and per rank the bytes of optimizer state
+    and the peak RSS (gathered: a collective). Empty for one process."""
+    from ..training import per_rank
+
+    if accelerator.num_processes <= 1:
+        return {"optimizer_state_bytes": res.optimizer_state_bytes[0] if res.optimizer_state_bytes else None}
+    return {
+        "processes": accelerator.num_processes, "fsdp": res.sharded,
+        "optimizer_state_bytes_per_rank": res.optimizer_state_bytes,
+        "peak_rss_mb_per_rank": per_rank(accelerator, mem.to_dict()["peak_rss_mb"]),
+    }
 
 
 def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str | None, ctrl: float | None,
               base: dict[str, Any] | None = None) -> str:
     parts = []
     if control is None:
-        return "ppl " + ", ".join(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}" if base else f"{t} {task_ppl[t]:.2f}" for t in tasks)
+        return "ppl " + ", ".join(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}" if base else f"{t} {task_ppl[t]:.2f}"
+                                  for t in tasks)
     for t in tasks:
         if base:
             parts.append(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}")
@@ -530,7 +753,8 @@ def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str | N
     return "ppl " + ", ".join(parts)
 
 
-def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, progress: bool, main: bool) -> dict[str, Any]:
+def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, progress: bool, main: bool,
+               distributed: bool = False) -> dict[str, Any]:
     """Perplexities of the untouched base model (shared through ``cache`` between the cells of a benchmark)."""
     key = _base_eval_key(model, data, cfg) if cache is not None else None
     if cache is not None:
@@ -542,8 +766,8 @@ def _base_eval(model: torch.nn.Module, data: _Data, cfg: RunConfig, cache: Any, 
         if key in entries:
             return entries[key]
     t = time.perf_counter()
-    task_ppl, ctrl = _eval_all(model, data, cfg.eval.batch_size, progress)
-    base = {"task_ppl": task_ppl, "control_ppl": ctrl, "eval_time_s": time.perf_counter() - t}
+    task_ppl, ctrl, extra = _eval_all(model, data, cfg, progress, distributed=distributed)
+    base = {"task_ppl": task_ppl, "control_ppl": ctrl, **extra, "eval_time_s": time.perf_counter() - t}
     if cache is not None and main:
         p = Path(cache)
         try:
@@ -564,6 +788,19 @@ def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int,
     task_ppl = [[base["task_ppl"][t] for t in tasks]] + [[s["task_ppl"][t] for t in tasks] for s in stages]
     ctrl = [base["control_ppl"]] + [s["control_ppl"] for s in stages]
     metrics = compute_metrics(task_ppl, ctrl, tasks)
+    matrix: dict[str, Any] = {"rows": rows, "tasks": tasks, "task_ppl": task_ppl, "control_ppl": ctrl}
+    points = [base] + stages
+    for m, short in SCORE_METRICS.items():  # one matrix per accuracy-like metric that some task has
+        R = [[(p.get("task_metrics") or {}).get(t, {}).get(m) for t in tasks] for p in points]
+        if any(v is not None for row in R for v in row):
+            matrix[m] = R
+            metrics.update(compute_score_metrics(R, tasks, short))
+    if base.get("probes"):
+        suite = control_suite_changes(base["probes"], (stages[-1] if stages else base)["probes"])
+        metrics["control_suite"] = suite
+        for probe, vals in suite.items():  # flat keys, one per probe and metric, for bench aggregation
+            for m, v in vals.items():
+                metrics[f"probe_{probe}_{m}_change"] = v["change"]
     train_s = sum(s["train_time_s"] for s in stages)
     n_steps = sum(s["steps"] for s in stages)
     metrics.update(
@@ -586,10 +823,13 @@ def _results(cfg: RunConfig, state: dict[str, Any], data: _Data, trainable: int,
         "control": data.control_label,
         "corpora": data.corpora,
         "steps_per_stage": cfg.steps_per_stage(),
+        "mixed_precision": {"requested": cfg.training.mixed_precision,
+                            "used": state.get("mixed_precision", cfg.training.mixed_precision)},
         "trainable_params": trainable,
         "total_params": total,
         "budget_report": budget_report,
-        "matrix": {"rows": rows, "tasks": tasks, "task_ppl": task_ppl, "control_ppl": ctrl},
+        "matrix": matrix,
+        "probes": list(data.probes),
         "metrics": metrics,
         "base": base,
         "stages": stages,
@@ -610,7 +850,7 @@ def _spectrum(cfg: RunConfig, merged: torch.nn.Module) -> dict[str, Any] | None:
         from ..analysis import analyze_model
     except ImportError:  # pragma: no cover - analysis not installed
         return None
-    base, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    base, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_missing_weights=cfg.allow_missing_weights)
     bp = dict(base.named_parameters())
     changed = []
     for n, p in merged.named_parameters():
@@ -640,6 +880,8 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
     if cfg.output.save_adapter:
         method.save(out / "final" / "adapter.safetensors", extra_metadata={"base_model": cfg.model})
         files["adapter"] = "final/adapter.safetensors"
+        # a resume checks it: a deleted or damaged final adapter is written again from the last stage checkpoint
+        results["file_sha256"] = {files["adapter"]: sha256_file(out / files["adapter"])}
     from ..training import fault_point
 
     fault_point("finalize")
@@ -676,6 +918,10 @@ def _write_reports(out: Path, results: dict[str, Any], *, plots: bool, final: bo
         reporting.plot_forgetting_heatmap(results, out / "plots" / "forgetting_heatmap.png")
         reporting.plot_control_vs_task(results, out / "plots" / "control_vs_task.png")
         names += ["plots/forgetting_heatmap.png", "plots/control_vs_task.png"]
+        if "accuracy" in results["matrix"] or "exact_match" in results["matrix"]:
+            metric = "accuracy" if "accuracy" in results["matrix"] else "exact_match"
+            reporting.plot_score_heatmap(results, metric, out / "plots" / f"{metric}_heatmap.png")
+            names.append(f"plots/{metric}_heatmap.png")
         spec = results.get("spectrum")
         if spec and spec.get("names"):
             reporting.plot_spectrum(spec, out / "plots" / "kappa_spectrum.png")

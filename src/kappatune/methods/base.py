@@ -10,7 +10,11 @@ base weights so they are never applied to a different base.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import types
+import typing
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
@@ -71,8 +75,7 @@ def match_budget(
     ``describe`` renders a candidate for the error message when it is not itself the knob's value.
     Raises :class:`ConfigError` naming the nearest reachable counts when nothing lands inside the tolerance.
     """
-    if not isinstance(param_budget, int) or isinstance(param_budget, bool) or param_budget <= 0:
-        raise ConfigError(f"param_budget must be a positive integer, got {param_budget!r}")
+    param_budget = check_param_budget(param_budget, tolerance)
     best: tuple[int, Any, int] | None = None  # (distance, value, count)
     seen = 0
     for value in candidates:
@@ -94,25 +97,228 @@ def match_budget(
     return report
 
 
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    choices: Sequence[Any] | None = None,
+    aliases: Sequence[str] = (),
+    check: Callable[[Any, str], Any] | None = None,
+    doc: str = "",
+) -> Any:
+    """Declare one method option: a dataclass field whose *type* is its annotation, plus the rest of its schema —
+    ``min``/``max`` (``min_open``/``max_open``: exclusive bounds), ``choices``, ``aliases`` (other names a config
+    may use, e.g. PEFT's ``r`` for LoRA's ``rank``) and ``check(value, name)`` (returns the value, possibly
+    normalised, or raises :class:`ConfigError`). :class:`MethodConfig` enforces it on construction, so every way
+    in (YAML config, ``get_method``, ``for_budget``, the constructor) is checked the same way."""
+    meta = {"min": min, "max": max, "min_open": min_open, "max_open": max_open,
+            "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases), "check": check,
+            "doc": doc}
+    return dataclasses.field(default=default, metadata={"kappatune": meta})
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in args) + (" or null" if nullable else "")
+    if origin in (list, tuple, Sequence):
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        k, v = typing.get_args(tp) or (Any, Any)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (the small set of annotation types method options use), or :class:`_Mismatch`.
+
+    Lenient only where YAML is ambiguous: an integral float (``1e6``) is an int, a numeric string (YAML 1.1 reads
+    ``1e-4`` as a string) is a float. ``bool`` is never a number, and NaN/inf are never valid numbers."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        # the member of the value's own type first: Union[int, float] keeps 1 an int and 1.0 a float
+        for a in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
+            try:
+                return _coerce(value, a)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin in (list, Sequence):
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, item) for v in value]
+    if origin is dict:
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {_coerce(k, kt): _coerce(v, vt) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Mismatch
+        return value
+    if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise _Mismatch from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Mismatch
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Mismatch
+        return value
+    return value
+
+
 @dataclass
 class MethodConfig:
-    """Base config; each method subclasses it with its own knobs (rank, alpha, ...)."""
+    """Base config; each method subclasses it with its own options, declared with :func:`option`.
+
+    The declared schema (type from the annotation; range, choices, aliases from :func:`option`) is enforced in
+    ``__post_init__``: a wrong type, a value out of range or not among the choices is one :class:`ConfigError`
+    naming the option, the value and what is allowed. Subclasses add cross-option checks in :meth:`validate`.
+    """
+
+    @classmethod
+    def aliases(cls) -> dict[str, str]:
+        """``{alias: option}`` for every option that declares aliases."""
+        return {a: f.name for f in fields(cls) for a in _meta(f).get("aliases", ())}
+
+    @classmethod
+    def translate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Hook: rewrite options that are not plain renames (e.g. LoRA's ``target_modules``) into native ones."""
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "MethodConfig":
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"options for {cls.__name__} must be a mapping, got {data!r}")
         data = dict(data or {})
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"option names must be strings, got {bad_keys[0]!r}")
+        data = cls.translate(data)
+        aliases = cls.aliases()
+        for alias, name in aliases.items():
+            if alias in data:
+                if name in data:
+                    raise ConfigError(f"options {alias!r} and {name!r} are the same option ({alias!r} is an alias); give one")
+                data[name] = data.pop(alias)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             import difflib
 
-            hints = [difflib.get_close_matches(k, names, n=1) for k in unknown]
+            valid = names | set(aliases)
+            hints = [difflib.get_close_matches(k, valid, n=1) for k in unknown]
             msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in zip(unknown, hints))
             raise ConfigError(f"unknown option(s) for {cls.__name__}: {msg}; valid: {', '.join(sorted(names))}")
         return cls(**data)
 
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            given = value = getattr(self, f.name)
+            meta = _meta(f)
+            try:
+                value = _coerce(value, hints.get(f.name, Any))
+            except _Mismatch:
+                raise ConfigError(f"{f.name} must be {_type_name(hints[f.name])}, got {given!r}") from None
+            if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
+                lo, hi = meta.get("min"), meta.get("max")
+                if (lo is not None and (value < lo or (meta["min_open"] and value == lo))) or (
+                    hi is not None and (value > hi or (meta["max_open"] and value == hi))
+                ):
+                    raise ConfigError(f"{f.name} must be {_range_text(meta)}, got {given!r}")
+            if value is not None and meta.get("choices") is not None and value not in meta["choices"]:
+                import difflib
+
+                hint = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
+                raise ConfigError(
+                    f"{f.name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                )
+            if value is not None and meta.get("check") is not None:
+                value = meta["check"](value, f.name)
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Hook: checks across options (e.g. ``min_retention <= max_retention``); raise :class:`ConfigError`."""
+
+    @classmethod
+    def schema(cls) -> list[dict[str, Any]]:
+        """The declared options: name, type, default, range, choices and aliases (for docs and tools)."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in fields(cls):
+            meta = _meta(f)
+            entry: dict[str, Any] = {"name": f.name, "type": _type_name(hints.get(f.name, Any)),
+                                     "default": None if f.default is dataclasses.MISSING else f.default}
+            if meta.get("min") is not None or meta.get("max") is not None:
+                entry["range"] = _range_text(meta)
+            if meta.get("choices") is not None:
+                entry["choices"] = list(meta["choices"])
+            if meta.get("aliases"):
+                entry["aliases"] = list(meta["aliases"])
+            if meta.get("doc"):
+                entry["doc"] = meta["doc"]
+            out.append(entry)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _meta(f: dataclasses.Field) -> dict[str, Any]:
+    return dict(f.metadata.get("kappatune", {}))
+
+
+def _range_text(meta: dict[str, Any]) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"in {'(' if meta['min_open'] else '['}{lo}, {hi}{')' if meta['max_open'] else ']'}"
+    if lo is not None:
+        return f"{'>' if meta['min_open'] else '≥'} {lo}"
+    return f"{'<' if meta['max_open'] else '≤'} {hi}"
+
+
+def check_param_budget(param_budget: Any, tolerance: Any = 0.10) -> int:
+    """``param_budget`` as a positive integer (an integral float such as YAML's ``2e4`` is accepted), and a
+    tolerance in (0, 1); anything else (``'20000'``, NaN, ``True``, 0) is a :class:`ConfigError`."""
+    ok = isinstance(param_budget, int) and not isinstance(param_budget, bool)
+    if isinstance(param_budget, float) and math.isfinite(param_budget) and param_budget.is_integer():
+        param_budget, ok = int(param_budget), True
+    if not ok or param_budget <= 0:
+        raise ConfigError(f"param_budget must be a positive integer (trainable parameters), got {param_budget!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ConfigError(f"tolerance must be a number in (0, 1), got {tolerance!r}")
+    return param_budget
 
 
 class Method(ABC):
@@ -120,10 +326,18 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Why the method cannot train a model sharded with FSDP (``None``: it can); the harness refuses with it.
+    fsdp_unsupported: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | dict | None = None):
-        if config is None or isinstance(config, dict):
-            config = self.config_cls.from_dict(config)
+        if not isinstance(config, self.config_cls):
+            if isinstance(config, MethodConfig):
+                raise ConfigError(f"method {self.name!r} takes a {self.config_cls.__name__} or a dict, got a {type(config).__name__}")
+            try:
+                config = self.config_cls.from_dict(config)
+            except ConfigError as exc:
+                msg = str(exc)
+                raise ConfigError(msg if msg.startswith("method ") else f"method {self.name!r}: {msg}") from None
         self.config = config
         self.model: nn.Module | None = None
         self.base_fingerprint: str | None = None
@@ -195,9 +409,13 @@ class Method(ABC):
         require_prepared(self)
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def save(self, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> Path:
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None,
+             extra_metadata: dict[str, Any] | None = None) -> Path:
         """Write the trained tensors as safetensors, tagged with method, config, targets and base-weight
-        fingerprints (plus ``extra_metadata``, e.g. the base model's name)."""
+        fingerprints (plus ``extra_metadata``, e.g. the base model's name).
+
+        ``state``: the tensors to write instead of :meth:`trained_state` (e.g. gathered from FSDP shards by
+        :func:`kappatune.training.gather_trained_state`)."""
         from safetensors.torch import save
 
         from ..storage import atomic_write_bytes
@@ -209,7 +427,7 @@ class Method(ABC):
         if targets is not None:
             meta["targets"] = json.dumps(targets)
         meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-        return atomic_write_bytes(path, save(self.trained_state(), metadata=meta))
+        return atomic_write_bytes(path, save(self.trained_state() if state is None else state, metadata=meta))
 
     def adapted_names(self) -> list[str] | None:
         """The tensors/modules this prepared method adapts (recorded in adapter files so that

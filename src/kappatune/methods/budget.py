@@ -129,8 +129,9 @@ def resolve_selection(
         return selection_from_names(model, names)
     if policy == "all" and not (include or exclude):
         return selection_from_names(model, resolve_linear_targets(model, "all-linear") + fused_moe_parameters(model), "all")
-    if policy != "all" and top_p is None and num_modules is None and threshold is None and param_budget is None:
-        top_p = DEFAULT_TOP_P  # "all" with include/exclude keeps every match: it has no ranking to cut
+    if top_p is None and num_modules is None and threshold is None and param_budget is None:
+        # "all" restricted by include/exclude keeps every remaining candidate (not a silent 20%)
+        top_p = 1.0 if policy == "all" else DEFAULT_TOP_P
     sel = _select(
         model, policy, top_p=top_p, num_modules=num_modules, threshold=threshold, param_budget=param_budget,
         balance_types=balance_types or None, seed=seed, include=include, exclude=exclude, progress=progress,
@@ -154,7 +155,7 @@ def ranked_selection(
 
     Budget matching takes prefixes of this list; the order is the Selection's ``scores`` order (selection order).
     """
-    if policy == "all":
+    if policy == "all" and not (include or exclude):
         return selection_from_names(model, resolve_linear_targets(model, "all-linear") + fused_moe_parameters(model)).parameter_names
     sel = _select(model, policy, top_p=1.0, seed=seed, balance_types=balance_types or None, include=include, exclude=exclude, progress=progress)
     order = [n for n in sel.scores if n in set(sel.parameter_names)]

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import CacheError, ConfigError, require_prepared
 from . import register
 from ._spectral import check_rank, is_conv1d, replace_module, resolve_targets, weight_2d
-from .base import BudgetReport, Method, MethodConfig, Targets, match_budget
+from .base import BudgetReport, Method, MethodConfig, Targets, check_param_budget, match_budget, option
 
 __all__ = ["CURLoRAConfig", "CURLoRA", "CURLinear", "inverse_importance_probs"]
 
@@ -40,11 +40,11 @@ class CURLoRAConfig(MethodConfig):
     ``clamp_rank``: give a layer smaller than ``rank`` its ``min(out, in)`` instead of raising (budget matching
     sets it when the matched rank exceeds the smallest target)."""
 
-    rank: int = 8
+    rank: int = option(8, min=1)
     alpha: float = 1.0
     seed: int = 0
     replacement: bool = True
-    eps: float = 1e-3
+    eps: float = option(1e-3, min=0, min_open=True)
     clamp_rank: bool = False
 
 
@@ -165,6 +165,8 @@ class CURLoRA(Method):
     def for_budget(cls, model: nn.Module, param_budget: int, targets: Targets = "all-linear", *,
                    tolerance: float = 0.10, **config: Any) -> "CURLoRA":
         """Pick the rank whose ``n_layers * rank^2`` is closest to ``param_budget`` (must be within ±tolerance)."""
+        param_budget = check_param_budget(param_budget, tolerance)
+        cls({k: v for k, v in config.items() if k != "rank"})  # the options are valid before any work
         names = resolve_targets(model, targets, cls.name)
         dims = [min(model.get_submodule(n).weight.shape) for n in names]
         report: BudgetReport = match_budget(cls.name, param_budget, range(1, max(dims) + 1),

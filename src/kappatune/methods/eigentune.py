@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError, require_prepared
 from . import register
 from ._spectral import check_rank, is_conv1d, resolve_targets
-from .base import Method, MethodConfig, Targets, match_budget
+from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
 
 __all__ = ["EigenTuneMethodConfig", "EigenTune"]
 
@@ -37,14 +37,14 @@ class EigenTuneMethodConfig(MethodConfig):
     ``clamp_rank``: give a layer smaller than ``rank`` its ``min(out, in)`` instead of raising (budget matching
     sets it when the matched rank exceeds the smallest target)."""
 
-    rank: int = 8
-    variant: str = "diagonal"
-    core_bandwidth: Optional[int] = None
+    rank: int = option(8, min=1)
+    variant: str = option("diagonal", choices=VARIANTS)
+    core_bandwidth: Optional[int] = option(None, min=0)
     selection: str = "principal"
     update: str = "additive"
     svd_backend: str = "auto"
     backend: str = "auto"
-    rank_budget: Optional[int] = None
+    rank_budget: Optional[int] = option(None, min=1)
     svd_seed: int = 0
     clamp_rank: bool = False
 
@@ -101,6 +101,8 @@ class EigenTune(Method):
     def for_budget(cls, model: nn.Module, param_budget: int, targets: Targets = "all-linear", *,
                    tolerance: float = 0.10, **config: Any) -> "EigenTune":
         """Pick the rank (directions per layer) whose exact count is closest to ``param_budget``."""
+        param_budget = check_param_budget(param_budget, tolerance)
+        cls({k: v for k, v in config.items() if k != "rank"})  # the options are valid before any work
         if config.get("rank_budget") is not None:
             raise ConfigError("eigentune: for_budget picks the rank itself; do not also pass rank_budget")
         variant = config.get("variant", "diagonal")

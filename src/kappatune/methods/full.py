@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import register
-from .base import Method, MethodConfig, Targets, match_budget
+from .base import Method, MethodConfig, Targets, check_param_budget, match_budget
 
 __all__ = ["FullConfig", "FullFineTuning"]
 
@@ -41,6 +41,7 @@ class FullFineTuning(Method):
         cls, model: nn.Module, param_budget: int, targets: Targets = None, *, tolerance: float = 0.10, **config: Any
     ) -> "FullFineTuning":
         """Full fine-tuning has no knob: accepted only if the whole model is within ±tolerance of the budget."""
+        param_budget = check_param_budget(param_budget, tolerance)
         method = cls(config)
         probe = {id(p): p.numel() for p in model.parameters()}
         if method.config.freeze_embeddings and hasattr(model, "get_input_embeddings"):

@@ -19,10 +19,16 @@ from torch import nn
 from ..errors import ConfigError, require_prepared
 from ..selection import Selection
 from . import register
-from .base import Method, MethodConfig, Targets, match_budget
+from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
 from .budget import POLICIES, resolve_selection
 
 __all__ = ["LoraMethodConfig", "LoRA", "lora_shapes", "lora_params_per_rank"]
+
+
+def _patterns(value: list[str], name: str) -> list[str]:
+    from ..analysis import check_patterns
+
+    return check_patterns(value, name) or []
 
 
 @dataclass
@@ -35,32 +41,52 @@ class LoraMethodConfig(MethodConfig):
     ``param_budget``: trainable LoRA parameters wanted — the rank is then chosen to land within ±10%.
     ``seed`` also seeds the LoRA A initialisation, so runs are reproducible. ``rank_pattern``: per-module rank
     overrides (full module names), which budget matching uses to give some modules ``rank + 1``.
+
+    PEFT's ``LoraConfig`` names are accepted as aliases: ``r`` (rank), ``lora_alpha`` (alpha), ``lora_dropout``
+    (dropout), and ``target_modules`` — a list of module-name suffixes matched as PEFT matches them (``q_proj``
+    matches ``model.layers.0.self_attn.q_proj``), a regular expression matched against the whole module name, or
+    ``"all-linear"``; it restricts the candidates (the ``include`` patterns), so with the default policy ``all``
+    exactly those modules get adapters, as in PEFT.
     """
 
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    policy: str = "all"
-    top_p: float | None = None
-    num_modules: int | None = None
-    threshold: float | None = None
-    param_budget: int | None = None
+    rank: int = option(8, min=1, aliases=("r",))
+    alpha: float | None = option(None, min=0, min_open=True, aliases=("lora_alpha",))
+    dropout: float = option(0.0, min=0, max=1, max_open=True, aliases=("lora_dropout",))
+    policy: str = option("all", choices=POLICIES)
+    top_p: float | None = option(None, min=0, max=1, min_open=True)
+    num_modules: int | None = option(None, min=1)
+    threshold: float | None = option(None, min=0, min_open=True)
+    param_budget: int | None = option(None, min=1)
     balance_types: bool = False
     seed: int = 0
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    include: list[str] | None = option(None, check=_patterns)
+    exclude: list[str] | None = option(None, check=_patterns)
     use_rslora: bool = False
     rank_pattern: dict[str, int] | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"unknown LoRA target policy {self.policy!r}; use one of {', '.join(POLICIES)}")
-        if self.param_budget is not None and self.param_budget < 1:
-            raise ConfigError(f"param_budget must be ≥ 1, got {self.param_budget}")
+    @classmethod
+    def translate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """PEFT's ``target_modules`` as ``include`` patterns with the same matching rule (see the class docstring)."""
+        if "target_modules" not in data:
+            return data
+        data = dict(data)
+        tm = data.pop("target_modules")
+        if data.get("include") is not None:
+            raise ConfigError("give target_modules or include, not both (target_modules becomes the include patterns)")
+        if tm is None or tm == "all-linear":
+            return data
+        if isinstance(tm, str):  # PEFT: a regex that must match the whole module name
+            try:
+                re.compile(tm)
+            except re.error as exc:
+                raise ConfigError(f"target_modules: {tm!r} is not a valid regular expression: {exc}") from None
+            data["include"] = [f"re:^(?:{tm})\\.weight$"]
+            return data
+        if not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(t, str) and t for t in tm):
+            raise ConfigError(f"target_modules must be a non-empty list of module names, a regex or 'all-linear', got {tm!r}")
+        # PEFT's list rule: a module matches when its name equals an entry or ends with "." + entry.
+        data["include"] = [f"re:(?:^|\\.){re.escape(t)}\\.weight$" for t in tm]
+        return data
 
 
 def lora_shapes(model: nn.Module, selection: Selection) -> dict[str, tuple[int, ...]]:
@@ -168,11 +194,12 @@ class LoRA(Method):
             self.merged = True
         return self.model
 
-    def save(self, path: Any, extra_metadata: dict[str, Any] | None = None) -> Any:
+    def save(self, path: Any, state: dict[str, torch.Tensor] | None = None,
+             extra_metadata: dict[str, Any] | None = None) -> Any:
         if self.merged:
             raise ConfigError("the LoRA adapter was merged into the model; save the adapter before merge(), "
                               "or save the merged model with save_pretrained")
-        return super().save(path, extra_metadata)
+        return super().save(path, state, extra_metadata)
 
     @classmethod
     def for_budget(
@@ -182,6 +209,7 @@ class LoRA(Method):
 
         ``targets``: a Selection / names / ``"all-linear"``; ``None`` uses the config's ``policy``.
         """
+        param_budget = check_param_budget(param_budget, tolerance)
         config = {k: v for k, v in config.items() if k not in ("param_budget", "rank_pattern")}
         probe = cls(config)
         sel = probe._selection(model, targets)

@@ -46,7 +46,7 @@ from torch import nn
 from ..errors import CacheError, ConfigError, DataError, require_prepared
 from . import register
 from ._spectral import is_conv1d, resolve_targets
-from .base import BudgetReport, Method, MethodConfig, Targets, match_budget
+from .base import BudgetReport, Method, MethodConfig, Targets, check_param_budget, match_budget, option
 
 __all__ = ["OSFMethodConfig", "OSF", "layer_importance", "preserved_ranks"]
 
@@ -62,13 +62,17 @@ class OSFMethodConfig(MethodConfig):
     the factors after each optimizer step (keeps the guarantee under Adam). ``calibration_batch_size``: sequences
     per forward when measuring importance. ``progress``: show progress bars."""
 
-    min_retention: float = 0.1
-    max_retention: float = 0.9
-    effective_rank: Optional[Union[int, float]] = None
-    task_energy: float = 0.99
+    min_retention: float = option(0.1, min=0, max=1)
+    max_retention: float = option(0.9, min=0, max=1)
+    effective_rank: Optional[Union[int, float]] = option(None, min=0, min_open=True)
+    task_energy: float = option(0.99, min=0, max=1, min_open=True)
     project_params: bool = True
-    calibration_batch_size: int = 8
+    calibration_batch_size: int = option(8, min=1)
     progress: bool = True
+
+    def validate(self) -> None:
+        if self.min_retention > self.max_retention:
+            raise ConfigError(f"osf: need min_retention <= max_retention, got {self.min_retention}, {self.max_retention}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,6 +278,11 @@ class OSF(Method):
     name = "osf"
     config_cls = OSFMethodConfig
     config: OSFMethodConfig
+    fsdp_unsupported = (
+        "its guarantee projects each whole weight gradient and the updated weights onto the complement of the "
+        "preserved subspace (hooks on the parameter objects, which FSDP replaces by per-rank shards that never see "
+        "a whole matrix), and next_task() swaps in new parameters between tasks, which a sharded model cannot take"
+    )
 
     def __init__(self, config: OSFMethodConfig | dict | None = None):
         super().__init__(config)
@@ -507,6 +516,7 @@ class OSF(Method):
         With a fixed ``effective_rank`` the knob is one preserved fraction for every module instead.
         ``calibration``: token ids for importance.
         """
+        param_budget = check_param_budget(param_budget, tolerance)
         probe = cls(config)
         probe._check_config()
         if calibration is not None:

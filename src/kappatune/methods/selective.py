@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ConfigError, require_prepared
 from ..selection import Selection
 from . import register
-from .base import Method, MethodConfig, Targets, match_budget
+from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
 from .budget import POLICIES, ranked_selection, resolve_selection, selection_from_names
 
 __all__ = ["SelectiveOptimizer", "SelectiveConfig", "SelectiveFineTuning"]
@@ -150,6 +150,12 @@ def _as_groups(params: Any) -> list[dict[str, Any]]:
     return [{"params": params}]
 
 
+def _patterns(value: list[str], name: str) -> list[str]:
+    from ..analysis import check_patterns
+
+    return check_patterns(value, name) or []
+
+
 @dataclass
 class SelectiveConfig(MethodConfig):
     """Selective full fine-tuning.
@@ -159,25 +165,15 @@ class SelectiveConfig(MethodConfig):
     ``seed`` drives the random policy; ``include``/``exclude`` restrict candidates by name pattern.
     """
 
-    policy: str = "kappa"
-    top_p: float | None = None
-    num_modules: int | None = None
-    threshold: float | None = None
-    param_budget: int | None = None
+    policy: str = option("kappa", choices=POLICIES)
+    top_p: float | None = option(None, min=0, max=1, min_open=True)
+    num_modules: int | None = option(None, min=1)
+    threshold: float | None = option(None, min=0, min_open=True)
+    param_budget: int | None = option(None, min=1)
     balance_types: bool = False
     seed: int = 0
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ConfigError(f"unknown selection policy {self.policy!r}; use one of {', '.join(POLICIES)}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_modules is not None and self.num_modules < 1:
-            raise ConfigError(f"num_modules must be ≥ 1, got {self.num_modules}")
-        if self.param_budget is not None and self.param_budget < 1:
-            raise ConfigError(f"param_budget must be ≥ 1, got {self.param_budget}")
+    include: list[str] | None = option(None, check=_patterns)
+    exclude: list[str] | None = option(None, check=_patterns)
 
 
 @register
@@ -232,6 +228,7 @@ class SelectiveFineTuning(Method):
         ``targets``, if a Selection or names, is the candidate pool in preference order; otherwise the config's
         policy ranks every candidate tensor.
         """
+        param_budget = check_param_budget(param_budget, tolerance)
         config = {k: v for k, v in config.items() if k != "param_budget"}
         method = cls(config)
         c = method.config
