@@ -210,3 +210,24 @@ def test_train_from_a_run_config_with_one_task(corpora, tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="exactly one task"):
         train(config=path, output_dir=tmp_path / "two")
+
+
+def test_train_on_supervised_examples(tmp_path, capsys):
+    """sft data goes through the harness's task loader: loss on responses, held-out accuracy reported."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"Is {a} bigger than {b}?", "response": "yes" if a > b else "no", "choices": ["yes", "no"]})
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--model", "tiny-llama", "--data", str(path), "--steps", "3", "--seq-len", "32",
+                     "--batch-size", "4", "--threads", "1", "-o", str(tmp_path / "out"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy (qa):" in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["tasks"][0]["type"] == "sft" and "accuracy" in results["matrix"]
+    assert "| accuracy (qa, held-out) |" in (tmp_path / "out" / "README.md").read_text()

@@ -450,6 +450,10 @@ def model_card(info: dict[str, Any], results: dict[str, Any]) -> str:
         f"| validation perplexity ({task}, held-out split) | {_fmt((base.get('task_ppl') or {}).get(task))} | "
         f"{_fmt((m.get('final_task_ppl') or {}).get(task))} |",
     ]
+    for metric in ("accuracy", "exact_match"):  # supervised data: held-out scores
+        R = (results.get("matrix") or {}).get(metric)
+        if R and R[0][0] is not None:
+            lines.append(f"| {metric} ({task}, held-out) | {100 * R[0][0]:.1f}% | {100 * R[-1][0]:.1f}% |")
     if results.get("control") is not None:
         lines.append(f"| control perplexity ({results['control']}) | {_fmt(m.get('control_ppl_base'))} | "
                      f"{_fmt(m.get('control_ppl_final'))} ({_fmt(m.get('control_change_pct'), 3)}%) |")
