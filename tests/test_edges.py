@@ -272,7 +272,10 @@ def test_checkpoint_with_missing_or_unexpected_weights_is_refused(broken_models,
     from kappatune.storage import fingerprint_model
 
     path = broken_models[case]
-    for argv in (["analyze", str(path), "-q", "--no-cache"], ["eval", str(path), "-q", "--max-blocks", "1"],
+    if case != "unexpected":  # the streaming scan (the default for a local checkpoint) refuses a missing tensor too
+        err = _error(capsys, "analyze", str(path), "-q", "--no-cache")
+        assert "has no tensor for model.layers.1.mlp.up_proj.weight" in err, err
+    for argv in (["analyze", str(path), "--load", "-q", "--no-cache"], ["eval", str(path), "-q", "--max-blocks", "1"],
                  ["run", _yaml(tmp_path / "c.yaml", _cfg(corpora, tmp_path / "out", model=str(path))), "--check", "-q"]):
         err = _error(capsys, *argv)
         assert what in err and "--allow-missing-weights" in err, err

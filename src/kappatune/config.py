@@ -51,6 +51,8 @@ SCHEDULES = (
     "cosine_with_min_lr", "warmup_stable_decay",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+DTYPES = ("float32", "bfloat16")
 
 
 TASK_TYPES = ("lm", "sft")
@@ -93,7 +95,7 @@ class TaskConfig:
 class TargetsConfig:
     """Which tensors a method adapts: a :func:`kappatune.selection.select_targets` policy and its knobs."""
 
-    policy: str = "kappa"
+    policy: str | None = None  # default: "kappa", or "all" when modules is given
     top_p: float | None = None
     num_modules: int | None = None
     threshold: float | None = None
@@ -102,6 +104,10 @@ class TargetsConfig:
     include: list[str] | None = None
     exclude: list[str] | None = None
     seed: int | None = None  # random policy; defaults to the run seed
+    # Explicit candidates with PEFT's target_modules semantics: a list matches full names or name suffixes
+    # (["q_proj", "v_proj"]), a string is a regex matched against whole names. With policy "all" (the default
+    # when modules is given) every match is adapted; with another policy the matches are ranked and cut.
+    modules: list[str] | str | None = None
 
 
 @dataclass
@@ -145,6 +151,9 @@ class TrainingConfig:
     max_train_blocks: int | None = None  # cap on training blocks built per task (None: all)
     checkpoint_every: int = 0  # mid-stage checkpoint every N steps (0: only at stage ends)
     mixed_precision: str = "no"
+    optimizer: str = "adamw"  # adamw | adafactor (transformers) | sgd
+    dtype: str = "float32"  # weights' dtype: float32 | bfloat16
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
 
 
 @dataclass
@@ -159,6 +168,9 @@ class EvalConfig:
     # stage ends). The equal-task-quality comparison of a bench reads these curves.
     curve_every: int = 0
     curve_stages: list[int] | None = None  # stages that get a curve (1-based; None: every stage)
+    # Early stopping on the stage's validation (task eval split) perplexity, read at every curve point: stop when
+    # it has not improved for this many consecutive evaluations (0: off). Needs curve_every.
+    early_stopping: int = 0
     # Supervised (sft) tasks: the seeded three-way split (test = eval_fraction), the evaluated test examples and
     # generation for exact_match.
     validation_fraction: float = 0.1
@@ -202,7 +214,8 @@ class RunConfig:
     name: str = "run"
     # The control suite: what the base model can already do, each probe reported as change from base. One task
     # (``control: NAME`` as before) or a list; the first is the primary control (its perplexity is control_ppl).
-    control: Union[TaskConfig, list[TaskConfig]] = field(default_factory=lambda: TaskConfig(corpus="control"))
+    # null: no control (a `kappatune train` without --control; the control metrics are then null)
+    control: Union[TaskConfig, list[TaskConfig], None] = field(default_factory=lambda: TaskConfig(corpus="control"))
     method: MethodSpec | None = None
     methods: list[MethodSpec] = field(default_factory=list)
     budget: int | None = None  # trainable-parameter target, matched by each method's for_budget
@@ -234,6 +247,8 @@ class RunConfig:
 
     def control_suite(self) -> list[TaskConfig]:
         """The control probes (the first one is the primary control)."""
+        if self.control is None:  # no control (kappatune train without --control)
+            return []
         return list(self.control) if isinstance(self.control, list) else [self.control]
 
     def learning_rate(self) -> float:
@@ -383,7 +398,7 @@ def _positive(value: int | float | None, where: str, *, allow_none: bool = True,
 
 
 def _check_targets(t: TargetsConfig, where: str) -> None:
-    if t.policy not in POLICIES:
+    if t.policy is not None and t.policy not in POLICIES:
         hint = difflib.get_close_matches(t.policy, POLICIES, n=1)
         raise ConfigError(
             f"config: {where}.policy: unknown policy {t.policy!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
@@ -445,7 +460,7 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     if dup:
         raise ConfigError(f"config: task names must be unique, {dup[0]!r} appears twice (give each a 'name')")
     suite = cfg.control_suite()
-    if not suite:
+    if not suite and cfg.control is not None:
         raise ConfigError("config: control must name at least one corpus or task (the control suite)")
     probes = [c.label for c in suite]
     for c in probes:
@@ -511,11 +526,21 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     _positive(t.checkpoint_every, "training.checkpoint_every", zero_ok=True)
     if t.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"config: training.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {t.mixed_precision!r}")
+    for key, value, allowed in (("optimizer", t.optimizer, OPTIMIZERS), ("dtype", t.dtype, DTYPES)):
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            raise ConfigError(f"config: training.{key}: unknown {key} {value!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; choose one of {', '.join(allowed)}")
+    if t.dtype == "bfloat16" and t.mixed_precision != "no":
+        raise ConfigError("config: training.dtype bfloat16 already trains in bf16; leave training.mixed_precision at 'no'")
     _positive(cfg.num_threads, "num_threads")
     e = cfg.eval
     _positive(e.max_blocks, "eval.max_blocks", allow_none=False)
     _positive(e.batch_size, "eval.batch_size", allow_none=False)
     _positive(e.curve_every, "eval.curve_every", zero_ok=True)
+    _positive(e.early_stopping, "eval.early_stopping", zero_ok=True)
+    if e.early_stopping and not e.curve_every:
+        raise ConfigError("config: eval.early_stopping needs validation during training: set eval.curve_every (e.g. 10)")
     if e.curve_stages is not None:
         bad = [k for k in e.curve_stages if not (1 <= k <= len(cfg.tasks))]
         if bad or not e.curve_stages:
@@ -689,19 +714,34 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
 _NON_RESULT_KEYS = ("output_dir", "progress", "name", "compare")
 
 
+_LATER_KEYS = (
+    ("training", "optimizer", "adamw"), ("training", "dtype", "float32"), ("training", "gradient_checkpointing", False),
+    ("eval", "early_stopping", 0),
+)
+
+
 def config_fingerprint(cfg: RunConfig) -> str:
     """A hash of everything in the config that affects results (not the output dir or progress display)."""
     d = cfg.to_dict()
     for k in _NON_RESULT_KEYS:
         d.pop(k, None)
     d["training"].pop("checkpoint_every", None)
+    # Keys added after runs were recorded: at their defaults they leave the fingerprint as it was, so runs written
+    # before they existed still resume.
+    for section, key, default in _LATER_KEYS:
+        node = d.get(section) if section else d
+        if isinstance(node, dict) and node.get(key, default) == default:
+            node.pop(key, None)
+    for m in ([d.get("method")] if d.get("method") else []) + list(d.get("methods") or []):
+        if isinstance(m, dict) and isinstance(m.get("targets"), dict) and m["targets"].get("modules") is None:
+            m["targets"].pop("modules", None)
     if not d.get("allow_missing_weights"):  # added later: the default leaves older runs' fingerprints unchanged
         d.pop("allow_missing_weights", None)
     d["output"] = {}
     # Keys added with supervised tasks drop out at their defaults, so configs written before them keep their
     # fingerprint (and their run directories stay resumable).
     task_defaults = {f.name: f.default for f in dataclasses.fields(TaskConfig) if f.name not in ("corpus", "name", "text_field")}
-    for t in d["tasks"] + (d["control"] if isinstance(d["control"], list) else [d["control"]]):
+    for t in d["tasks"] + (d["control"] if isinstance(d["control"], list) else [d["control"]] if d["control"] else []):
         for k, v in task_defaults.items():
             if t.get(k) == v:
                 t.pop(k)

@@ -26,3 +26,17 @@ class ModelError(KappaTuneError):
 
 class CacheError(KappaTuneError):
     """A cache, adapter or checkpoint that does not belong to this model or is corrupt."""
+
+
+class UsageError(KappaTuneError, RuntimeError):
+    """The API was called out of order (e.g. ``trainable_parameters()`` before ``prepare()``).
+
+    A real exception rather than ``assert`` so that it also fires under ``python -O``.
+    """
+
+
+def require_prepared(method: object) -> None:
+    """Raise :class:`UsageError` unless ``method.prepare(model)`` has been called."""
+    if getattr(method, "model", None) is None:
+        name = getattr(method, "name", type(method).__name__)
+        raise UsageError(f"method {name!r} is not prepared yet: call method.prepare(model) first")

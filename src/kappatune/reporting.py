@@ -109,9 +109,10 @@ def forgetting_table(results: dict[str, Any]) -> str:
     """The forgetting matrix R[stage][task] (perplexity, lower is better) plus the control column."""
     tasks = results["tasks"]
     rows = []
+    has_control = results.get("control") is not None
     for label, row, ctrl in zip(results["matrix"]["rows"], results["matrix"]["task_ppl"], results["matrix"]["control_ppl"]):
-        rows.append([label, *(fmt(v) for v in row), fmt(ctrl)])
-    return _md(rows, ["perplexity after", *tasks, f"control ({results['control']})"])
+        rows.append([label, *(fmt(v) for v in row)] + ([fmt(ctrl)] if has_control else []))
+    return _md(rows, ["perplexity after", *tasks] + ([f"control ({results['control']})"] if has_control else []))
 
 
 def metrics_table(results: dict[str, Any]) -> str:
@@ -292,8 +293,9 @@ def plot_forgetting_heatmap(results: dict[str, Any], path: str | Path) -> Path:
     import numpy as np
 
     plt = _plt()
-    tasks = list(results["tasks"]) + [f"control ({results['control']})"]
-    vals = [list(r) + [c] for r, c in zip(results["matrix"]["task_ppl"], results["matrix"]["control_ppl"])]
+    has_control = results.get("control") is not None
+    tasks = list(results["tasks"]) + ([f"control ({results['control']})"] if has_control else [])
+    vals = [list(r) + ([c] if has_control else []) for r, c in zip(results["matrix"]["task_ppl"], results["matrix"]["control_ppl"])]
     arr = np.asarray(vals, dtype=float)
     base = arr[0:1, :]
     rel = (arr / base - 1.0) * 100.0
@@ -340,7 +342,8 @@ def plot_control_vs_task(results: dict[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, t in enumerate(results["tasks"]):
         ax.plot(x, [r[j] for r in results["matrix"]["task_ppl"]], marker="o", label=f"task {t}")
-    ax.plot(x, results["matrix"]["control_ppl"], marker="s", color="black", lw=2, label=f"control ({results['control']})")
+    if results.get("control") is not None:
+        ax.plot(x, results["matrix"]["control_ppl"], marker="s", color="black", lw=2, label=f"control ({results['control']})")
     ax.set_xticks(x, rows, rotation=15, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("perplexity (log)")

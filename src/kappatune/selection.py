@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,7 +30,10 @@ from torch import nn
 from .analysis import SpectrumReport, TensorSpectrum, analyze_model
 from .errors import ConfigError
 
-__all__ = ["Selection", "POLICIES", "select_targets", "select_from_report", "KappaTuneSelector", "find_kappa_target_modules"]
+__all__ = [
+    "Selection", "POLICIES", "select_targets", "select_from_report", "KappaTuneSelector", "find_kappa_target_modules",
+    "match_module_names",
+]
 
 POLICIES = ("kappa", "snr", "random", "all")
 # Embeddings and the LM head are analysed but not adapted unless asked for (kinds=(..., "head", "embedding")).
@@ -66,6 +71,25 @@ class Selection:
             "num_params": self.num_params,
             "scores": self.scores,
         }
+
+
+def match_module_names(names: Sequence[str], patterns: str | Sequence[str]) -> list[str]:
+    """The names (in their order) that ``patterns`` targets, with PEFT's ``target_modules`` semantics.
+
+    A string is a regular expression that must match the *whole* name (``re.fullmatch``); a list matches a name
+    equal to an entry or ending in ``"." + entry`` (``["q_proj", "v_proj"]`` targets every layer's q and v
+    projections, ``"layers.0.mlp.up_proj"`` just that one). This is how PEFT's ``LoraConfig(target_modules=...)``
+    reads targets (``peft.tuners.tuners_utils.check_target_module_exists``), so a PEFT target list selects the
+    same modules here.
+    """
+    if isinstance(patterns, str):
+        try:
+            rx = re.compile(patterns)
+        except re.error as exc:
+            raise ConfigError(f"target pattern {patterns!r} is not a valid regular expression ({exc})") from None
+        return [n for n in names if rx.fullmatch(n)]
+    pats = [str(p) for p in patterns]
+    return [n for n in names if any(n == p or n.endswith("." + p) for p in pats)]
 
 
 def _order(records: list[TensorSpectrum], policy: str, seed: int) -> list[TensorSpectrum]:
@@ -234,6 +258,21 @@ def select_targets(
 # ----------------------------------------------------------------------------------------------------------------
 # PEFT drop-in compatibility
 # ----------------------------------------------------------------------------------------------------------------
+def tied_head_modules(model: nn.Module, *, tied_only: bool = True) -> set[str]:
+    """Module names of the output head (``get_output_embeddings()``); with ``tied_only`` only when its weight is the
+    input embedding's tensor (tied word embeddings)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None or getattr(head, "weight", None) is None:
+        return set()
+    if tied_only:
+        get_in = getattr(model, "get_input_embeddings", None)
+        emb = get_in() if callable(get_in) else None
+        if emb is None or getattr(emb, "weight", None) is not head.weight:
+            return set()
+    return {n for n, m in model.named_modules() if m is head}
+
+
 class KappaTuneSelector:
     """Drop-in for ``peft.helpers.KappaTuneSelector`` (PEFT 0.21) backed by :func:`analyze_model`.
 
@@ -250,8 +289,10 @@ class KappaTuneSelector:
         max_dim_size_to_analyze: int = 16384,
         moe_param_suffixes: tuple[str, ...] | None = None,
         show_progress: bool = True,
+        exclude_head: bool = False,
     ):
         self.model = model
+        self.exclude_head = exclude_head
         self.max_dim_size_to_analyze = max_dim_size_to_analyze
         self.moe_param_suffixes = tuple(moe_param_suffixes or (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj"))
         self.show_progress = show_progress
@@ -265,8 +306,9 @@ class KappaTuneSelector:
                                moe_suffixes=self.moe_param_suffixes, progress=self.show_progress)
         by_name = report.by_name()
         self._condition_numbers = {}
+        head = tied_head_modules(self.model, tied_only=False) if self.exclude_head else set()
         for mname, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and mname not in head:
                 rec = by_name.get(f"{mname}.weight" if mname else "weight")
                 if rec is not None:
                     self._condition_numbers[mname] = rec.kappa
@@ -287,9 +329,22 @@ class KappaTuneSelector:
         return [n for n, _ in ordered]
 
     def get_best_targets(self, top_p: float | None = None, num_modules: int | None = None, threshold: float | None = None) -> list[str]:
-        """Names of the lowest-κ ``nn.Linear`` modules (PEFT ``target_modules``)."""
+        """Names of the lowest-κ ``nn.Linear`` modules (PEFT ``target_modules``).
+
+        As in PEFT, the output head is a candidate. When it is *tied* to the input embedding, adapting it also
+        changes the embedding once merged (PEFT's ``merge_and_unload`` writes the merged weight into the shared
+        tensor): a warning says so; ``exclude_head=True`` in the constructor keeps the head out.
+        """
         self._compute_kappas()
-        return self._pick(self._condition_numbers or {}, top_p, num_modules, threshold)
+        picked = self._pick(self._condition_numbers or {}, top_p, num_modules, threshold)
+        tied = tied_head_modules(self.model) & set(picked)
+        if tied:
+            warnings.warn(
+                f"the selection includes the output head {sorted(tied)[0]!r}, whose weight is tied to the input "
+                "embedding: merging an adapter on it also changes the embedding (the merged model's outputs differ "
+                "from the adapted one's). Pass exclude_head=True to leave it out.", UserWarning, stacklevel=2,
+            )
+        return picked
 
     def get_best_target_parameters(self, top_p: float | None = None, num_modules: int | None = None, threshold: float | None = None) -> list[str]:
         """Names of the lowest-κ fused MoE parameters (PEFT ``target_parameters``)."""
@@ -303,8 +358,12 @@ def find_kappa_target_modules(
     max_dim_size_to_analyze: int = 16384,
     moe_param_suffixes: tuple[str, ...] | None = None,
     show_progress: bool = True,
+    exclude_head: bool = False,
 ) -> dict[str, list[str] | None]:
-    """PEFT-compatible one-liner: ``{"target_modules": [...], "target_parameters": [...] or None}``."""
-    selector = KappaTuneSelector(model, max_dim_size_to_analyze, moe_param_suffixes, show_progress)
+    """PEFT-compatible one-liner: ``{"target_modules": [...], "target_parameters": [...] or None}``.
+
+    ``exclude_head=True`` keeps the output head out of the candidates (a tied head selected otherwise warns).
+    """
+    selector = KappaTuneSelector(model, max_dim_size_to_analyze, moe_param_suffixes, show_progress, exclude_head)
     params = selector.get_best_target_parameters(top_p=top_p)
     return {"target_modules": selector.get_best_targets(top_p=top_p), "target_parameters": params or None}

@@ -46,8 +46,9 @@ def fault_point(name: str) -> None:
 
     Atomic writes reach ``write:<path>`` halfway through writing their temporary file (so e.g.
     ``write:*/analysis/*.json:1`` kills the first analysis-cache write mid-file); the training loop and the
-    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``. With
-    ``$KAPPATUNE_FAULT_RANK`` set, only the process of that ``RANK`` (torchrun / accelerate launch) is killed. A real,
+    harness reach ``train_step``, ``checkpoint_write``, ``eval``, ``stage_commit`` and ``finalize``, ``kappatune train``
+    also ``export``. With ``$KAPPATUNE_FAULT_RANK`` set, only the process of that ``RANK`` (torchrun / accelerate
+    launch) is killed. A real,
     uncatchable signal: nothing is flushed or cleaned up, as with an OOM kill or a pulled plug. Used by
     tests/test_faults.py and tests/test_harness.py; see docs/reliability.md.
     """
@@ -168,8 +169,16 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def fingerprint_model(model: torch.nn.Module) -> str:
-    """Fingerprint of a model's parameters and buffers (tied tensors counted once)."""
+def fingerprint_model(model: torch.nn.Module, *, dtype_robust: bool = False) -> str:
+    """Fingerprint of a model's parameters and buffers (tied tensors counted once).
+
+    ``dtype_robust=True``: every floating tensor is first rounded to bfloat16 and its dtype left out of the hash,
+    so the same base weights give the same fingerprint in float32 and after ``model.to(torch.bfloat16)`` (a cast
+    to bf16 rounds exactly as this does). Adapters carry both fingerprints: the exact one guards checkpoints, the
+    robust one lets a saved adapter be applied to the same base loaded in another dtype.
+    """
+    if dtype_robust:
+        return _fingerprint_bf16(model)
     seen: set[int] = set()
     items = []
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -179,6 +188,26 @@ def fingerprint_model(model: torch.nn.Module) -> str:
         seen.add(key)
         items.append((name, t))
     return fingerprint_tensors(items)
+
+
+def _fingerprint_bf16(model: torch.nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    seen: set[int] = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        kind = "float" if t.is_floating_point() else str(t.dtype)
+        h.update(f"{name}|{tuple(t.shape)}|{kind}|".encode())
+        if t.is_floating_point():
+            t = t.to(torch.bfloat16)
+        if t.numel():
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class DirectoryLock:

@@ -57,6 +57,7 @@ __all__ = [
     "seed_everything",
     "PeakMemory",
     "fault_point",
+    "optimizer_class",
     "fsdp_requested",
     "is_sharded",
     "shard_model",
@@ -518,6 +519,27 @@ def load_checkpoint(
     return meta
 
 
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+
+
+def optimizer_class(name: str) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer class for a name and the extra keyword arguments it needs besides ``lr``/``weight_decay``.
+
+    ``adafactor`` is transformers' :class:`~transformers.optimization.Adafactor` with the given learning rate
+    (``relative_step=False``, ``scale_parameter=False``): factored second moments, so its state is far smaller than
+    AdamW's on large matrices. ``sgd`` is plain :class:`torch.optim.SGD`.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW, {}
+    if name == "sgd":
+        return torch.optim.SGD, {}
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor, {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The stage loop.
 # ---------------------------------------------------------------------------------------------------------------
@@ -532,6 +554,7 @@ class StageResult:
     train_time_s: float = 0.0  # wall time spent training (summed over resumed segments)
     resumed_from_step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)  # what ``on_step`` returned, with its step
+    stopped_early: bool = False  # ``stop_when`` ended the stage before ``steps`` (then ``steps`` is the steps done)
     optimizer_state_bytes: list[int] = field(default_factory=list)  # held by each process (rank order)
     sharded: bool = False  # trained under FSDP
 
@@ -583,6 +606,8 @@ def train_stage(
     progress: bool = True,
     desc: str = "train",
     on_step: Callable[[int], dict[str, Any] | None] | None = None,
+    optimizer: str = "adamw",
+    stop_when: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> StageResult:
     """Train ``method.model`` on ``blocks`` ``[N, seq_len]`` for ``steps`` optimizer steps.
 
@@ -595,6 +620,9 @@ def train_stage(
     ``checkpoint_every`` steps and after the last step (when ``checkpoint_dir`` is given and ``checkpoint_every > 0``).
     ``on_step(step)`` runs after every optimizer step but the last (learning curves); a dict it returns is kept in
     ``result.curve`` (and in checkpoints, so a resumed stage keeps its curve). Its time is not training time.
+    ``stop_when(curve)`` (early stopping) is asked after every new curve point; when it returns True the stage ends
+    there (a pure function of the curve, so a resumed stage stops at the same step). ``optimizer``: ``adamw``,
+    ``adafactor`` (transformers' Adafactor with this fixed ``lr``) or ``sgd`` (see :func:`optimizer_class`).
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -629,7 +657,8 @@ def train_stage(
         method.load(found[0] / "trained.safetensors")  # before the optimizer exists (see load_checkpoint)
 
     base_model = method.model
-    optimizer = method.make_optimizer(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    opt_cls, opt_kwargs = optimizer_class(optimizer)
+    optimizer = method.make_optimizer(opt_cls, lr=lr, weight_decay=weight_decay, **opt_kwargs)
     # The scheduler is deliberately not passed to prepare(): accelerate's wrapper steps it num_processes times
     # per step (it assumes per-process batches); our global batch is fixed, so one step per optimizer step.
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
@@ -649,6 +678,8 @@ def train_stage(
         result.train_time_s = float(meta.get("train_time_s", 0.0))
         result.resumed_from_step = start
         result.curve = list(meta.get("curve", []))
+        if meta.get("stopped_early"):
+            result.stopped_early, steps = True, start
 
     params = [p for p in method.trainable_parameters()]
     model.train()
@@ -714,18 +745,27 @@ def train_stage(
                 point = on_step(done)
                 if point is not None:
                     result.curve.append({"step": done, **point})
+                    if stop_when is not None and stop_when(result.curve):
+                        result.stopped_early = True
                 t_seg += time.perf_counter() - t_hook  # evaluation is not training time
                 t_prev = time.perf_counter()
-            if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
+            if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps or result.stopped_early):
                 elapsed = result.train_time_s + (time.perf_counter() - t_seg)
-                ck_meta = {**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed, "curve": result.curve}
+                ck_meta = {**meta_base, "step": done, "losses": result.losses, "train_time_s": elapsed, "curve": result.curve,
+                           "stopped_early": result.stopped_early}
                 if sharded:
                     save_sharded_checkpoint(ckpt, model, optimizer, scheduler, meta=ck_meta, accelerator=accelerator)
                 elif accelerator.is_main_process:
                     save_checkpoint(ckpt, method, optimizer, scheduler, meta=ck_meta)
                 accelerator.wait_for_everyone()
+            if result.stopped_early:
+                break
     finally:
         bar.close()
+    if result.stopped_early:
+        result.steps = len(result.losses)
+        done_rows = order[: result.steps]
+        result.tokens = int(blocks["attention_mask"][done_rows].sum()) if sft else result.steps * batch_size * seq_len
     result.train_time_s += time.perf_counter() - t_seg
     result.sharded = sharded
     result.optimizer_state_bytes = per_rank(accelerator, optimizer_state_bytes(optimizer))

@@ -6,6 +6,7 @@ import argparse
 import math
 
 from ..errors import ConfigError
+from . import add_json_arg, emit_json, json_only
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,9 @@ def _analyze(args: argparse.Namespace, kappa_only: bool = False):
 
     kw = dict(max_dim_size=args.max_dim, include=args.include, exclude=args.exclude, cache=not args.no_cache,
               progress=not args.quiet, kappa_only=kappa_only, device=args.device)
-    if args.model not in BUILTIN_MODELS and not args.load and is_checkpoint_path(args.model):
+    # --allow-missing-weights needs the built model (transformers initialises what the files lack), so it loads
+    streaming = not (args.load or args.allow_missing_weights)
+    if args.model not in BUILTIN_MODELS and streaming and is_checkpoint_path(args.model):
         return analyze_checkpoint(args.model, trust_remote_code=args.trust_remote_code, **kw)
     model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code,
                           allow_missing_weights=args.allow_missing_weights)
@@ -43,12 +46,11 @@ def _analyze(args: argparse.Namespace, kappa_only: bool = False):
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     report = _analyze(args, kappa_only=args.kappa_only)
-    print(report.table(top=args.top or None))
-    src = "cache" if report.from_cache else "computed"
-    print(f"{len(report)} tensors analysed in {report.seconds:.2f} s ({src}); fingerprint {report.fingerprint or '-'}")
-    if args.json:
-        report.save_json(args.json)
-        print(f"wrote {args.json}")
+    if not json_only(args):
+        print(report.table(top=args.top or None))
+        src = "cache" if report.from_cache else "computed"
+        print(f"{len(report)} tensors analysed in {report.seconds:.2f} s ({src}); fingerprint {report.fingerprint or '-'}")
+    emit_json(args, report.to_json_dict())
     if args.plot:
         report.plot(args.plot)
         print(f"wrote {args.plot}")
@@ -57,7 +59,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from ..selection import select_from_report
-    from ..storage import atomic_write_json
 
     if args.policy != "all" and all(v is None for v in (args.top_p, args.num, args.threshold, args.param_budget)):
         raise ConfigError(f"select --policy {args.policy} needs exactly one budget: --top-p, --num, --threshold or "
@@ -66,6 +67,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     sel = select_from_report(report, args.policy, top_p=args.top_p, num_modules=args.num, threshold=args.threshold,
                              param_budget=args.param_budget, balance_types=args.balance_types, seed=args.seed)
     total = sum(r.numel for r in report.records if r.kind in ("linear", "conv1d", "moe"))
+    if json_only(args):
+        emit_json(args, sel.to_dict())
+        return 0
     print(f"policy {sel.policy}: {len(sel)} tensors, {sel.num_params:,} parameters ({100 * sel.num_params / max(total, 1):.2f}% of candidate weights)")
     for name, score in sel.scores.items():
         s = "inf" if math.isinf(score) else f"{score:.4g}"
@@ -73,11 +77,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     print("target_modules =", sel.module_names)
     if sel.moe_parameter_names:
         print("target_parameters =", sel.moe_parameter_names)
-    if args.json:
-        atomic_write_json(args.json, sel.to_dict())
-        print(f"wrote {args.json}")
+    emit_json(args, sel.to_dict())
     if args.peft_config:
         from ..checkpoint import peft_config_fragment
+        from ..storage import atomic_write_json
 
         atomic_write_json(args.peft_config, peft_config_fragment(sel))
         print(f"wrote {args.peft_config} (merge into a peft LoraConfig)")
@@ -89,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Analyse every weight tensor of MODEL and print a table sorted by condition number κ.")
     _add_model_args(p)
     p.add_argument("--top", type=int, default=30, help="rows to print (0 = all; default 30)")
-    p.add_argument("--json", metavar="PATH", help="write all per-tensor figures as JSON")
+    add_json_arg(p, "all per-tensor figures")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of κ per layer and module type")
     p.set_defaults(handler=cmd_analyze)
 
@@ -104,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--param-budget", type=int, help="trainable-parameter count to fill")
     p.add_argument("--balance-types", action="store_true", help="same share of every module type (q/k/v/o/up/down...)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy")
-    p.add_argument("--json", metavar="PATH", help="write the selection as JSON")
+    add_json_arg(p, "the selection")
     p.add_argument("--peft-config", metavar="PATH",
                    help="write a PEFT LoRA config fragment (target_modules / target_parameters) as JSON")
     p.set_defaults(handler=cmd_select)

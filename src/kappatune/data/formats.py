@@ -126,14 +126,54 @@ def _load_hf_dataset(name: str, text_field: str) -> list[str]:
     return [t or "" for t in ds[text_field]]
 
 
-def load_corpus(name_or_path: str | os.PathLike | Corpus, *, text_field: str = "text") -> Corpus:
-    """Load a corpus: a built-in name, a local file (.txt/.jsonl/.json/.csv/.parquet) or a ``datasets`` name.
+def _as_hf_dataset(obj: Any) -> Any:
+    """``obj`` if it is a ``datasets.Dataset`` / ``DatasetDict`` (checked without importing ``datasets`` unless it is
+    already loaded: an object of its type can only exist if it is), else ``None``."""
+    import sys
+
+    mod = sys.modules.get("datasets")
+    if mod is not None and isinstance(obj, (mod.Dataset, mod.DatasetDict)):
+        return obj
+    return None
+
+
+def _corpus_from_dataset(ds: Any, text_field: str) -> Corpus:
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"got a DatasetDict with splits {', '.join(ds)}; pass one split, e.g. ds['train']")
+    if text_field not in ds.column_names:
+        raise DataError(f"the dataset has no column {text_field!r} (columns: {', '.join(ds.column_names)}); pass text_field=<name>")
+    col = ds[text_field]
+    bad = next((v for v in col if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(f"dataset column {text_field!r} holds {type(bad).__name__}, not text")
+    docs = [v.strip() for v in col if v and v.strip()]
+    if not docs:
+        raise DataError(f"the dataset's column {text_field!r} holds no text")
+    info = getattr(ds, "info", None)
+    name = (getattr(info, "dataset_name", None) or getattr(ds, "split", None) and f"dataset-{ds.split}" or "dataset")
+    return Corpus(str(name), docs, source=f"datasets.Dataset ({ds.num_rows} rows, fingerprint {getattr(ds, '_fingerprint', '?')})",
+                  license=str(getattr(info, "license", "") or ""))
+
+
+def load_corpus(name_or_path: Any, *, text_field: str = "text") -> Corpus:
+    """Load a corpus: a built-in name, a local file (.txt/.jsonl/.json/.csv/.parquet), a ``datasets`` name, or an
+    in-memory ``datasets.Dataset`` (its ``text_field`` column, one document per row).
 
     ``.txt`` files hold documents separated by blank lines; the structured formats take the text from
     ``text_field``. Problems (missing file, empty, not UTF-8, missing field) raise :class:`DataError`.
     """
     if isinstance(name_or_path, Corpus):
         return name_or_path
+    ds = _as_hf_dataset(name_or_path)
+    if ds is not None:
+        return _corpus_from_dataset(ds, text_field)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise DataError(
+            f"cannot use a {type(name_or_path).__name__} as a corpus; give a built-in name, a file path, a datasets "
+            "name, a datasets.Dataset or a kappatune.data.Corpus"
+        )
     name = str(name_or_path)
     if name in BUILTIN_CORPORA:
         return _load_builtin(BUILTIN_CORPORA[name])

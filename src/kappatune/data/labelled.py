@@ -50,11 +50,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -597,7 +597,7 @@ def build_labelled_tasks(names: Sequence[str] | None = None, *, force: bool = Fa
     for name in TASK_ORDER:
         spec = LABELLED_TASKS[name]
         if progress:
-            print(f"kappatune: building labelled task {name} from {spec.source}", file=sys.stderr, flush=True)
+            logging.getLogger("kappatune").info(f"building labelled task {name} from {spec.source}")
         records = _dedup(_source_records(spec), spec.max_chars, taken)
         counts_all = {lab: sum(r.label == lab for r in records) for lab in spec.labels}
         if min(counts_all.values()) < 10:

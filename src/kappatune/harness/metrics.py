@@ -12,7 +12,7 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def compute_metrics(task_ppl: Sequence[Sequence[float]], control_ppl: Sequence[float], tasks: Sequence[str]) -> dict[str, Any]:
+def compute_metrics(task_ppl: Sequence[Sequence[float]], control_ppl: Sequence[float | None], tasks: Sequence[str]) -> dict[str, Any]:
     """Continual-learning metrics from the perplexity matrix.
 
     ``task_ppl[s][j]``: perplexity on task ``j``'s eval split after stage ``s`` (row 0 = base model; task ``j`` is
@@ -37,8 +37,9 @@ def compute_metrics(task_ppl: Sequence[Sequence[float]], control_ppl: Sequence[f
         "final_task_ppl": dict(zip(tasks, final)),
         "control_ppl_base": control_ppl[0],
         "control_ppl_final": control_ppl[-1],
-        "control_change_abs": control_ppl[-1] - control_ppl[0],
-        "control_change_pct": (control_ppl[-1] / control_ppl[0] - 1.0) * 100.0,
+        # no control corpus (a `kappatune train` without --control): the control metrics are None
+        "control_change_abs": control_ppl[-1] - control_ppl[0] if control_ppl[0] is not None else None,
+        "control_change_pct": (control_ppl[-1] / control_ppl[0] - 1.0) * 100.0 if control_ppl[0] is not None else None,
     }
     trained = list(range(min(done, T)))  # tasks trained so far
     if trained:

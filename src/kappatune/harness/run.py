@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -58,9 +59,13 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
+logger = logging.getLogger("kappatune")
+
+
 def _log(enabled: bool, msg: str) -> None:
+    """A progress line of a run, through the ``kappatune`` logger at INFO (the CLI shows INFO; ``-q`` hides it)."""
     if enabled:
-        print(msg, flush=True)
+        logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,7 +77,7 @@ class _Data:
     tasks: list[str]
     train: dict[str, Any]  # lm: blocks [N, seq_len]; sft: {input_ids, attention_mask, labels} [N, L]
     eval: dict[str, Any]  # lm: blocks; sft: the evaluated test examples (list of dicts)
-    control_label: str  # the primary control (first probe of the control suite)
+    control_label: str | None  # the primary control (first probe of the control suite); None: no control
     control: Any
     corpora: dict[str, dict[str, Any]]
     probes: dict[str, Any] = dataclasses.field(default_factory=dict)  # every control probe, primary first
@@ -153,8 +158,8 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
             "eval_blocks": int(evals[label].shape[0]),
         }
     probes = {c.label: evals.pop(c.label) for c in suite}
-    primary = suite[0].label
-    return _Data([t.label for t in cfg.tasks], train, evals, primary, probes[primary], info, probes, specs, tokenizer)
+    primary = suite[0].label if suite else None  # no control: a `kappatune train` without --control
+    return _Data([t.label for t in cfg.tasks], train, evals, primary, probes.get(primary), info, probes, specs, tokenizer)
 
 
 def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -> dict[str, Any]:
@@ -181,19 +186,92 @@ def _build_method(spec: MethodSpec, model: torch.nn.Module, cfg: RunConfig, seed
     budget = (spec.budget if spec.budget is not None else cfg.budget) if spec.match_budget else None
     where = f"method {spec.display!r}"
     try:
+        targets = _spec_targets(spec, model, seed, progress, pool=budget is not None)
         if budget is not None:
-            return methods.for_budget(spec.name, model, int(budget), None, **opts)
-        return methods.get_method(spec.name, opts)
+            return methods.for_budget(spec.name, model, int(budget), targets, **opts)
+        method = methods.get_method(spec.name, opts)
+        if targets is not None:
+            method.default_targets = targets
+        return method
     except KappaTuneError as exc:
         msg = str(exc)
         raise type(exc)(msg if spec.name in msg or spec.display in msg else f"{where}: {msg}") from None
+
+
+_SELECTION_KEYS = ("policy", "top_p", "num_modules", "threshold", "param_budget", "balance_types", "include", "exclude")
+
+
+def _spec_targets(spec: MethodSpec, model: torch.nn.Module, seed: int, progress: bool | None, *, pool: bool = False) -> Any:
+    """The :class:`~kappatune.selection.Selection` a method's ``targets`` section asks for (None without one).
+
+    Works for every method that adapts selected tensors: the selection is handed to the method as its targets
+    (and, with a budget, ``pool=True``, as the candidate pool its ``for_budget`` ranks). Refused for full
+    fine-tuning (which trains everything) and when the same knob is also given in ``options``.
+    """
+    t = spec.targets
+    if t is None:
+        return None
+    import re
+
+    from ..methods.budget import resolve_selection
+    from ..selection import match_module_names
+
+    if spec.name == "full":
+        raise ConfigError(f"method {spec.display!r}: full fine-tuning trains every tensor; remove its 'targets' section "
+                          "(use the 'selective' method to train only some)")
+    clash = [k for k in _SELECTION_KEYS if k in spec.options]
+    if clash:
+        raise ConfigError(f"method {spec.display!r}: the selection is given twice ({clash[0]!r} in options and a 'targets' "
+                          "section); give it in one place")
+    policy = t.policy or ("all" if t.modules is not None else "kappa")
+    include = list(t.include) if t.include else None
+    if t.modules is not None:
+        every = [n for n, p in model.named_parameters() if p.ndim >= 2]
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        pats = t.modules if isinstance(t.modules, str) else list(t.modules)
+        hits = [f"{n}.weight" for n in match_module_names(linear, pats)]
+        names = hits + [n for n in match_module_names(every, pats) if n not in set(hits)]
+        if not names:
+            raise ConfigError(f"method {spec.display!r}: targets.modules {t.modules!r} matches no module or weight of this model")
+        pool_pattern = "re:^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+        include = [pool_pattern] if include is None else include + [pool_pattern]
+        if policy == "all" and not t.exclude:
+            return resolve_selection(model, names)
+    top_p = t.top_p
+    if pool and top_p is None and t.num_modules is None and t.threshold is None and t.param_budget is None:
+        top_p = 1.0  # a budget draws from every candidate in policy order (no default 20% cut first)
+    return resolve_selection(
+        model, None, policy=policy, top_p=top_p, num_modules=t.num_modules, threshold=t.threshold,
+        param_budget=t.param_budget, balance_types=t.balance_types, seed=t.seed if t.seed is not None else seed,
+        include=include, exclude=t.exclude, progress=bool(progress),
+    )
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def _load(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     from .. import data as kdata
     from ..models import load_model
 
+    dtype = _torch_dtype(cfg.training.dtype)
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"training.dtype bfloat16: this GPU ({torch.cuda.get_device_name()}) does not support bf16; "
+                          "use float32 (optionally with training.mixed_precision fp16)")
     model, tok = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_missing_weights=cfg.allow_missing_weights)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if cfg.training.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model {cfg.model}: its architecture does not support gradient checkpointing")
+        # non-reentrant: works when the inputs do not require grad (frozen embeddings, adapters)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - transformers 4
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
     for name, p in model.named_parameters():  # fail fast: NaN weights would only surface as a "diverged" loss
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ModelError(f"model {cfg.model}: weight tensor {name!r} contains NaN or Inf values; fix or reload the model")
@@ -268,7 +346,7 @@ def _measure(model: torch.nn.Module, data: _Data, label: str, obj: Any, cfg: Run
 
 
 def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: bool,
-              distributed: bool = False) -> tuple[dict[str, float], float, dict[str, Any]]:
+              distributed: bool = False) -> tuple[dict[str, float], float | None, dict[str, Any]]:
     """Every task and every control probe: ``(task_ppl, control_ppl, {"task_metrics", "probes"})``.
 
     ``task_metrics[task]`` / ``probes[probe]`` hold every metric measured (``ppl`` included); the perplexities
@@ -280,7 +358,8 @@ def _eval_all(model: torch.nn.Module, data: _Data, cfg: RunConfig, progress: boo
     task_metrics = {t: _measure(model, data, t, data.eval[t], cfg, progress, **kw) for t in data.tasks}
     probes = {p: _measure(model, data, p, obj, cfg, progress, **kw) for p, obj in data.probes.items()}
     task_ppl = {t: v["ppl"] for t, v in task_metrics.items()}
-    return task_ppl, probes[data.control_label]["ppl"], {"task_metrics": task_metrics, "probes": probes}
+    ctrl = probes[data.control_label]["ppl"] if data.control_label is not None else None
+    return task_ppl, ctrl, {"task_metrics": task_metrics, "probes": probes}
 
 
 def _distributed() -> bool:
@@ -300,13 +379,28 @@ def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable
         if step % every:
             return None
         vals = _measure(method.model, data, task, data.eval[task], cfg, False, distributed=dist)
-        point = {"task_ppl": vals.pop("ppl"),
-                 "control_ppl": _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"],
-                                         distributed=dist)["ppl"]}
+        point = {"task_ppl": vals.pop("ppl")}
+        if data.control_label is not None:
+            point["control_ppl"] = _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"],
+                                            distributed=dist)["ppl"]
         point.update({f"task_{k}": v for k, v in vals.items()})
         return point
 
     return hook
+
+
+def _early_stop(patience: int) -> Callable[[list[dict[str, Any]]], bool] | None:
+    """Stop when the last ``patience`` curve points' task (validation) perplexity did not beat the best before them."""
+    if patience <= 0:
+        return None
+
+    def stop(curve: list[dict[str, Any]]) -> bool:
+        vals = [p["task_ppl"] for p in curve if "task_ppl" in p]
+        if len(vals) <= patience:
+            return False
+        return min(vals[-patience:]) >= min(vals[:-patience])
+
+    return stop
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,6 +485,21 @@ def run(
     changed, unless ``force``). ``force`` without ``resume``: start over in a directory that already holds a run.
     ``base_eval_cache``: a JSON file sharing the base model's evaluation between runs (used by :func:`bench`).
     """
+    return _run(config, resume=resume, force=force, progress=progress, overrides=overrides,
+                base_eval_cache=base_eval_cache)[0]
+
+
+def _run(
+    config: RunConfig | str | os.PathLike | dict,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+    overrides: Sequence[str] = (),
+    base_eval_cache: str | os.PathLike | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """:func:`run`, also returning the trained method (``None`` when the run was already complete on disk; the
+    unsharded method after an FSDP run)."""
     from .. import data as kdata  # noqa: F401  (fail early if the data layer is missing)
     from ..training import make_accelerator
 
@@ -469,7 +578,7 @@ def _preflight(cfg: RunConfig, out: Path, fp: str, *, resume: bool, force: bool)
 
 
 def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int, accelerator: Any, *, resume: bool,
-                force: bool, progress: bool, base_eval_cache: Any) -> dict[str, Any]:
+                force: bool, progress: bool, base_eval_cache: Any) -> tuple[dict[str, Any], Any]:
     from ..training import PeakMemory, fault_point, remove_checkpoints, train_stage
 
     main = accelerator.is_main_process
@@ -480,7 +589,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
     if action == "complete":
         _log(talk, f"{out}: this run is already complete (same config); results in {out / 'results.json'} "
                    "(--force to run it again)")
-        return load_results(out)
+        return load_results(out), None
     if action == "restart":
         accelerator.wait_for_everyone()
         if main:
@@ -550,7 +659,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
                 max_grad_norm=cfg.training.max_grad_norm, seed=seed, stage=k,
                 checkpoint_dir=out / "checkpoints" / "mid", checkpoint_every=cfg.training.checkpoint_every,
                 checkpoint_meta={"config_fingerprint": fp}, progress=progress, desc=f"stage {k}/{T} {task}",
-                on_step=curve_hook,
+                on_step=curve_hook, optimizer=cfg.training.optimizer, stop_when=_early_stop(cfg.eval.early_stopping),
             )
             t_eval = time.perf_counter()
             task_ppl, ctrl_ppl, extra = _eval_all(method.model, data, cfg, progress, distributed=_distributed())
@@ -563,10 +672,15 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
             **extra,
             **_distributed_record(accelerator, res, mem),
         }
+        if res.steps < steps:
+            record["stopped_early"] = {"at_step": res.steps, "planned_steps": steps}
         if curved:  # the learning curve of this stage, ending with the stage-end evaluation
-            end = {"step": res.steps, "task_ppl": task_ppl[task], "control_ppl": ctrl_ppl}
+            end = {"step": res.steps, "task_ppl": task_ppl[task]}
+            if ctrl_ppl is not None:
+                end["control_ppl"] = ctrl_ppl
             end.update({f"task_{k}": v for k, v in extra["task_metrics"][task].items() if k != "ppl"})
-            record["curve"] = res.curve + [end]
+            # an early stop ends on a curve point: the stage-end evaluation replaces it
+            record["curve"] = (res.curve[:-1] if res.curve and res.curve[-1]["step"] == res.steps else res.curve) + [end]
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
         trained = _trained_for_commit(method, sharded)
         if main:
@@ -601,8 +715,9 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
     if main:
         final = _unsharded_method(cfg, spec, seed, data, out / state["checkpoint"]["file"], progress) if sharded else method
         results = _finalize(cfg, out, final, results, progress)
+        method = final
     accelerator.wait_for_everyone()
-    return results
+    return results, method
 
 
 def _distributed_record(accelerator: Any, res: Any, mem: Any) -> dict[str, Any]:
@@ -619,8 +734,12 @@ def _distributed_record(accelerator: Any, res: Any, mem: Any) -> dict[str, Any]:
     }
 
 
-def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str, ctrl: float, base: dict[str, Any] | None = None) -> str:
+def _ppl_line(tasks: Sequence[str], task_ppl: dict[str, float], control: str | None, ctrl: float | None,
+              base: dict[str, Any] | None = None) -> str:
     parts = []
+    if control is None:
+        return "ppl " + ", ".join(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}" if base else f"{t} {task_ppl[t]:.2f}"
+                                  for t in tasks)
     for t in tasks:
         if base:
             parts.append(f"{t} {base['task_ppl'][t]:.2f}->{task_ppl[t]:.2f}")
@@ -735,8 +854,8 @@ def _spectrum(cfg: RunConfig, merged: torch.nn.Module) -> dict[str, Any] | None:
     bp = dict(base.named_parameters())
     changed = []
     for n, p in merged.named_parameters():
-        q = bp.get(n)
-        if q is not None and q.ndim >= 2 and q.shape == p.shape and not torch.equal(q.detach().cpu(), p.detach().cpu()):
+        q = bp.get(n)  # the base as loaded (float32) cast to the trained model's dtype (training.dtype)
+        if q is not None and q.ndim >= 2 and q.shape == p.shape and not torch.equal(q.detach().cpu().to(p.dtype), p.detach().cpu()):
             changed.append(n)
     if not changed:
         return {"names": [], "kappa_before": [], "kappa_after": []}
@@ -759,7 +878,7 @@ def _finalize(cfg: RunConfig, out: Path, method: Any, results: dict[str, Any], p
     """Final adapter/model, κ spectrum, plots and reports (idempotent: a killed finalize is simply redone)."""
     files: dict[str, str] = {}
     if cfg.output.save_adapter:
-        method.save(out / "final" / "adapter.safetensors")
+        method.save(out / "final" / "adapter.safetensors", extra_metadata={"base_model": cfg.model})
         files["adapter"] = "final/adapter.safetensors"
         # a resume checks it: a deleted or damaged final adapter is written again from the last stage checkpoint
         results["file_sha256"] = {files["adapter"]: sha256_file(out / files["adapter"])}

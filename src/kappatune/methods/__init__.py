@@ -8,7 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .base import BudgetReport, Method, MethodConfig, Targets, check_param_budget, match_budget, option, resolve_linear_targets
+from .base import (
+    BudgetReport, Method, MethodConfig, Targets, check_param_budget, load_adapter, match_budget, option,
+    read_adapter_metadata, resolve_linear_targets,
+)
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -73,5 +76,6 @@ def _load_all() -> None:
 
 __all__ = [
     "Method", "MethodConfig", "Targets", "METHODS", "register", "get_method", "resolve_linear_targets",
-    "BudgetReport", "match_budget", "for_budget", "option", "check_param_budget", *_LAZY,
+    "BudgetReport", "match_budget", "for_budget", "option", "check_param_budget", "load_adapter",
+    "read_adapter_metadata", *_LAZY,
 ]

@@ -15,6 +15,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
-from ..errors import CacheError, ConfigError
+from ..errors import CacheError, ConfigError, require_prepared
 from ..selection import Selection
 
 # What a method adapts: a Selection, explicit module names, or "all-linear".
@@ -340,6 +341,7 @@ class Method(ABC):
         self.config = config
         self.model: nn.Module | None = None
         self.base_fingerprint: str | None = None
+        self.base_fingerprint_robust: str | None = None  # survives a dtype cast of the base (see fingerprint_model)
         # Set by for_budget(): what was chosen, and the targets prepare() uses when called without targets.
         self.budget_report: BudgetReport | None = None
         self.default_targets: Targets = None
@@ -377,6 +379,7 @@ class Method(ABC):
         if targets is None:
             targets = self.default_targets
         self.base_fingerprint = fingerprint_model(model)
+        self.base_fingerprint_robust = fingerprint_model(model, dtype_robust=True)
         self.model = self._prepare(model, targets)
         if self.num_trainable() == 0:
             raise ConfigError(f"method {self.name!r}: the selection leaves no trainable parameter")
@@ -386,7 +389,7 @@ class Method(ABC):
     def _prepare(self, model: nn.Module, targets: Targets) -> nn.Module: ...
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def num_trainable(self) -> int:
@@ -397,17 +400,19 @@ class Method(ABC):
 
     def merge(self) -> nn.Module:
         """Return a plain model with the adaptation folded into the weights (default: the model itself)."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return self.model
 
     # -- persistence -----------------------------------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The tensors training changed (what an adapter file holds)."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the trained tensors as safetensors, tagged with method, config and base-weight fingerprint.
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None,
+             extra_metadata: dict[str, Any] | None = None) -> Path:
+        """Write the trained tensors as safetensors, tagged with method, config, targets and base-weight
+        fingerprints (plus ``extra_metadata``, e.g. the base model's name).
 
         ``state``: the tensors to write instead of :meth:`trained_state` (e.g. gathered from FSDP shards by
         :func:`kappatune.training.gather_trained_state`)."""
@@ -415,12 +420,31 @@ class Method(ABC):
 
         from ..storage import atomic_write_bytes
 
-        meta = {"method": self.name, "config": json.dumps(self.config.to_dict()), "base_fingerprint": self.base_fingerprint or ""}
+        meta = {"method": self.name, "config": json.dumps(self.config.to_dict(), default=str),
+                "base_fingerprint": self.base_fingerprint or "",
+                "base_fingerprint_robust": self.base_fingerprint_robust or ""}
+        targets = self.adapted_names()
+        if targets is not None:
+            meta["targets"] = json.dumps(targets)
+        meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
         return atomic_write_bytes(path, save(self.trained_state() if state is None else state, metadata=meta))
 
-    def read_adapter(self, path: str | Path) -> dict[str, torch.Tensor]:
+    def adapted_names(self) -> list[str] | None:
+        """The tensors/modules this prepared method adapts (recorded in adapter files so that
+        :func:`load_adapter` rebuilds exactly this selection, whatever a policy would pick on a recast base)."""
+        sel = getattr(self, "selection", None)
+        if isinstance(sel, Selection):
+            return list(sel.parameter_names)
+        names = getattr(self, "target_names", None)  # set by the spectral methods' prepare (module names)
+        return list(names) if names else None
+
+    def read_adapter(self, path: str | Path, *, strict: bool = True) -> dict[str, torch.Tensor]:
         """The tensors of an adapter file written by :meth:`save`; refuses a missing or corrupt file, another
-        method, or another base model (weight fingerprint)."""
+        method, or another base model (weight fingerprint).
+
+        The base check accepts the exact weights or the same weights in another dtype (e.g. the base cast to
+        bfloat16: dtype-robust fingerprint). ``strict=False`` loads despite a mismatch, with a warning: for a base
+        you know is the same (e.g. re-quantised), at your own risk."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -429,19 +453,31 @@ class Method(ABC):
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                state = {k: fh.get_tensor(k) for k in fh.keys()}
+                # clone: safetensors hands out views into the mapped file, aligned only as the header length
+                # allows; BLAS kernels may round differently on unaligned operands, and a resumed run must compute
+                # bitwise what an uninterrupted one does (in-memory tensors are allocator-aligned)
+                state = {k: fh.get_tensor(k).clone() for k in fh.keys()}
         except Exception as exc:  # safetensors raises its own error types on corrupt headers
             raise CacheError(f"adapter file {path} is corrupt or not safetensors: {exc}") from exc
         if meta.get("method") != self.name:
             raise CacheError(f"adapter {path} was written by method {meta.get('method')!r}, not {self.name!r}")
-        if meta.get("base_fingerprint") != self.base_fingerprint:
-            raise CacheError(f"adapter {path} was trained on a different base model (weight fingerprint mismatch)")
+        exact = meta.get("base_fingerprint") == self.base_fingerprint
+        robust = bool(meta.get("base_fingerprint_robust")) and meta.get("base_fingerprint_robust") == self.base_fingerprint_robust
+        if not (exact or robust):
+            if strict:
+                raise CacheError(
+                    f"adapter {path} was trained on a different base model (weight fingerprint mismatch), not on these "
+                    "weights in another dtype either; if you are sure it fits, load it with strict=False"
+                )
+            warnings.warn(f"adapter {path} was trained on a different base model (weight fingerprint mismatch); "
+                          "loading it anyway (strict=False)", UserWarning, stacklevel=3)
         return state
 
-    def load(self, path: str | Path) -> None:
-        """Load tensors written by :meth:`save` into the prepared model; refuses another base or method."""
-        assert self.model is not None, "call prepare() first"
-        state = self.read_adapter(path)
+    def load(self, path: str | Path, *, strict: bool = True) -> None:
+        """Load tensors written by :meth:`save` into the prepared model; refuses another base or method
+        (``strict=False``: loads despite a base mismatch, with a warning)."""
+        require_prepared(self)
+        state = self.read_adapter(path, strict=strict)
         params = dict(self.model.named_parameters())
         missing = [k for k in state if k not in params]
         if missing:
@@ -465,10 +501,60 @@ def resolve_linear_targets(model: nn.Module, targets: Targets) -> list[str]:
         head = {n for n, m in model.named_modules() if m is out_emb}
         return [n for n in linear if n not in head]
     names = list(targets.module_names) if isinstance(targets, Selection) else [targets] if isinstance(targets, str) else list(targets)
+    from ..selection import match_module_names
+
     known = set(linear)
-    bad = [n for n in names if n not in known]
+    out: list[str] = []
+    bad = []
+    for n in names:  # full names, or PEFT-style suffixes ("q_proj" = every module whose name ends in ".q_proj")
+        hits = [n] if n in known else match_module_names(linear, [n])
+        out.extend(hits) if hits else bad.append(n)
     if bad:
         raise ConfigError(f"target module(s) not found or not linear: {', '.join(bad[:5])}")
-    if not names:
+    if not out:
         raise ConfigError("empty selection: no module to adapt")
-    return names
+    return list(dict.fromkeys(out))
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an adapter file written by :meth:`Method.save` (method, config, targets, fingerprints)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types on corrupt headers
+        raise CacheError(f"adapter file {path} is corrupt or not safetensors: {exc}") from exc
+    if "method" not in meta or "config" not in meta:
+        raise CacheError(f"{path} is not a kappatune adapter (no method/config metadata)")
+    return meta
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, strict: bool = True) -> "Method":
+    """Rebuild the method an adapter file was saved by (name, config and the exact targets from its metadata),
+    prepare ``model`` with it and load the trained tensors; returns the prepared method (``.model`` to use,
+    ``.merge()`` for a plain model).
+
+    ``path``: the ``.safetensors`` file, or a directory holding ``adapter.safetensors`` (a ``kappatune train``
+    output). ``model`` must be the base the adapter was trained on (in any dtype); ``strict=False`` accepts
+    another base with a warning.
+    """
+    from . import get_method
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "adapter.safetensors"
+    meta = read_adapter_metadata(p)
+    try:
+        config = json.loads(meta["config"])
+        targets = json.loads(meta["targets"]) if meta.get("targets") else None
+    except ValueError as exc:
+        raise CacheError(f"adapter {p} has unreadable metadata ({exc})") from None
+    config.pop("param_budget", None)  # the budget was resolved when it was saved: its targets/ranks are recorded
+    method = get_method(meta["method"], config)
+    method.prepare(model, targets)
+    method.load(p, strict=strict)
+    return method

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 from torch import nn
 
 from ..errors import ConfigError
-from ..selection import Selection
+from ..selection import Selection, match_module_names
 from .base import BudgetReport, Targets, resolve_linear_targets
 
 __all__ = [
@@ -59,13 +59,17 @@ def selection_from_names(model: nn.Module, names: Sequence[str], policy: str = "
     for mname, m in linear.items():
         owners.setdefault(id(m.weight), []).append(mname)
     modules, pnames, moe = [], [], []
-    for n in names:
-        if n in linear:
-            p = linear[n].weight
-        elif n in every:
-            p = every[n]
-        else:
-            raise ConfigError(f"target {n!r} is neither a module nor a parameter of this model")
+    expanded: list[str] = []
+    for n in names:  # a name that is not a full module/parameter name is a PEFT-style suffix ("q_proj")
+        if n in linear or n in every:
+            expanded.append(n)
+            continue
+        hits = match_module_names(list(linear), [n]) or match_module_names(list(every), [n])
+        if not hits:
+            raise ConfigError(f"target {n!r} is neither a module nor a parameter of this model, nor the suffix of one")
+        expanded.extend(hits)
+    for n in dict.fromkeys(expanded):
+        p = linear[n].weight if n in linear else every[n]
         if p.ndim < 2:
             raise ConfigError(f"target {n!r} is a {p.ndim}-D tensor; only weight matrices and fused expert weights can be targets")
         pname = canonical[id(p)]

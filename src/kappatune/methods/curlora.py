@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CacheError, ConfigError
+from ..errors import CacheError, ConfigError, require_prepared
 from . import register
 from ._spectral import check_rank, is_conv1d, replace_module, resolve_targets, weight_2d
 from .base import BudgetReport, Method, MethodConfig, Targets, check_param_budget, match_budget, option
@@ -179,7 +179,7 @@ class CURLoRA(Method):
     # -- merge / persistence ---------------------------------------------------------------------------------
     def merge(self) -> nn.Module:
         """Fold every ``C U R`` into its base weight and put the plain layers back; returns the plain model."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         for n, layer in _layers(self.model):
             layer.merge()
             layer._orig_weight = None
@@ -188,7 +188,7 @@ class CURLoRA(Method):
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """U per layer plus the sampled column/row indices (so loading never depends on re-sampling)."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         out: dict[str, torch.Tensor] = {}
         for n, layer in _layers(self.model):
             out[f"{n}.U"] = layer.U.detach().cpu().contiguous()
@@ -198,7 +198,7 @@ class CURLoRA(Method):
 
     def load(self, path: str | Path) -> None:
         """Load U and the sampled indices saved by :meth:`save` (same base model and targets required)."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         state = self.read_adapter(path)
         layers = dict(_layers(self.model))
         names = {k.rsplit(".", 1)[0] for k in state}

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_prepared
 from . import register
 from ._spectral import check_rank, is_conv1d, resolve_targets
 from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
@@ -122,12 +122,12 @@ class EigenTune(Method):
         """Fold ``U_r C V_r^T`` (fp32) into each base weight and restore the plain layers (``save_pretrained``-ready)."""
         import eigentune
 
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return eigentune.merge_and_unload(self.model)
 
     def layers(self) -> dict[str, Any]:
         """The package's ``EigenTuneLinear`` layers by module name (for inspection: ``U``, ``Vh``, ``S``, ``delta``/``core``)."""
         from eigentune.model import iter_eigentune_layers
 
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return dict(iter_eigentune_layers(self.model))

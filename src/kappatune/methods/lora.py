@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_prepared
 from ..selection import Selection
 from . import register
 from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
@@ -188,17 +188,18 @@ class LoRA(Method):
 
     def merge(self) -> nn.Module:
         """Fold the adapters into the weights (PEFT ``merge_and_unload``); returns a plain transformers model."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         if hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
             self.merged = True
         return self.model
 
-    def save(self, path: Any, state: dict[str, torch.Tensor] | None = None) -> Any:
+    def save(self, path: Any, state: dict[str, torch.Tensor] | None = None,
+             extra_metadata: dict[str, Any] | None = None) -> Any:
         if self.merged:
             raise ConfigError("the LoRA adapter was merged into the model; save the adapter before merge(), "
                               "or save the merged model with save_pretrained")
-        return super().save(path, state)
+        return super().save(path, state, extra_metadata)
 
     @classmethod
     def for_budget(

@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import CacheError, ConfigError, DataError
+from ..errors import CacheError, ConfigError, DataError, require_prepared
 from . import register
 from ._spectral import is_conv1d, resolve_targets
 from .base import BudgetReport, Method, MethodConfig, Targets, check_param_budget, match_budget, option
@@ -409,7 +409,7 @@ class OSF(Method):
         """PEFT ``OSFLayer`` modules by their *plain* model name (e.g. ``model.layers.0.self_attn.q_proj``)."""
         from peft.tuners.osf.layer import OSFLayer
 
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         base = self.model.get_base_model()
         return {n: m for n, m in base.named_modules() if isinstance(m, OSFLayer)}
 
@@ -452,7 +452,7 @@ class OSF(Method):
         """
         from tqdm.auto import tqdm
 
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         capped = []
         for name, layer in tqdm(self.layers().items(), desc="OSF next task", disable=not self.config.progress):
             base = layer.get_base_layer()
@@ -551,7 +551,7 @@ class OSF(Method):
     # -- merge / persistence ---------------------------------------------------------------------------------
     def merge(self) -> nn.Module:
         """Fold the update into the base weights and unwrap: a plain transformers model for ``save_pretrained``."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return self.model.merge_and_unload()
 
     _KEYS = ("U_low", "S_low", "V_low", "U_low_init", "S_low_init", "V_low_init", "U_high", "V_high")
@@ -576,7 +576,7 @@ class OSF(Method):
     def load(self, path: str | Path) -> None:
         """Load an adapter saved by :meth:`save` into a model prepared from the same original base (also a file
         saved after :meth:`next_task`: its merged weights are restored too)."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         state = self.read_adapter(path)
         task = state.pop("_osf.task", None)
         layers = self.layers()

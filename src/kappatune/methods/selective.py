@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_prepared
 from ..selection import Selection
 from . import register
 from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
@@ -215,7 +215,7 @@ class SelectiveFineTuning(Method):
 
     def make_optimizer(self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs: Any) -> SelectiveOptimizer:
         """A :class:`SelectiveOptimizer` of ``optimizer_cls`` over the selected tensors only."""
-        assert self.model is not None, "call prepare() first"
+        require_prepared(self)
         return SelectiveOptimizer(self.model.parameters(), optimizer_cls, selected=self.trainable_parameters(), **kwargs)
 
     @classmethod
