@@ -65,3 +65,14 @@ def test_cl5_tiny_runs_end_to_end_with_accuracy_matrices(tmp_path):
     assert m["acc"] == pytest.approx(100 * sum(A[T]) / T)
     assert m["bwt_acc"] == pytest.approx(100 * sum(A[T][j] - A[j + 1][j] for j in range(T - 1)) / (T - 1))
     assert "control_ppl" in r["matrix"] and len(r["matrix"]["control_ppl"]) == T + 1
+
+
+def test_every_labelled_task_carries_its_measured_zero_shot_accuracy():
+    from kappatune.data.labelled import LABELLED_TASKS, labelled_task_info
+
+    for name, spec in LABELLED_TASKS.items():
+        assert spec.zero_shot_examples and spec.zero_shot_examples > 0, name
+        k = spec.zero_shot_accuracy * spec.zero_shot_examples  # a count of correct examples
+        assert 0 <= k <= spec.zero_shot_examples and abs(k - round(k)) < 1e-9, name
+        info = labelled_task_info(name, build=False)
+        assert (info["zero_shot_accuracy"], info["zero_shot_examples"]) == (spec.zero_shot_accuracy, spec.zero_shot_examples)

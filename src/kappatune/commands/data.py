@@ -205,7 +205,8 @@ def _labelled_table(tasks: list[dict[str, Any]]) -> str:
             size = "not built" if not t.get("error") else "unavailable"
             labels = f"{len(t['labels'])} labels"
         acc = t.get("zero_shot_accuracy")
-        table.append([t["name"], size, labels, f"{t['chance_accuracy']:.3f}", f"{acc:.3f}" if acc is not None else "-",
+        table.append([t["name"], size, labels, f"{t['chance_accuracy']:.3f}", (f"{acc:.3f} (n={t['zero_shot_examples']})" if t.get("zero_shot_examples") else f"{acc:.3f}")
+                      if acc is not None else "-",
                       t["license"], t["source"]])
     return _table(table, ["LABELLED TASK", "TRAIN/VAL/TEST", "TEST LABELS", "CHANCE", "ACC(smollm2)", "LICENCE",
                           "SOURCE"])

