@@ -413,18 +413,6 @@ def plot_learning_curves(bench: dict[str, Any], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, pts in curves.items():
         ax.plot([p["task_ppl"] for p in pts], [p["control_ppl"] for p in pts], marker="o", ms=3, label=label)
-    pr = bench.get("paired")
-    if pr:
-        rows = []
-        for label, diffs in pr["methods"].items():
-            for k, d in diffs.items():
-                if d.get("mean") is None or k not in METRIC_LABELS and not k.startswith("probe_"):
-                    continue
-                ci = d.get("ci")
-                rows.append([label, METRIC_LABELS.get(k, (k, ""))[0], fmt(d["mean"]),
-                             f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "–", d["n"], "yes" if d.get("significant") else "no"])
-        lines += [f"## Paired per-seed differences against {pr['baseline']} (method − {pr['baseline']}, 95% t interval)", "",
-                  _md(rows, ["method", "metric", "mean difference", "95% interval", "seeds", "interval excludes 0"]), ""]
     eq = bench.get("equal_quality")
     if eq:
         ax.axvline(eq["mean_target_task_ppl"], color="gray", ls="--", lw=1, label=f"target ({eq['reference']})")
