@@ -135,21 +135,13 @@ def _train_config(
 def _is_sft_data(data: str, task_type: str | None, prompt_field: str, messages_field: str | None) -> bool:
     """Whether ``data`` is read as supervised examples: asked for (``task_type``), a built-in sft task, or a
     .jsonl/.json/.csv file whose first records have the prompt (or messages) field; else raw text."""
-    from .data import BUILTIN_CORPORA, BUILTIN_TASKS
+    from .data.tasks import looks_like_sft
 
     if task_type is not None:
         if task_type not in ("lm", "sft"):
             raise ConfigError(f"task type must be lm or sft, got {task_type!r}")
         return task_type == "sft"
-    if messages_field or data in BUILTIN_TASKS:
-        return True
-    if data in BUILTIN_CORPORA:
-        return False
-    path = Path(data)
-    if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv"):
-        head = path.read_text("utf-8", "replace")[:4096]
-        return f'"{prompt_field}"' in head or prompt_field in head.split("\n", 1)[0].split(",")
-    return False
+    return looks_like_sft(data, prompt_field, messages_field)
 
 
 def _task_entry(data: str, text_field: str, sft: dict[str, Any] | None) -> dict[str, Any]:

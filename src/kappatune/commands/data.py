@@ -75,23 +75,13 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
 def _is_sft(args: argparse.Namespace, data: str) -> bool:
     """Whether ``data`` is read as supervised examples: asked for, a built-in task, or a file whose first record
     has the prompt (or messages) field."""
-    from pathlib import Path
-
-    from ..data import BUILTIN_CORPORA, BUILTIN_TASKS
+    from ..data.tasks import looks_like_sft
 
     if args.type:
         return args.type == "sft"
-    if any(m != "ppl" for m in (getattr(args, "metric", None) or [])) or args.messages_field:
+    if any(m != "ppl" for m in (getattr(args, "metric", None) or [])):
         return True
-    if data in BUILTIN_TASKS:
-        return True
-    if data in BUILTIN_CORPORA:
-        return False
-    path = Path(data)
-    if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv"):
-        head = path.read_text("utf-8", "replace")[:4096]
-        return f'"{args.prompt_field}"' in head or head.split("\n", 1)[0].split(",").count(args.prompt_field) > 0
-    return False
+    return looks_like_sft(data, args.prompt_field, args.messages_field)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

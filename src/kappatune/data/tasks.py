@@ -62,6 +62,7 @@ __all__ = [
     "tokenize_sft",
     "collate_sft",
     "task_summary",
+    "looks_like_sft",
 ]
 
 TASK_SPLITS = ("train", "validation", "test")
@@ -592,3 +593,20 @@ def tokenize_sft(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_l
         p, r = encode_example(tokenizer, ex, chat_template=chat_template, max_length=max_length)
         feats.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r})
     return collate_sft(feats, _pad_id(tokenizer))
+
+
+def looks_like_sft(data: str, prompt_field: str = "prompt", messages_field: str | None = None) -> bool:
+    """Whether ``data`` (a name or path) holds supervised examples when the user did not say: a built-in sft task,
+    a ``messages_field`` given, or a .jsonl/.json/.csv file whose first records have the prompt field; a built-in
+    corpus or anything else is raw text. Shared by ``kappatune train`` and ``kappatune eval``/``data``."""
+    from .corpora import BUILTIN_CORPORA
+
+    if messages_field or data in BUILTIN_TASKS:
+        return True
+    if data in BUILTIN_CORPORA:
+        return False
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json", ".csv"):
+        head = path.read_text("utf-8", "replace")[:4096]
+        return f'"{prompt_field}"' in head or prompt_field in head.split("\n", 1)[0].split(",")
+    return False
