@@ -92,3 +92,24 @@ def tiny_sft_config(corpora: dict[str, str], sft: dict[str, str], out: Path, **o
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> str:
+    """Write ``cfg`` as YAML to ``path``; return the path as a string (for CLI argv)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return str(path)
+
+
+def cli_error(capsys: Any, *argv: str) -> str:
+    """Run the CLI; assert exit 2 and exactly one ``kappatune: error:`` line (no traceback) on stderr; return it."""
+    from kappatune.cli import main
+
+    capsys.readouterr()  # drop what the test's own set-up printed
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("kappatune: error: "), err
+    assert "Traceback" not in err
+    return err

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from kappatune.cli import main
 from kappatune.harness import run
-from run_helpers import make_corpora, tiny_run_config
+from run_helpers import cli_error, make_corpora, tiny_run_config, write_yaml
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
@@ -46,20 +45,7 @@ def _cfg(corpora: dict[str, str], out: Path, **over) -> dict:
     )
 
 
-def _yaml(path: Path, cfg: dict) -> str:
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return str(path)
-
-
-def _error(capsys, *argv: str) -> str:
-    """Run the CLI; assert exit 2 and exactly one ``kappatune: error:`` line on stderr; return that line."""
-    capsys.readouterr()  # drop what the test's own set-up printed
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("kappatune: error: "), err
-    assert "Traceback" not in err
-    return err
+_yaml, _error = write_yaml, cli_error  # shared with the other bad-input tests (run_helpers)
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kappatune.cli import main
 from kappatune.config import config_from_dict
 from kappatune.errors import ConfigError
 from kappatune.models import build_tiny_llama
-from run_helpers import make_corpora, tiny_run_config
+from run_helpers import cli_error, make_corpora, tiny_run_config, write_yaml
 
 
 @pytest.fixture(autouse=True)
@@ -39,19 +38,7 @@ def _cfg(corpora: dict[str, str], out: Path, **over) -> dict:
     )
 
 
-def _yaml(path: Path, cfg: dict) -> str:
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return str(path)
-
-
-def _error(capsys, *argv: str) -> str:
-    """Run the CLI; assert exit 2 and exactly one ``kappatune: error:`` line on stderr; return that line."""
-    capsys.readouterr()
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("kappatune: error: "), err
-    return err
+_yaml, _error = write_yaml, cli_error  # shared with the other bad-input tests (run_helpers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
