@@ -46,13 +46,7 @@ def tiny_run_config(corpora: dict[str, str], out: Path, *, name: str, training: 
         "output_dir": str(out),
         "progress": False,
     }
-    for key, value in over.items():
-        node = cfg
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return cfg
+    return apply_nested(cfg, over)
 
 
 def write_sft(path: Path, key: str, n: int = 30, *, choices: bool = True) -> str:
@@ -85,13 +79,7 @@ def tiny_sft_config(corpora: dict[str, str], sft: dict[str, str], out: Path, **o
     )
     cfg["tasks"] = [{"corpus": sft["alpha"], "name": "alpha", "type": "sft"},
                     {"corpus": sft["beta"], "name": "beta", "type": "sft", "metrics": ["accuracy", "exact_match"]}]
-    for key, value in over.items():
-        node = cfg
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return cfg
+    return apply_nested(cfg, over)
 
 
 def write_yaml(path: Path, cfg: dict) -> str:
@@ -113,3 +101,14 @@ def cli_error(capsys: Any, *argv: str) -> str:
     assert len(err.splitlines()) == 1 and err.startswith("kappatune: error: "), err
     assert "Traceback" not in err
     return err
+
+
+def apply_nested(cfg: dict, over: dict[str, Any]) -> dict:
+    """Set ``over``'s values in ``cfg``; a key ``a__b`` sets ``cfg["a"]["b"]`` (creating ``cfg["a"]``)."""
+    for key, value in over.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
