@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
+
+# the kappatune cache pytest was started with (None: the default, ~/.cache/kappatune), before any test isolates it
+_USER_CACHE = os.environ.get("KAPPATUNE_CACHE")
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +42,15 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def shared_cache(monkeypatch):
+    """Use the user's own kappatune cache instead of the test's empty one: for slow tests that need the real
+    model, corpora or labelled tasks but are not about fetching or building them, so that the ~100 s SmolLM2
+    conversion and the source downloads happen once per machine, not in every such test. (test_real_model and
+    test_labelled's build test keep covering the fresh-machine path.)"""
+    if _USER_CACHE:
+        monkeypatch.setenv("KAPPATUNE_CACHE", _USER_CACHE)
+    else:
+        monkeypatch.delenv("KAPPATUNE_CACHE", raising=False)
