@@ -70,9 +70,9 @@ def test_conversion_matches_the_gguf_model(tmp_path, capsys, monkeypatch):
         return gguf_model, gguf_tok
 
     assert not models.is_cached("smollm2-135m")
-    monkeypatch.setattr(models, "load_gguf", observed_load_gguf)  # the binding prepare_smollm2 looks up
-    path = models.prepare_smollm2(progress=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:  # (not monkeypatch.undo(): that would also undo the module's cache setting)
+        mp.setattr(models, "load_gguf", observed_load_gguf)  # the binding prepare_smollm2 looks up
+        path = models.prepare_smollm2(progress=True)
     assert seen, "the conversion did not go through load_gguf"
     assert models.is_cached("smollm2-135m")
     converted, tok = models.load_model("smollm2-135m")
