@@ -45,7 +45,7 @@ __all__ = [
     "METRICS",
 ]
 
-POLICIES = ("kappa", "snr", "random", "all")
+POLICIES = ("kappa", "snr", "random", "all", "snr_per_type", "random_type_matched")  # = kappatune.selection.POLICIES (no torch import here)
 SCHEDULES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
     "cosine_with_min_lr", "warmup_stable_decay",
