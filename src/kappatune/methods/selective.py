@@ -242,9 +242,9 @@ class SelectiveFineTuning(Method):
             for cap in (param_budget, int(param_budget * (1 + tolerance))):
                 try:
                     options.append(budget_selection(model, c.policy, cap, **method._knobs()))
-                except ConfigError:  # e.g. below one tensor per type
-                    options.append([])
-            ranked = options[-1]
+                except ConfigError:  # below one tensor per type, or a cap above every candidate together
+                    options.append(options[-1] if options else [])
+            ranked = next((o for o in options if o), [])
         elif explicit:
             ranked = resolve_selection(model, targets).parameter_names
         else:
