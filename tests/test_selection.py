@@ -194,3 +194,10 @@ def test_per_type_policies_meet_a_param_budget_like_kappa():
     assert counts["random_type_matched"] == counts["kappa"]
     with pytest.raises(ConfigError, match="one tensor of every module type"):
         for_budget("selective", model, one_of_each // 2, None, policy="snr_per_type")
+
+
+def test_every_policy_list_agrees():
+    from kappatune import config, selection
+    from kappatune.methods import budget
+
+    assert set(config.POLICIES) == set(selection.POLICIES) == set(budget.POLICIES)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 from torch import nn
 
 from ..errors import ConfigError
-from ..selection import POLICIES, Selection, match_module_names
+from ..selection import Selection, match_module_names
 from .base import BudgetReport, Targets, resolve_linear_targets
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "match_budgets",
 ]
 
+# The policies a method option accepts: kappatune.selection's (tests/test_selection.py checks they agree), "all" first (the order error messages list them).
+POLICIES = ("all", "kappa", "random", "snr", "snr_per_type", "random_type_matched")
 # A policy with no budget knob keeps this fraction of the candidates (the default of KappaTune's PEFT helper).
 DEFAULT_TOP_P = 0.2
 
