@@ -199,3 +199,15 @@ def test_study2_configs_load_and_follow_the_protocol():
     cfg = load_config(CONFIGS / "study2.yaml")
     assert len(cfg.seed_list()) >= 3 and cfg.eval.max_examples is None  # full test split
     assert cfg.steps_per_stage() >= 150
+
+
+@pytest.mark.slow
+def test_study2_tiny_runs_as_shipped_on_the_labelled_tasks(tmp_path):
+    """configs/study2_tiny.yaml itself (the real labelled tasks: needs them built or cached)."""
+    ov = [f"output.cells_dir={tmp_path / 'cells'}", f"output_dir={tmp_path / 'runs'}"]
+    summary = bench(CONFIGS / "study2_tiny.yaml", overrides=ov)
+    assert summary["study"]["cells"]["present"] == summary["study"]["cells"]["expected"]
+    before = (tmp_path / "study.md").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    bench_report(CONFIGS / "study2_tiny.yaml", overrides=ov)
+    assert (tmp_path / "study.md").read_text() == before
