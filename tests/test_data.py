@@ -67,7 +67,31 @@ def test_split_depends_on_seed():
     assert split_documents(5, "all").tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("bad", [dict(split="test"), dict(eval_fraction=0.0), dict(eval_fraction=1.0)])
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(3, 300), frac=st.floats(0.01, 0.45), vfrac=st.floats(0.01, 0.45), seed=st.integers(0, 2**31 - 1))
+def test_three_way_split_is_a_partition_and_keeps_the_test_split(n, frac, vfrac, seed):
+    parts = {s: split_documents(n, s, seed=seed, eval_fraction=frac, validation_fraction=vfrac)
+             for s in ("train", "validation", "test")}
+    assert all(len(v) for v in parts.values())  # every split non-empty
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(n))  # disjoint and complete
+    assert np.array_equal(parts["test"], split_documents(n, "eval", seed=seed, eval_fraction=frac, validation_fraction=vfrac))
+    if round(frac * n) <= n - 2:  # the test split is the two-way split's eval split: results stay comparable
+        assert np.array_equal(parts["test"], split_documents(n, "eval", seed=seed, eval_fraction=frac))
+        # and validation is carved out of the old train split only
+        assert set(parts["validation"]) <= set(split_documents(n, "train", seed=seed, eval_fraction=frac))
+    assert np.array_equal(parts["validation"], split_documents(n, "validation", seed=seed, eval_fraction=frac,
+                                                               validation_fraction=vfrac))
+
+
+def test_three_way_split_needs_three_documents_and_a_validation_fraction():
+    with pytest.raises(DataError, match="at least 3 documents"):
+        split_documents(2, "train", validation_fraction=0.1)
+    with pytest.raises(DataError, match="no validation split"):
+        split_documents(10, "validation")
+
+
+@pytest.mark.parametrize("bad", [dict(split="dev"), dict(eval_fraction=0.0), dict(eval_fraction=1.0),
+                                 dict(validation_fraction=0.9), dict(validation_fraction=-0.1)])
 def test_split_rejects_bad_settings(bad):
     kwargs = dict(split="eval", seed=0, eval_fraction=0.1) | bad
     with pytest.raises(DataError):
