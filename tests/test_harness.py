@@ -402,15 +402,28 @@ def test_negative_method_lr_is_rejected(corpora, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Learning curves and the equal-task-quality view
 def test_learning_curve_points_match_a_run_stopped_at_that_step(corpora, tmp_path):
-    """A curve point at step k is the model after k steps: a constant-LR run of k steps ends at the same ppl."""
+    """A curve point at step k is the model after k steps on the task's validation split: a constant-LR run of k
+    steps ends at the same point; step 0 is the model the stage starts from."""
+    from kappatune.evaluation import evaluate
+
     common = dict(training__schedule="constant", training__warmup_steps=0)
     curved = run(_cfg(corpora, tmp_path / "curve", eval__curve_every=2, **common))
     stage1 = curved["stages"][0]
-    assert [p["step"] for p in stage1["curve"]] == [2, 4, 6]
-    assert stage1["curve"][-1]["task_ppl"] == stage1["task_ppl"]["alpha"]
-    short = run(_cfg(corpora, tmp_path / "short", training__steps=4, tasks=[{"corpus": corpora["alpha"], "name": "alpha"}], **common))
-    assert short["stages"][0]["task_ppl"]["alpha"] == pytest.approx(stage1["curve"][1]["task_ppl"], rel=1e-6)
-    assert short["stages"][0]["control_ppl"] == pytest.approx(stage1["curve"][1]["control_ppl"], rel=1e-6)
+    assert [p["step"] for p in stage1["curve"]] == [0, 2, 4, 6]
+    # the curve reads the validation split, never the test split the results report
+    val = evaluate("tiny-llama", corpora["alpha"], split="validation", validation_fraction=0.1, block_size=32,
+                   max_blocks=8, progress=False)
+    test = evaluate("tiny-llama", corpora["alpha"], split="test", block_size=32, max_blocks=8, progress=False)
+    assert stage1["curve"][0]["task_ppl"] == pytest.approx(val["perplexity"], rel=1e-6)
+    assert curved["base"]["task_ppl"]["alpha"] == pytest.approx(test["perplexity"], rel=1e-6)
+    assert val["perplexity"] != pytest.approx(test["perplexity"], rel=1e-3)
+    assert stage1["curve"][0]["control_ppl"] == pytest.approx(curved["base"]["control_ppl"], rel=1e-6)
+    assert stage1["curve"][-1]["control_ppl"] == stage1["control_ppl"]  # the stage end: same model, same control
+    assert curved["stages"][1]["curve"][0]["control_ppl"] == pytest.approx(stage1["control_ppl"], rel=1e-6)
+    short = run(_cfg(corpora, tmp_path / "short", training__steps=4, eval__curve_every=4,
+                     tasks=[{"corpus": corpora["alpha"], "name": "alpha"}], **common))
+    assert short["stages"][0]["curve"][-1]["task_ppl"] == pytest.approx(stage1["curve"][2]["task_ppl"], rel=1e-6)
+    assert short["stages"][0]["control_ppl"] == pytest.approx(stage1["curve"][2]["control_ppl"], rel=1e-6)
     # curve evaluations do not change training: same losses as a run without curves
     plain = run(_cfg(corpora, tmp_path / "plain", eval__curve_every=2, eval__curve_stages=[2], **common))
     assert [s["losses"] for s in plain["stages"]] == [s["losses"] for s in curved["stages"]]
@@ -467,7 +480,9 @@ def test_bench_equal_quality_with_an_unmatched_full_reference(corpora, tmp_path)
     by = {m["label"]: m for m in eq["methods"]}
     # the reference reaches its own target exactly at its last step, with its own stage-1 control ppl
     full0 = json.loads((Path(rows["full"]["dirs"]["0"]) / "results.json").read_text())
-    assert eq["target_task_ppl"][0] == full0["stages"][0]["task_ppl"]["alpha"]
+    # (task quality along curves is validation-split perplexity: the target is the stage end's validation point)
+    assert eq["target_task_ppl"][0] == full0["stages"][0]["curve"][-1]["task_ppl"]
+    assert eq["target_task_ppl"][0] != full0["stages"][0]["task_ppl"]["alpha"]
     assert by["full"]["reached"] == 2 and by["full"]["steps_to_target"]["mean"] == 6
     assert by["full"]["control_ppl_at_target"]["values"][0] == pytest.approx(full0["stages"][0]["control_ppl"])
     assert by["tiny-lr"]["reached"] == 0 and by["tiny-lr"]["not_reached"] == [0, 1]  # barely moves: never gets there
