@@ -431,6 +431,33 @@ def test_learning_curve_points_match_a_run_stopped_at_that_step(corpora, tmp_pat
     assert plain["stages"][1]["curve"] == curved["stages"][1]["curve"]
 
 
+def test_tasks_have_disjoint_validation_blocks_and_old_runs_keep_their_data(corpora, tmp_path):
+    """Every lm task gets train / validation / test blocks from disjoint documents; the test blocks are those of
+    the two-way split (results keep their meaning); a run whose state predates validation splits resumes on the
+    two-way split's training data."""
+    import torch
+
+    from kappatune import data as kdata
+    from kappatune.harness.run import _load, _load_data
+
+    cfg = config_from_dict(_cfg(corpora, tmp_path / "x"))
+    _, tok = _load(cfg)
+    new = _load_data(cfg, tok, False)
+    old = _load_data(cfg, tok, False, validation=False)
+    for t in ("alpha", "beta"):
+        rows = {name: {tuple(r.tolist()) for r in blocks} for name, blocks in
+                (("train", new.train[t]), ("validation", new.valid[t]), ("test", new.eval[t]))}
+        assert not rows["train"] & rows["validation"] and not rows["validation"] & rows["test"]
+        assert torch.equal(new.eval[t], old.eval[t])  # the test split is unchanged
+        assert old.valid[t] is old.eval[t] and new.train[t].shape[0] < old.train[t].shape[0]
+        two_way = kdata.build_blocks(corpora[t], tok, 32, split="train", progress=False)
+        assert torch.equal(old.train[t], two_way)
+        assert new.corpora[t]["validation_blocks"] == new.valid[t].shape[0] > 0
+    # a new run records that it has validation splits (what a resume checks)
+    run(_cfg(corpora, tmp_path / "r", training__steps=2, tasks=[{"corpus": corpora["alpha"], "name": "alpha"}]))
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["validation_splits"] is True
+
+
 def test_curve_survives_a_mid_stage_kill(corpora, tmp_path):
     cfg = _cfg(corpora, tmp_path / "ref", eval__curve_every=2, training__checkpoint_every=2)
     ref = run(cfg)

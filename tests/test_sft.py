@@ -376,7 +376,12 @@ def test_sft_run_reports_accuracy_per_stage(sft_reference):
     assert met["probe_ctrl_ppl_change"] == pytest.approx(met["control_change_pct"])
     assert all(s["losses"][-1] < s["losses"][0] for s in res["stages"])  # the masked loss trains
     curve = res["stages"][1]["curve"]
-    assert [p["step"] for p in curve] == [2, 4] and "task_accuracy" in curve[0] and "task_exact_match" in curve[0]
+    assert [p["step"] for p in curve] == [0, 2, 4] and "task_accuracy" in curve[0] and "task_exact_match" in curve[0]
+    # the curve scores the validation examples, the stage-end result the test examples (on k examples an accuracy
+    # is a multiple of 1/k)
+    k = res["corpora"]["beta"]["validation_examples"]
+    assert k == res["corpora"]["beta"]["examples"]["validation"]
+    assert all(abs(k * p["task_accuracy"] - round(k * p["task_accuracy"])) < 1e-9 for p in curve)
     md = (Path(cfg["output_dir"]) / "results.md").read_text()
     assert "Forgetting matrix (accuracy" in md and "ACC (accuracy, pts)" in md
 
