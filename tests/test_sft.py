@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from kappatune.cli import main as cli_main
-from kappatune.config import config_from_dict
+from kappatune.config import config_fingerprint, config_from_dict
 from kappatune.data import ByteTokenizer, load_examples, load_task, split_examples, tokenize_sft
 from kappatune.data.tasks import BUILTIN_TASKS, collate_sft, encode_example, register_builtin_task
 from kappatune.errors import ConfigError, DataError
@@ -284,6 +284,24 @@ def test_config_checks_for_sft(tmp_path):
     cfg = config_from_dict({**base, "tasks": ["a"], "control": ["control", {"corpus": "d/mc.jsonl", "type": "sft"}]})
     assert [c.label for c in cfg.control_suite()] == ["control", "mc"]
     assert config_from_dict({**base, "tasks": ["a"], "control": "control"}).control_suite()[0].corpus == "control"
+
+
+def test_builtin_supervised_task_is_detected_as_sft():
+    """A built-in labelled task needs no `type: sft`; anything else stays lm unless typed; the fingerprint of a
+    config is the same whether the type is written out or detected (run directories stay resumable)."""
+    base = {"model": "tiny-llama", "method": "full", "training": {"steps": 1}}
+    detected = config_from_dict({**base, "tasks": [{"corpus": "debian-section"}, "shakespeare", "notes.txt"],
+                                 "control": ["control", "gcide-pos"]})
+    assert [t.type for t in detected.tasks] == ["sft", "lm", "lm"]
+    assert [c.type for c in detected.control_suite()] == ["lm", "sft"]
+    typed = config_from_dict({**base, "tasks": [{"corpus": "debian-section", "type": "sft"},
+                                                {"corpus": "shakespeare", "type": "lm"}, "notes.txt"],
+                              "control": ["control", {"corpus": "gcide-pos", "type": "sft"}]})
+    assert config_fingerprint(detected) == config_fingerprint(typed)
+    # an explicit type still wins, and a wrong one is named
+    assert config_from_dict({**base, "tasks": [{"corpus": "debian-section", "type": "lm"}]}).tasks[0].type == "lm"
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.type must be one of lm, sft"):
+        config_from_dict({**base, "tasks": [{"corpus": "debian-section", "type": "stf"}]})
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
