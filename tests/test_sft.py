@@ -159,6 +159,54 @@ def _grads(model, batch):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
 
 
+@pytest.mark.parametrize("arch,impl", [("llama", "eager"), ("llama", "sdpa"), ("moe", "sdpa")])
+def test_packed_batch_has_the_loss_and_gradients_of_the_padded_one(arch, impl):
+    """Packing (several examples per row, block-diagonal causal attention from per-example position ids) changes
+    nothing but the layout: in float64 the summed response loss and every gradient equal the padded batch's."""
+    import random
+
+    from kappatune.data.tasks import pack_sft  # noqa: F401  (the public helper behind packing=True)
+    from kappatune.models import build_tiny_moe
+
+    rng = random.Random(arch)
+    exs = [{"prompt": "".join(rng.choice("abcde ") for _ in range(rng.randint(0, 30))),
+            "response": "".join(rng.choice("xyz") for _ in range(rng.randint(1, 10)))} for _ in range(12)]
+    # float64 where the model runs in it (the MoE's grouped matmul is float32-only: a float32 tolerance there)
+    model = build_tiny_llama(seed=0).double() if arch == "llama" else build_tiny_moe(seed=0)
+    tol = 1e-6 if arch == "llama" else 1e-4
+    model.config._attn_implementation = impl
+    padded = tokenize_sft(exs, TOK, max_length=64)
+    packed = tokenize_sft(exs, TOK, max_length=64, packing=True)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # several examples share a row
+    assert int((packed["position_ids"] == 0).sum()) >= len(exs)  # positions restart per example
+    assert torch.equal(packed["labels"][packed["labels"] != -100], padded["labels"][padded["labels"] != -100])
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = sft_loss_sum(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    l1, g1 = loss_and_grads(padded)
+    l2, g2 = loss_and_grads(packed)
+    assert float(l2) == pytest.approx(float(l1), rel=tol)
+    worst = max(float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(g1, g2))
+    assert len(g1) == len(g2) and worst < tol, worst
+    # without the restarting positions (one sequence per row) the examples would attend to one another
+    leaky = {k: v for k, v in packed.items() if k != "position_ids"}
+    if arch == "llama":
+        assert float(sft_loss_sum(model, leaky)) != pytest.approx(float(l1), rel=1e-6)
+
+
+def test_packing_rejects_an_example_longer_than_a_row():
+    from kappatune.data.tasks import pack_sft
+
+    with pytest.raises(DataError, match="does not fit a packed row of 4"):
+        pack_sft([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]}], 4, 0)
+    with pytest.raises(DataError, match="packing needs a row length"):
+        tokenize_sft([{"prompt": "a", "response": "b"}], TOK, packing=True)
+
+
 def test_prompt_labels_contribute_no_gradient():
     """The training loss reads labels only at response positions: rewriting the labels of prompt positions (here to
     the real next tokens, what an unmasked LM loss would train on) changes no gradient while they stay masked, and

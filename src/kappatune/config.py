@@ -169,6 +169,9 @@ class TrainingConfig:
     optimizer: str = "adamw"  # adamw | adafactor (transformers) | sgd
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    # sft tasks: pack several examples into each seq_len row, each attending only to itself (block-diagonal causal
+    # attention from per-example position ids); no compute on padding. Raw-text (lm) tasks are always packed blocks.
+    packing: bool = False
 
 
 @dataclass
@@ -731,7 +734,7 @@ _NON_RESULT_KEYS = ("output_dir", "progress", "name", "compare")
 
 _LATER_KEYS = (
     ("training", "optimizer", "adamw"), ("training", "dtype", "float32"), ("training", "gradient_checkpointing", False),
-    ("eval", "early_stopping", 0),
+    ("eval", "early_stopping", 0), ("training", "packing", False),
 )
 
 

@@ -53,6 +53,7 @@ def _train_config(
     lr: float | None, batch_size: int | None, seq_len: int | None, control: str | None, text_field: str,
     eval_every: int, early_stopping: int, eval_blocks: int | None, optimizer: str | None, dtype: str | None,
     gradient_checkpointing: bool | None, checkpoint_every: int | None, seed: int, num_threads: int | None,
+    packing: bool | None = None,
     overrides: Sequence[str], sft: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, bool]:
     """The run config of a train: from ``config`` (a YAML path, dict or RunConfig with exactly one task), or
@@ -91,7 +92,7 @@ def _train_config(
     data_dict["training"] = t
     for key, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("seq_len", seq_len),
                        ("optimizer", optimizer), ("dtype", dtype), ("gradient_checkpointing", gradient_checkpointing),
-                       ("checkpoint_every", checkpoint_every)):
+                       ("checkpoint_every", checkpoint_every), ("packing", packing)):
         if value is not None:
             t[key] = value
     if steps is not None:
@@ -172,6 +173,9 @@ def _steps_for_epochs(cfg: RunConfig, epochs: float, progress: bool) -> int:
                             prompt_field=task.prompt_field, response_field=task.response_field,
                             messages_field=task.messages_field, choices_field=task.choices_field, progress=progress)
         n = len(t["train"]) if cfg.training.max_train_blocks is None else min(len(t["train"]), cfg.training.max_train_blocks)
+        if cfg.training.packing:  # one step per batch of packed rows
+            n = int(kdata.tokenize_sft(t["train"][:n], tok, max_length=cfg.training.seq_len, chat_template=task.chat_template,
+                                       packing=True)["input_ids"].shape[0])
         return max(1, math.ceil(epochs * n / cfg.training.batch_size))
     blocks = kdata.build_blocks(task.corpus, tok, cfg.training.seq_len, split="train", seed=cfg.eval.split_seed,
                                 eval_fraction=cfg.eval.eval_fraction, validation_fraction=cfg.eval.validation_fraction,
@@ -207,6 +211,7 @@ def train(
     dtype: str | None = None,
     gradient_checkpointing: bool | None = None,
     checkpoint_every: int | None = None,
+    packing: bool | None = None,
     save: str = "merged",
     seed: int = 0,
     num_threads: int | None = None,
@@ -238,7 +243,8 @@ def train(
     ``eval_every``: validation perplexity (the data's validation split, never the test split) every N steps; ``early_stopping``: stop after
     that many validations without improvement. ``control``: a corpus whose perplexity change from the base
     model is reported (what the model forgot). ``optimizer``: adamw | adafactor | sgd; ``dtype``: float32 |
-    bfloat16; ``gradient_checkpointing``. ``save``: merged | adapter | both. ``resume``: continue a run killed in
+    bfloat16; ``gradient_checkpointing``; ``packing`` (sft: several examples per row, each attending only to
+    itself). ``save``: merged | adapter | both. ``resume``: continue a run killed in
     ``output_dir`` (same weights as an uninterrupted one); ``force``: start over in a directory holding a run.
 
     The returned model is a plain transformers model with the training merged in (``method.merge()``); the
@@ -256,7 +262,7 @@ def train(
         num_modules=num_modules, targets=targets, param_budget=param_budget, steps=steps, epochs=epochs, lr=lr,
         batch_size=batch_size, seq_len=seq_len, control=control, text_field=text_field, eval_every=eval_every,
         early_stopping=early_stopping, eval_blocks=eval_blocks, optimizer=optimizer, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, packing=packing, seed=seed,
         num_threads=num_threads, overrides=overrides,
         sft=(dict(prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
                   choices_field=choices_field, chat_template=chat_template, metrics=list(metrics) if metrics else None)

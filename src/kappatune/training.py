@@ -576,9 +576,16 @@ def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled (response) positions of an sft batch.
 
     Labels -100 (prompt, padding) contribute nothing; the attention mask keeps padding out of every real token's
-    context, and each row is one example, so no example attends to another.
+    context, and each row is one example, so no example attends to another. Packed rows
+    (:func:`kappatune.data.tasks.pack_sft`) carry ``position_ids`` restarting per example and are run without an
+    attention mask: transformers then builds the block-diagonal causal mask from the positions, so again no
+    example attends to another.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :]
+    if "position_ids" in batch:
+        # use_cache=False: transformers detects packed sequences only when there is no KV cache
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[:, :-1, :]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :]
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -127,10 +127,13 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
         exs = t["train"]
         if cfg.training.max_train_blocks is not None:
             exs = exs[: cfg.training.max_train_blocks]
-        tr = kdata.tokenize_sft(exs, tokenizer, max_length=cfg.training.seq_len, chat_template=task.chat_template)
+        tr = kdata.tokenize_sft(exs, tokenizer, max_length=cfg.training.seq_len, chat_template=task.chat_template,
+                                packing=cfg.training.packing)
     info = {"corpus": task.corpus, "type": "sft", "source": t.source, "metrics": list(task.metrics),
             "examples": {k: len(v) for k, v in t.splits.items()}, "eval_examples": len(test),
-            "validation_examples": len(valid), "train_examples": int(tr["input_ids"].shape[0]) if tr is not None else 0}
+            "validation_examples": len(valid), "train_examples": len(exs) if tr is not None else 0}
+    if tr is not None and cfg.training.packing:
+        info["train_rows"] = int(tr["input_ids"].shape[0])  # packed: several examples per row
     return tr, test, valid, info
 
 
