@@ -214,6 +214,36 @@ def test_missing_text_field_names_the_file_and_the_fields(tmp_path, ext):
     assert str(p) in msg and "'text'" in msg and "body" in msg
 
 
+def test_user_files_go_through_datasets_with_precise_errors(tmp_path, monkeypatch):
+    """Raw-text files are read by datasets' builders (a save_to_disk directory too); the one-line errors still name
+    the line / row and field."""
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    (tmp_path / "a.txt").write_text("one doc\nsame doc\n  \nsecond doc\n\n\nthird\n", encoding="utf-8")
+    assert load_corpus(tmp_path / "a.txt").documents == ["one doc\nsame doc", "second doc", "third"]
+    (tmp_path / "n.csv").write_text("text,id\n007,1\nNA,2\n,3\n", encoding="utf-8")  # numbers and NA stay text
+    assert load_corpus(tmp_path / "n.csv").documents == ["007", "NA"]
+    assert calls[:2] == ["text", "csv"]
+    # a record without the field (datasets fills it with None): its line is named
+    (tmp_path / "m.jsonl").write_text('{"text": "a"}\n\n{"body": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"m\.jsonl line 3: no field 'text' \(fields: body\)"):
+        load_corpus(tmp_path / "m.jsonl")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: field 'text' is int, not text"):
+        load_corpus(tmp_path / "t.jsonl")
+    (tmp_path / "i.csv").write_text("text\n1\n2\n", encoding="utf-8")
+    assert load_corpus(tmp_path / "i.csv").documents == ["1", "2"]
+    (tmp_path / "s.json").write_text('["x y", "z"]', encoding="utf-8")  # a list of strings (read by hand)
+    assert load_corpus(tmp_path / "s.json").documents == ["x y", "z"]
+    datasets.Dataset.from_dict({"text": ["d1 words", "d2 words"], "n": [1, 2]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_corpus(tmp_path / "saved").documents == ["d1 words", "d2 words"]
+    with pytest.raises(DataError, match="not a datasets save_to_disk directory"):
+        load_corpus(tmp_path)
+
+
 def test_empty_file(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_bytes(b"")
