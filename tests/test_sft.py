@@ -430,6 +430,18 @@ def sft_reference(sft_data, tmp_path_factory):
     return cfg, run(cfg)
 
 
+def test_sft_run_with_packing_trains_on_fewer_rows(sft_data, tmp_path):
+    """training.packing: the same examples in fewer rows; the masked loss trains and the run reports as usual."""
+    corpora, sft = sft_data
+    cfg = tiny_sft_config(corpora, sft, tmp_path / "packed", training__packing=True,
+                          method={"name": "lora", "options": {"rank": 2}})
+    res = run(cfg)
+    info = res["corpora"]["alpha"]
+    assert info["train_rows"] < info["train_examples"] == info["examples"]["train"]
+    assert all(s["losses"][-1] < s["losses"][0] for s in res["stages"])
+    assert len(res["matrix"]["accuracy"]) == 3
+
+
 def test_sft_run_reports_accuracy_per_stage(sft_reference):
     cfg, res = sft_reference
     m = res["matrix"]
