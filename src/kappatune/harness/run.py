@@ -120,7 +120,7 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
                         choices_required=need_choices, progress=progress)
     if task.metrics is None:  # default: accuracy when the data has choices
         task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
-    test = _spread(t["test"], e.max_examples)
+    test = _spread(t[e.split], e.max_examples)  # eval.split "validation" while tuning (lr_search), "test" for results
     valid = _spread(t["validation"], e.max_examples)
     tr = None
     if train:
@@ -171,7 +171,9 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool, *, validation: bo
                           text_field=task.text_field, progress=progress)
             if is_task:
                 train[label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
-            evals[label] = kdata.build_blocks(corpus, tokenizer, seq, split="test", max_blocks=e.max_blocks, **common)
+            # eval.split "validation" (lr_search) measures a task's validation blocks in place of its test blocks
+            measured = "validation" if (e.split == "validation" and vf) else "test"
+            evals[label] = kdata.build_blocks(corpus, tokenizer, seq, split=measured, max_blocks=e.max_blocks, **common)
             if is_task:
                 valid[label] = (kdata.build_blocks(corpus, tokenizer, seq, split="validation", max_blocks=e.max_blocks, **common)
                                 if vf else evals[label])
@@ -327,9 +329,9 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
         _single(cfg)
         _preflight(cfg, cfg.out_dir(), config_fingerprint(cfg), resume=resume, force=force)
     elif command == "bench":
-        from .bench import _select_only
+        from .bench import _select_only, _validation_config
 
-        cfg = _select_only(cfg, only)
+        cfg = _validation_config(_select_only(cfg, only))
     elif command is not None:
         raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)
