@@ -159,7 +159,7 @@ def test_tokenizer_without_eos_token(corpora, tmp_path, capsys):
     [
         (b"", "task", r"is empty; give a file with text in it"),
         (b"\n\n   \n", "task", r"holds no text"),
-        (b"only one document here", "task", r"needs at least 2 documents, got 1"),
+        (b"only one document here", "task", r"needs at least 3 documents, got 1"),
         (b"tiny\n\ntext\n\nhere", "task", r"fewer than one block"),
         ("caf\u00e9 au lait\n\nencore".encode("latin-1"), "task", r"is not UTF-8 text .*iconv"),
         (b"only one document here", "control", r"needs at least 2 documents, got 1"),

@@ -67,7 +67,31 @@ def test_split_depends_on_seed():
     assert split_documents(5, "all").tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("bad", [dict(split="test"), dict(eval_fraction=0.0), dict(eval_fraction=1.0)])
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(3, 300), frac=st.floats(0.01, 0.45), vfrac=st.floats(0.01, 0.45), seed=st.integers(0, 2**31 - 1))
+def test_three_way_split_is_a_partition_and_keeps_the_test_split(n, frac, vfrac, seed):
+    parts = {s: split_documents(n, s, seed=seed, eval_fraction=frac, validation_fraction=vfrac)
+             for s in ("train", "validation", "test")}
+    assert all(len(v) for v in parts.values())  # every split non-empty
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(n))  # disjoint and complete
+    assert np.array_equal(parts["test"], split_documents(n, "eval", seed=seed, eval_fraction=frac, validation_fraction=vfrac))
+    if round(frac * n) <= n - 2:  # the test split is the two-way split's eval split: results stay comparable
+        assert np.array_equal(parts["test"], split_documents(n, "eval", seed=seed, eval_fraction=frac))
+        # and validation is carved out of the old train split only
+        assert set(parts["validation"]) <= set(split_documents(n, "train", seed=seed, eval_fraction=frac))
+    assert np.array_equal(parts["validation"], split_documents(n, "validation", seed=seed, eval_fraction=frac,
+                                                               validation_fraction=vfrac))
+
+
+def test_three_way_split_needs_three_documents_and_a_validation_fraction():
+    with pytest.raises(DataError, match="at least 3 documents"):
+        split_documents(2, "train", validation_fraction=0.1)
+    with pytest.raises(DataError, match="no validation split"):
+        split_documents(10, "validation")
+
+
+@pytest.mark.parametrize("bad", [dict(split="dev"), dict(eval_fraction=0.0), dict(eval_fraction=1.0),
+                                 dict(validation_fraction=0.9), dict(validation_fraction=-0.1)])
 def test_split_rejects_bad_settings(bad):
     kwargs = dict(split="eval", seed=0, eval_fraction=0.1) | bad
     with pytest.raises(DataError):
@@ -188,6 +212,36 @@ def test_missing_text_field_names_the_file_and_the_fields(tmp_path, ext):
         load_corpus(p)
     msg = str(err.value)
     assert str(p) in msg and "'text'" in msg and "body" in msg
+
+
+def test_user_files_go_through_datasets_with_precise_errors(tmp_path, monkeypatch):
+    """Raw-text files are read by datasets' builders (a save_to_disk directory too); the one-line errors still name
+    the line / row and field."""
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    (tmp_path / "a.txt").write_text("one doc\nsame doc\n  \nsecond doc\n\n\nthird\n", encoding="utf-8")
+    assert load_corpus(tmp_path / "a.txt").documents == ["one doc\nsame doc", "second doc", "third"]
+    (tmp_path / "n.csv").write_text("text,id\n007,1\nNA,2\n,3\n", encoding="utf-8")  # numbers and NA stay text
+    assert load_corpus(tmp_path / "n.csv").documents == ["007", "NA"]
+    assert calls[:2] == ["text", "csv"]
+    # a record without the field (datasets fills it with None): its line is named
+    (tmp_path / "m.jsonl").write_text('{"text": "a"}\n\n{"body": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"m\.jsonl line 3: no field 'text' \(fields: body\)"):
+        load_corpus(tmp_path / "m.jsonl")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: field 'text' is int, not text"):
+        load_corpus(tmp_path / "t.jsonl")
+    (tmp_path / "i.csv").write_text("text\n1\n2\n", encoding="utf-8")
+    assert load_corpus(tmp_path / "i.csv").documents == ["1", "2"]
+    (tmp_path / "s.json").write_text('["x y", "z"]', encoding="utf-8")  # a list of strings (read by hand)
+    assert load_corpus(tmp_path / "s.json").documents == ["x y", "z"]
+    datasets.Dataset.from_dict({"text": ["d1 words", "d2 words"], "n": [1, 2]}).save_to_disk(str(tmp_path / "saved"))
+    assert load_corpus(tmp_path / "saved").documents == ["d1 words", "d2 words"]
+    with pytest.raises(DataError, match="not a datasets save_to_disk directory"):
+        load_corpus(tmp_path)
 
 
 def test_empty_file(tmp_path):

@@ -400,20 +400,60 @@ def test_negative_method_lr_is_rejected(corpora, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Learning curves and the equal-task-quality view
 def test_learning_curve_points_match_a_run_stopped_at_that_step(corpora, tmp_path):
-    """A curve point at step k is the model after k steps: a constant-LR run of k steps ends at the same ppl."""
+    """A curve point at step k is the model after k steps on the task's validation split: a constant-LR run of k
+    steps ends at the same point; step 0 is the model the stage starts from."""
+    from kappatune.evaluation import evaluate
+
     common = dict(training__schedule="constant", training__warmup_steps=0)
     curved = run(_cfg(corpora, tmp_path / "curve", eval__curve_every=2, **common))
     stage1 = curved["stages"][0]
-    assert [p["step"] for p in stage1["curve"]] == [2, 4, 6]
-    assert stage1["curve"][-1]["task_ppl"] == stage1["task_ppl"]["alpha"]
-    short = run(_cfg(corpora, tmp_path / "short", training__steps=4, tasks=[{"corpus": corpora["alpha"], "name": "alpha"}], **common))
-    assert short["stages"][0]["task_ppl"]["alpha"] == pytest.approx(stage1["curve"][1]["task_ppl"], rel=1e-6)
-    assert short["stages"][0]["control_ppl"] == pytest.approx(stage1["curve"][1]["control_ppl"], rel=1e-6)
+    assert [p["step"] for p in stage1["curve"]] == [0, 2, 4, 6]
+    # the curve reads the validation split, never the test split the results report
+    val = evaluate("tiny-llama", corpora["alpha"], split="validation", validation_fraction=0.1, block_size=32,
+                   max_blocks=8, progress=False)
+    test = evaluate("tiny-llama", corpora["alpha"], split="test", block_size=32, max_blocks=8, progress=False)
+    assert stage1["curve"][0]["task_ppl"] == pytest.approx(val["perplexity"], rel=1e-6)
+    assert curved["base"]["task_ppl"]["alpha"] == pytest.approx(test["perplexity"], rel=1e-6)
+    assert val["perplexity"] != pytest.approx(test["perplexity"], rel=1e-3)
+    assert stage1["curve"][0]["control_ppl"] == pytest.approx(curved["base"]["control_ppl"], rel=1e-6)
+    assert stage1["curve"][-1]["control_ppl"] == stage1["control_ppl"]  # the stage end: same model, same control
+    assert curved["stages"][1]["curve"][0]["control_ppl"] == pytest.approx(stage1["control_ppl"], rel=1e-6)
+    short = run(_cfg(corpora, tmp_path / "short", training__steps=4, eval__curve_every=4,
+                     tasks=[{"corpus": corpora["alpha"], "name": "alpha"}], **common))
+    assert short["stages"][0]["curve"][-1]["task_ppl"] == pytest.approx(stage1["curve"][2]["task_ppl"], rel=1e-6)
+    assert short["stages"][0]["control_ppl"] == pytest.approx(stage1["curve"][2]["control_ppl"], rel=1e-6)
     # curve evaluations do not change training: same losses as a run without curves
     plain = run(_cfg(corpora, tmp_path / "plain", eval__curve_every=2, eval__curve_stages=[2], **common))
     assert [s["losses"] for s in plain["stages"]] == [s["losses"] for s in curved["stages"]]
     assert "curve" not in plain["stages"][0]  # curve_stages: only stage 2 has one
     assert plain["stages"][1]["curve"] == curved["stages"][1]["curve"]
+
+
+def test_tasks_have_disjoint_validation_blocks_and_old_runs_keep_their_data(corpora, tmp_path):
+    """Every lm task gets train / validation / test blocks from disjoint documents; the test blocks are those of
+    the two-way split (results keep their meaning); a run whose state predates validation splits resumes on the
+    two-way split's training data."""
+    import torch
+
+    from kappatune import data as kdata
+    from kappatune.harness.run import _load, _load_data
+
+    cfg = config_from_dict(_cfg(corpora, tmp_path / "x"))
+    _, tok = _load(cfg)
+    new = _load_data(cfg, tok, False)
+    old = _load_data(cfg, tok, False, validation=False)
+    for t in ("alpha", "beta"):
+        rows = {name: {tuple(r.tolist()) for r in blocks} for name, blocks in
+                (("train", new.train[t]), ("validation", new.valid[t]), ("test", new.eval[t]))}
+        assert not rows["train"] & rows["validation"] and not rows["validation"] & rows["test"]
+        assert torch.equal(new.eval[t], old.eval[t])  # the test split is unchanged
+        assert old.valid[t] is old.eval[t] and new.train[t].shape[0] < old.train[t].shape[0]
+        two_way = kdata.build_blocks(corpora[t], tok, 32, split="train", progress=False)
+        assert torch.equal(old.train[t], two_way)
+        assert new.corpora[t]["validation_blocks"] == new.valid[t].shape[0] > 0
+    # a new run records that it has validation splits (what a resume checks)
+    run(_cfg(corpora, tmp_path / "r", training__steps=2, tasks=[{"corpus": corpora["alpha"], "name": "alpha"}]))
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["validation_splits"] is True
 
 
 def test_curve_survives_a_mid_stage_kill(corpora, tmp_path):
@@ -463,7 +503,9 @@ def test_bench_equal_quality_with_an_unmatched_full_reference(corpora, tmp_path)
     by = {m["label"]: m for m in eq["methods"]}
     # the reference reaches its own target exactly at its last step, with its own stage-1 control ppl
     full0 = json.loads((Path(rows["full"]["dirs"]["0"]) / "results.json").read_text())
-    assert eq["target_task_ppl"][0] == full0["stages"][0]["task_ppl"]["alpha"]
+    # (task quality along curves is validation-split perplexity: the target is the stage end's validation point)
+    assert eq["target_task_ppl"][0] == full0["stages"][0]["curve"][-1]["task_ppl"]
+    assert eq["target_task_ppl"][0] != full0["stages"][0]["task_ppl"]["alpha"]
     assert by["full"]["reached"] == 2 and by["full"]["steps_to_target"]["mean"] == 6
     assert by["full"]["control_ppl_at_target"]["values"][0] == pytest.approx(full0["stages"][0]["control_ppl"])
     assert by["tiny-lr"]["reached"] == 0 and by["tiny-lr"]["not_reached"] == [0, 1]  # barely moves: never gets there

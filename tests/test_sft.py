@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from kappatune.cli import main as cli_main
-from kappatune.config import config_from_dict
+from kappatune.config import config_fingerprint, config_from_dict
 from kappatune.data import ByteTokenizer, load_examples, load_task, split_examples, tokenize_sft
 from kappatune.data.tasks import BUILTIN_TASKS, collate_sft, encode_example, register_builtin_task
 from kappatune.errors import ConfigError, DataError
@@ -159,6 +159,54 @@ def _grads(model, batch):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
 
 
+@pytest.mark.parametrize("arch,impl", [("llama", "eager"), ("llama", "sdpa"), ("moe", "sdpa")])
+def test_packed_batch_has_the_loss_and_gradients_of_the_padded_one(arch, impl):
+    """Packing (several examples per row, block-diagonal causal attention from per-example position ids) changes
+    nothing but the layout: in float64 the summed response loss and every gradient equal the padded batch's."""
+    import random
+
+    from kappatune.data.tasks import pack_sft  # noqa: F401  (the public helper behind packing=True)
+    from kappatune.models import build_tiny_moe
+
+    rng = random.Random(arch)
+    exs = [{"prompt": "".join(rng.choice("abcde ") for _ in range(rng.randint(0, 30))),
+            "response": "".join(rng.choice("xyz") for _ in range(rng.randint(1, 10)))} for _ in range(12)]
+    # float64 where the model runs in it (the MoE's grouped matmul is float32-only: a float32 tolerance there)
+    model = build_tiny_llama(seed=0).double() if arch == "llama" else build_tiny_moe(seed=0)
+    tol = 1e-6 if arch == "llama" else 1e-4
+    model.config._attn_implementation = impl
+    padded = tokenize_sft(exs, TOK, max_length=64)
+    packed = tokenize_sft(exs, TOK, max_length=64, packing=True)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # several examples share a row
+    assert int((packed["position_ids"] == 0).sum()) >= len(exs)  # positions restart per example
+    assert torch.equal(packed["labels"][packed["labels"] != -100], padded["labels"][padded["labels"] != -100])
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = sft_loss_sum(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    l1, g1 = loss_and_grads(padded)
+    l2, g2 = loss_and_grads(packed)
+    assert float(l2) == pytest.approx(float(l1), rel=tol)
+    worst = max(float((a - b).abs().max() / (a.abs().max() + 1e-30)) for a, b in zip(g1, g2))
+    assert len(g1) == len(g2) and worst < tol, worst
+    # without the restarting positions (one sequence per row) the examples would attend to one another
+    leaky = {k: v for k, v in packed.items() if k != "position_ids"}
+    if arch == "llama":
+        assert float(sft_loss_sum(model, leaky)) != pytest.approx(float(l1), rel=1e-6)
+
+
+def test_packing_rejects_an_example_longer_than_a_row():
+    from kappatune.data.tasks import pack_sft
+
+    with pytest.raises(DataError, match="does not fit a packed row of 4"):
+        pack_sft([{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]}], 4, 0)
+    with pytest.raises(DataError, match="packing needs a row length"):
+        tokenize_sft([{"prompt": "a", "response": "b"}], TOK, packing=True)
+
+
 def test_prompt_labels_contribute_no_gradient():
     """The training loss reads labels only at response positions: rewriting the labels of prompt positions (here to
     the real next tokens, what an unmasked LM loss would train on) changes no gradient while they stay masked, and
@@ -286,6 +334,24 @@ def test_config_checks_for_sft(tmp_path):
     assert config_from_dict({**base, "tasks": ["a"], "control": "control"}).control_suite()[0].corpus == "control"
 
 
+def test_builtin_supervised_task_is_detected_as_sft():
+    """A built-in labelled task needs no `type: sft`; anything else stays lm unless typed; the fingerprint of a
+    config is the same whether the type is written out or detected (run directories stay resumable)."""
+    base = {"model": "tiny-llama", "method": "full", "training": {"steps": 1}}
+    detected = config_from_dict({**base, "tasks": [{"corpus": "debian-section"}, "shakespeare", "notes.txt"],
+                                 "control": ["control", "gcide-pos"]})
+    assert [t.type for t in detected.tasks] == ["sft", "lm", "lm"]
+    assert [c.type for c in detected.control_suite()] == ["lm", "sft"]
+    typed = config_from_dict({**base, "tasks": [{"corpus": "debian-section", "type": "sft"},
+                                                {"corpus": "shakespeare", "type": "lm"}, "notes.txt"],
+                              "control": ["control", {"corpus": "gcide-pos", "type": "sft"}]})
+    assert config_fingerprint(detected) == config_fingerprint(typed)
+    # an explicit type still wins, and a wrong one is named
+    assert config_from_dict({**base, "tasks": [{"corpus": "debian-section", "type": "lm"}]}).tasks[0].type == "lm"
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.type must be one of lm, sft"):
+        config_from_dict({**base, "tasks": [{"corpus": "debian-section", "type": "stf"}]})
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     path = _write(tmp_path / "nochoice.jsonl", [{"prompt": "a", "response": "b"}] * 5)
     assert cli_main(["eval", "tiny-llama", "--data", path, "--metric", "accuracy", "-q"]) == 2
@@ -364,6 +430,18 @@ def sft_reference(sft_data, tmp_path_factory):
     return cfg, run(cfg)
 
 
+def test_sft_run_with_packing_trains_on_fewer_rows(sft_data, tmp_path):
+    """training.packing: the same examples in fewer rows; the masked loss trains and the run reports as usual."""
+    corpora, sft = sft_data
+    cfg = tiny_sft_config(corpora, sft, tmp_path / "packed", training__packing=True,
+                          method={"name": "lora", "options": {"rank": 2}})
+    res = run(cfg)
+    info = res["corpora"]["alpha"]
+    assert info["train_rows"] < info["train_examples"] == info["examples"]["train"]
+    assert all(s["losses"][-1] < s["losses"][0] for s in res["stages"])
+    assert len(res["matrix"]["accuracy"]) == 3
+
+
 def test_sft_run_reports_accuracy_per_stage(sft_reference):
     cfg, res = sft_reference
     m = res["matrix"]
@@ -376,7 +454,12 @@ def test_sft_run_reports_accuracy_per_stage(sft_reference):
     assert met["probe_ctrl_ppl_change"] == pytest.approx(met["control_change_pct"])
     assert all(s["losses"][-1] < s["losses"][0] for s in res["stages"])  # the masked loss trains
     curve = res["stages"][1]["curve"]
-    assert [p["step"] for p in curve] == [2, 4] and "task_accuracy" in curve[0] and "task_exact_match" in curve[0]
+    assert [p["step"] for p in curve] == [0, 2, 4] and "task_accuracy" in curve[0] and "task_exact_match" in curve[0]
+    # the curve scores the validation examples, the stage-end result the test examples (on k examples an accuracy
+    # is a multiple of 1/k)
+    k = res["corpora"]["beta"]["validation_examples"]
+    assert k == res["corpora"]["beta"]["examples"]["validation"]
+    assert all(abs(k * p["task_accuracy"] - round(k * p["task_accuracy"])) < 1e-9 for p in curve)
     md = (Path(cfg["output_dir"]) / "results.md").read_text()
     assert "Forgetting matrix (accuracy" in md and "ACC (accuracy, pts)" in md
 

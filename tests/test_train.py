@@ -72,7 +72,7 @@ def test_model_card_and_results(trained):
         assert f"`{row['tensor']}`" in card
     assert f"steps: {info['steps']}" in card and info["steps"] == 4
     assert "torch " + torch.__version__ in card and "transformers" in card
-    assert [p["step"] for p in info["validation_curve"]] == [2, 4]
+    assert [p["step"] for p in info["validation_curve"]] == [0, 2, 4]
     assert "control perplexity" in card and results["metrics"]["control_change_pct"] is not None
     assert info["files"] == sorted(info["files"]) or "adapter.safetensors" in info["files"]
 
@@ -181,7 +181,7 @@ def test_early_stopping_ends_training_and_resumes_stopped(corpora, tmp_path, mon
     curve = [p["task_ppl"] for p in r["stages"][0]["curve"]]
     assert curve == sorted(curve, reverse=True) and "stopped_early" not in r["stages"][0]
     # ... and a rule that fires at the 3rd validation ends the stage there: 3 steps done, the rest skipped
-    monkeypatch.setattr(run_mod, "_early_stop", lambda patience: (lambda c: len(c) >= 3))
+    monkeypatch.setattr(run_mod, "_early_stop", lambda patience: (lambda c: len([p for p in c if p["step"]]) >= 3))
     _, r = train("tiny-llama", corpora["alpha"], output_dir=tmp_path / "es", eval_every=1, early_stopping=1,
                  checkpoint_every=1, lr=3e-3, **{**COMMON, "steps": 8})
     stage = r["stages"][0]
@@ -230,4 +230,4 @@ def test_train_on_supervised_examples(tmp_path, capsys):
     assert "held-out accuracy (qa):" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["tasks"][0]["type"] == "sft" and "accuracy" in results["matrix"]
-    assert "| accuracy (qa, held-out) |" in (tmp_path / "out" / "README.md").read_text()
+    assert "| accuracy (qa, test split) |" in (tmp_path / "out" / "README.md").read_text()

@@ -61,6 +61,16 @@ TASK_TYPES = ("lm", "sft")
 METRICS = ("ppl", "accuracy", "exact_match")
 
 
+def _is_builtin_sft(corpus: Any) -> bool:
+    """Whether ``corpus`` names a registered built-in supervised task (a plain name, never a path)."""
+    if not isinstance(corpus, str) or not corpus or "/" in corpus or os.sep in corpus or "." in corpus:
+        return False
+    from .data.tasks import BUILTIN_TASKS
+    from . import data as _data  # noqa: F401  (registers the built-in labelled tasks)
+
+    return corpus in BUILTIN_TASKS
+
+
 @dataclass
 class TaskConfig:
     """One task (or control probe): its data and how to read and measure it.
@@ -70,19 +80,24 @@ class TaskConfig:
     a .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` directory or a hub dataset ``NAME[:CONFIG]:SPLIT``;
     trained with the loss on response tokens only; measured by ``metrics`` (``accuracy`` needs choices,
     ``exact_match`` generates greedily, ``ppl`` is the response perplexity). Default metrics: ``[ppl]`` for lm,
-    ``[accuracy]`` for sft data with choices, else ``[ppl]``.
+    ``[accuracy]`` for sft data with choices, else ``[ppl]``. ``type`` left out: ``sft`` for a built-in
+    supervised task (``kappatune data`` lists them, e.g. ``debian-section``), else ``lm``.
     """
 
     corpus: str
     name: str | None = None  # label in tables; defaults to the corpus name
     text_field: str = "text"
-    type: str = "lm"
+    type: str | None = None  # None: detected (sft for a built-in supervised task, else lm)
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str | None = None  # chat data: a list of {role, content} (replaces prompt/response fields)
     choices_field: str | None = None  # candidate responses (default: a "choices" field when the data has one)
     chat_template: bool = True  # apply the tokenizer's chat template when it has one (sft)
     metrics: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type is None:
+            self.type = "sft" if _is_builtin_sft(self.corpus) else "lm"
 
     @property
     def label(self) -> str:
@@ -156,6 +171,9 @@ class TrainingConfig:
     optimizer: str = "adamw"  # adamw | adafactor (transformers) | sgd
     dtype: str = "float32"  # weights' dtype: float32 | bfloat16
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more time)
+    # sft tasks: pack several examples into each seq_len row, each attending only to itself (block-diagonal causal
+    # attention from per-example position ids); no compute on padding. Raw-text (lm) tasks are always packed blocks.
+    packing: bool = False
 
 
 @dataclass
@@ -839,7 +857,7 @@ _NON_RESULT_KEYS = ("output_dir", "progress", "name", "compare")
 _LATER_KEYS = (
     ("training", "optimizer", "adamw"), ("training", "dtype", "float32"), ("training", "gradient_checkpointing", False),
     ("eval", "early_stopping", 0), ("eval", "split", "test"), (None, "budgets", None), (None, "orders", None),
-    (None, "lr_search", None), (None, "preregistered", None),
+    (None, "lr_search", None), (None, "preregistered", None), ("training", "packing", False),
 )
 
 
@@ -868,6 +886,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
         for k, v in task_defaults.items():
             if t.get(k) == v:
                 t.pop(k)
+        if t.get("type") == "lm":  # the default before types were detected (and what a missing type still means)
+            t.pop("type")
     for k, v in (("validation_fraction", 0.1), ("max_examples", 200), ("max_new_tokens", 32), ("stop", ["\n"])):
         if d["eval"].get(k) == v:
             d["eval"].pop(k)

@@ -237,8 +237,12 @@ def evaluate(
     progress: bool = True,
     trust_remote_code: bool = False,
     allow_missing_weights: bool = False,
+    validation_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Perplexity of a model (name/path or loaded model) on a corpus split; returns a JSON-ready summary.
+
+    ``split``: ``eval`` / ``test`` (the same documents), ``validation`` (needs ``validation_fraction`` > 0, the
+    runs' ``eval.validation_fraction``), ``train`` or ``all`` (:func:`kappatune.data.split_documents`).
 
     The defaults (eval split, 64 blocks of 128 tokens, seed 0) are the settings of the base perplexities in
     ``kappatune data`` / docs/data.md.
@@ -256,14 +260,15 @@ def evaluate(
     tokenizer = _data.get_tokenizer(tokenizer if tokenizer is not None else model)
     blocks = _data.build_blocks(
         data, tokenizer, block_size, split=split, seed=seed, eval_fraction=eval_fraction, max_blocks=max_blocks,
-        text_field=text_field, progress=progress,
+        validation_fraction=validation_fraction, text_field=text_field, progress=progress,
     )
     nll = mean_nll(model, blocks, batch_size=batch_size, progress=progress)
     ppl = _ppl(nll)
     return {
         "model": name, "data": str(getattr(data, "name", data)), "split": split, "block_size": block_size,
         "blocks": int(blocks.shape[0]), "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "seed": seed,
-        "eval_fraction": eval_fraction, "nll": nll, "perplexity": ppl,
+        "eval_fraction": eval_fraction, **({"validation_fraction": validation_fraction} if validation_fraction else {}),
+        "nll": nll, "perplexity": ppl,
     }
 
 

@@ -14,7 +14,7 @@ the control corpus optional), the same setup checks, method building, budget mat
   the exact targets, the base model's name and its weight fingerprints in the metadata, reloaded by
   :func:`kappatune.methods.load_adapter` (or ``kappatune.models.load_model(DIR)``, which applies it to the base);
 * ``README.md``, a model card: base model, method and options, every adapted tensor with its κ before and after,
-  data, steps, metrics (validation perplexity, control perplexity change), library versions;
+  data, steps, metrics (test perplexity, control perplexity change, the validation curve), library versions;
 * ``train.json``: the same as data, written last (the export's commit point: a run killed during the export
   redoes it on resume).
 
@@ -53,6 +53,7 @@ def _train_config(
     lr: float | None, batch_size: int | None, seq_len: int | None, control: str | None, text_field: str,
     eval_every: int, early_stopping: int, eval_blocks: int | None, optimizer: str | None, dtype: str | None,
     gradient_checkpointing: bool | None, checkpoint_every: int | None, seed: int, num_threads: int | None,
+    packing: bool | None = None,
     overrides: Sequence[str], sft: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, bool]:
     """The run config of a train: from ``config`` (a YAML path, dict or RunConfig with exactly one task), or
@@ -91,7 +92,7 @@ def _train_config(
     data_dict["training"] = t
     for key, value in (("steps", steps), ("lr", lr), ("batch_size", batch_size), ("seq_len", seq_len),
                        ("optimizer", optimizer), ("dtype", dtype), ("gradient_checkpointing", gradient_checkpointing),
-                       ("checkpoint_every", checkpoint_every)):
+                       ("checkpoint_every", checkpoint_every), ("packing", packing)):
         if value is not None:
             t[key] = value
     if steps is not None:
@@ -172,9 +173,13 @@ def _steps_for_epochs(cfg: RunConfig, epochs: float, progress: bool) -> int:
                             prompt_field=task.prompt_field, response_field=task.response_field,
                             messages_field=task.messages_field, choices_field=task.choices_field, progress=progress)
         n = len(t["train"]) if cfg.training.max_train_blocks is None else min(len(t["train"]), cfg.training.max_train_blocks)
+        if cfg.training.packing:  # one step per batch of packed rows
+            n = int(kdata.tokenize_sft(t["train"][:n], tok, max_length=cfg.training.seq_len, chat_template=task.chat_template,
+                                       packing=True)["input_ids"].shape[0])
         return max(1, math.ceil(epochs * n / cfg.training.batch_size))
     blocks = kdata.build_blocks(task.corpus, tok, cfg.training.seq_len, split="train", seed=cfg.eval.split_seed,
-                                eval_fraction=cfg.eval.eval_fraction, max_blocks=cfg.training.max_train_blocks,
+                                eval_fraction=cfg.eval.eval_fraction, validation_fraction=cfg.eval.validation_fraction,
+                                max_blocks=cfg.training.max_train_blocks,
                                 text_field=task.text_field, progress=progress)
     return max(1, math.ceil(epochs * blocks.shape[0] / cfg.training.batch_size))
 
@@ -206,6 +211,7 @@ def train(
     dtype: str | None = None,
     gradient_checkpointing: bool | None = None,
     checkpoint_every: int | None = None,
+    packing: bool | None = None,
     save: str = "merged",
     seed: int = 0,
     num_threads: int | None = None,
@@ -234,10 +240,11 @@ def train(
     ``prompt_field``): prompt → response examples, loss on the response tokens only, through the same task loader
     as ``kappatune run`` (``response_field``, ``messages_field``, ``choices_field``, ``chat_template``, ``metrics``
     e.g. ``["accuracy"]``); otherwise raw text documents of ``text_field``.
-    ``eval_every``: validation perplexity (the data's held-out split) every N steps; ``early_stopping``: stop after
+    ``eval_every``: validation perplexity (the data's validation split, never the test split) every N steps; ``early_stopping``: stop after
     that many validations without improvement. ``control``: a corpus whose perplexity change from the base
     model is reported (what the model forgot). ``optimizer``: adamw | adafactor | sgd; ``dtype``: float32 |
-    bfloat16; ``gradient_checkpointing``. ``save``: merged | adapter | both. ``resume``: continue a run killed in
+    bfloat16; ``gradient_checkpointing``; ``packing`` (sft: several examples per row, each attending only to
+    itself). ``save``: merged | adapter | both. ``resume``: continue a run killed in
     ``output_dir`` (same weights as an uninterrupted one); ``force``: start over in a directory holding a run.
 
     The returned model is a plain transformers model with the training merged in (``method.merge()``); the
@@ -255,7 +262,7 @@ def train(
         num_modules=num_modules, targets=targets, param_budget=param_budget, steps=steps, epochs=epochs, lr=lr,
         batch_size=batch_size, seq_len=seq_len, control=control, text_field=text_field, eval_every=eval_every,
         early_stopping=early_stopping, eval_blocks=eval_blocks, optimizer=optimizer, dtype=dtype,
-        gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, packing=packing, seed=seed,
         num_threads=num_threads, overrides=overrides,
         sft=(dict(prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
                   choices_field=choices_field, chat_template=chat_template, metrics=list(metrics) if metrics else None)
@@ -439,19 +446,19 @@ def model_card(info: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         "| metric | base | fine-tuned |",
         "|---|---:|---:|",
-        f"| validation perplexity ({task}, held-out split) | {_fmt((base.get('task_ppl') or {}).get(task))} | "
+        f"| test perplexity ({task}, held-out test split) | {_fmt((base.get('task_ppl') or {}).get(task))} | "
         f"{_fmt((m.get('final_task_ppl') or {}).get(task))} |",
     ]
     for metric in ("accuracy", "exact_match"):  # supervised data: held-out scores
         R = (results.get("matrix") or {}).get(metric)
         if R and R[0][0] is not None:
-            lines.append(f"| {metric} ({task}, held-out) | {100 * R[0][0]:.1f}% | {100 * R[-1][0]:.1f}% |")
+            lines.append(f"| {metric} ({task}, test split) | {100 * R[0][0]:.1f}% | {100 * R[-1][0]:.1f}% |")
     if results.get("control") is not None:
         lines.append(f"| control perplexity ({results['control']}) | {_fmt(m.get('control_ppl_base'))} | "
                      f"{_fmt(m.get('control_ppl_final'))} ({_fmt(m.get('control_change_pct'), 3)}%) |")
     curve = info.get("validation_curve") or []
     if curve:
-        lines += ["", "Validation perplexity during training: "
+        lines += ["", "Validation-split perplexity during training (what early stopping reads): "
                   + ", ".join(f"step {p['step']}: {_fmt(p.get('task_ppl'))}" for p in curve)]
     lines += ["", "## Adapted tensors", "",
               "κ = σ_max / σ_min of each adapted weight matrix, before and after training.", "",
@@ -472,4 +479,4 @@ def _targets_of(results: dict[str, Any]) -> dict[str, Any]:
 def _data_line(corpora: dict[str, Any], task: str) -> str:
     c = corpora.get(task) or {}
     return (f"{c.get('corpus')}, {c.get('documents')} documents, {c.get('train_blocks')} training blocks, "
-            f"{c.get('eval_blocks')} validation blocks")
+            f"{c.get('validation_blocks', '-')} validation blocks, {c.get('eval_blocks')} test blocks")

@@ -576,9 +576,16 @@ def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled (response) positions of an sft batch.
 
     Labels -100 (prompt, padding) contribute nothing; the attention mask keeps padding out of every real token's
-    context, and each row is one example, so no example attends to another.
+    context, and each row is one example, so no example attends to another. Packed rows
+    (:func:`kappatune.data.tasks.pack_sft`) carry ``position_ids`` restarting per example and are run without an
+    attention mask: transformers then builds the block-diagonal causal mask from the positions, so again no
+    example attends to another.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :]
+    if "position_ids" in batch:
+        # use_cache=False: transformers detects packed sequences only when there is no KV cache
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[:, :-1, :]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :]
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -618,7 +625,8 @@ def train_stage(
     If ``checkpoint_dir`` holds a valid checkpoint of this stage (its meta matches ``checkpoint_meta``), training
     resumes from it and ends exactly where an uninterrupted stage would. Checkpoints are written every
     ``checkpoint_every`` steps and after the last step (when ``checkpoint_dir`` is given and ``checkpoint_every > 0``).
-    ``on_step(step)`` runs after every optimizer step but the last (learning curves); a dict it returns is kept in
+    ``on_step(step)`` runs before the first step (``step`` 0, not on a resumed stage) and after every optimizer step
+    but the last (learning curves); a dict it returns is kept in
     ``result.curve`` (and in checkpoints, so a resumed stage keeps its curve). Its time is not training time.
     ``stop_when(curve)`` (early stopping) is asked after every new curve point; when it returns True the stage ends
     there (a pure function of the curve, so a resumed stage stops at the same step). ``optimizer``: ``adamw``,
@@ -687,6 +695,11 @@ def train_stage(
         total=steps, initial=start, desc=desc, unit="step", leave=False, dynamic_ncols=True,
         disable=not (progress and accelerator.is_local_main_process),
     )
+    if on_step is not None and start == 0 and steps > 0:  # the curve's start: the model before this stage's training
+        point = on_step(0)
+        if point is not None:
+            result.curve.append({"step": 0, **point})
+        model.train()
     t_seg = time.perf_counter()
     t_prev = time.perf_counter()
     device = accelerator.device

@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most this many examples per task")
     p.add_argument("--text-field", default="text", help="text field/column of structured data (default: text)")
     p.add_argument("--split", default=None, choices=["train", "eval", "validation", "test", "all"],
-                   help="lm: document split (default: eval); sft: example split (default: test)")
+                   help="document (lm) or example (sft) split (default: test; 'eval' is the old name of test)")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block (default: 128)")
     p.add_argument("--max-blocks", type=int, default=64, help="evaluate this many evenly spaced blocks; 0 = all (default: 64)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -69,7 +69,7 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="sft: plain prompt format even if the tokenizer has a chat template")
     p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of documents/examples in the eval (test) split (default: 0.1)")
-    p.add_argument("--validation-fraction", type=float, default=0.1, help="sft: fraction of examples in the validation split (default: 0.1)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help="fraction of documents/examples in the validation split (default: 0.1, as runs' eval.validation_fraction)")
 
 
 def _is_sft(args: argparse.Namespace, data: str) -> bool:
@@ -134,12 +134,16 @@ def _data_one(args: argparse.Namespace) -> int:
         return 0
     corpus = load_corpus(name, text_field=args.text_field if hasattr(args, "text_field") else "text")
     n = len(corpus.documents)
-    sizes = {s: int(len(split_documents(n, s, seed=args.seed, eval_fraction=args.eval_fraction))) for s in ("train", "eval")}
-    summary = {"name": corpus.name, "kind": "lm", "source": corpus.source, "documents": n, "chars": corpus.num_chars, "sizes": sizes}
+    docs = {s: split_documents(n, s, seed=args.seed, eval_fraction=args.eval_fraction,
+                               validation_fraction=args.validation_fraction) for s in ("train", "validation", "test")}
+    sizes = {s: int(len(v)) for s, v in docs.items()}
+    chars = {s: int(sum(len(corpus.documents[i]) for i in v)) for s, v in docs.items()}
+    summary = {"name": corpus.name, "kind": "lm", "source": corpus.source, "documents": n, "chars": corpus.num_chars,
+               "sizes": sizes, "split_chars": chars}
     emit_json(args, summary)
     if not json_only(args):
         print(f"{corpus.name} (lm, {corpus.source or 'in memory'}): {n} documents, {_fmt_size(corpus.num_chars)}; "
-              f"train {sizes['train']}, eval {sizes['eval']} documents (no validation split for raw text)")
+              + ", ".join(f"{s} {sizes[s]} documents ({_fmt_size(chars[s])})" for s in sizes))
     return 0
 
 
@@ -210,10 +214,9 @@ def _eval(args: argparse.Namespace) -> int:
         return _lm_eval(args)
     data = args.data or "control"
     if _is_sft(args, data):
-        if args.split == "eval":
-            raise DataError("--split eval is for raw text; supervised examples have train, validation, test (default) and all")
         result = evaluate_task(
-            args.model, data, metrics=args.metric or _default_metrics(args, data), split=args.split or "test",
+            args.model, data, metrics=args.metric or _default_metrics(args, data),
+            split="test" if args.split in (None, "eval") else args.split,
             max_examples=args.max_examples or None, seed=args.seed, validation_fraction=args.validation_fraction,
             test_fraction=args.eval_fraction, prompt_field=args.prompt_field, response_field=args.response_field,
             messages_field=args.messages_field, choices_field=args.choices_field, chat_template=not args.no_chat_template,
@@ -234,10 +237,11 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if args.metric and set(args.metric) - {"ppl"}:
         raise DataError(f"--metric {sorted(set(args.metric) - {'ppl'})[0]} needs supervised examples (--type sft)")
-    if args.split in ("validation", "test"):
-        raise DataError(f"--split {args.split} is for supervised examples; raw text has train, eval and all")
+    split = args.split or "test"
     result = evaluate(
-        args.model, data, split=args.split or "eval", block_size=args.block_size,
+        args.model, data, split="eval" if split == "test" else split, block_size=args.block_size,
+        # train/validation as runs split them; the test split does not depend on it (so two documents still work)
+        validation_fraction=args.validation_fraction if split in ("train", "validation") else 0.0,
         max_blocks=args.max_blocks or None, seed=args.seed, eval_fraction=args.eval_fraction,
         batch_size=args.batch_size, text_field=args.text_field, progress=not args.quiet,
         trust_remote_code=args.trust_remote_code, allow_missing_weights=args.allow_missing_weights,

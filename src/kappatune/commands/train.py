@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seq_len=args.seq_len, control=args.control, text_field=args.text_field,
         eval_every=args.eval_every, early_stopping=args.early_stopping, eval_blocks=args.eval_blocks,
         optimizer=args.optimizer, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing or None,
+        packing=args.packing or None,
         checkpoint_every=args.checkpoint_every, save=args.save, seed=args.seed, num_threads=args.threads,
         resume=args.resume, force=args.force, progress=not args.quiet, overrides=args.overrides,
         task_type=args.type, prompt_field=args.prompt_field, response_field=args.response_field,
@@ -113,6 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help="default adamw")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights' dtype (default float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    p.add_argument("--packing", action="store_true",
+                   help="sft: pack several examples into each --seq-len row, each attending only to itself")
     p.add_argument("--control", metavar="CORPUS", help="a corpus whose perplexity change shows what the model forgot "
                                                        "(e.g. control: Jane Austen); printed at the end")
     p.add_argument("--eval-every", type=int, default=0, metavar="N", help="validation perplexity every N steps")

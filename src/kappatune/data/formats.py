@@ -1,10 +1,10 @@
-"""User data: local ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` files and Hugging Face datasets,
-and :func:`load_corpus`, which resolves a built-in name, a file or a dataset name to a :class:`Corpus`."""
+"""User data: local ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` files (read through
+``datasets.load_dataset``, like supervised tasks), ``save_to_disk`` directories, Hugging Face datasets and
+``datasets.Dataset`` objects, and :func:`load_corpus`, which resolves any of them or a built-in name to a
+:class:`Corpus`."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..storage import cache_dir
 from .corpora import BUILTIN_CORPORA, Corpus, _load_builtin
 
 __all__ = ["load_corpus"]
@@ -46,57 +47,106 @@ def _field(record: Any, text_field: str, where: str) -> str:
     return value
 
 
+_BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+             ".parquet": "parquet"}
+
+
 def _load_file(path: Path, text_field: str) -> list[str]:
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    suffix = suffix.lower()
+    """The documents of a local file, read through ``datasets.load_dataset`` (text / json / csv / parquet builders),
+    with one precise :class:`DataError` line per problem (empty file, not UTF-8, invalid JSON line, missing or
+    non-text field with its line / row).
+
+    ``.txt`` / ``.md``: the ``text`` builder reads the whole file (``sample_by="document"``, BOM-tolerant) and
+    documents are the pieces between blank lines (a line of only whitespace counts as blank; the builder's own
+    ``paragraph`` mode splits on ``"\\n\\n"`` only, which would change the documents -- and the splits -- of
+    existing corpora). A ``.json`` file that the json builder cannot read as a table (a list of strings, an
+    object ``{"documents": [...]}``) is read with the json module.
+    """
+    suffix = path.suffix.lower()
+    builder = _BUILDERS.get(suffix)
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .json, .csv or .parquet")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty; give a file with text in it")
-    if suffix in (".txt", ".md", ".text"):
-        text = _read_text_file(path).replace("\r\n", "\n")
+    if builder != "parquet":
+        _read_text_file(path)  # a precise "not UTF-8 (bad byte at offset N)" before any parser sees the bytes
+    import datasets
+
+    from .tasks import _jsonl_line_numbers, _quiet_datasets
+
+    kw: dict[str, Any] = {}
+    if builder == "text":
+        kw = {"sample_by": "document", "encoding": "utf-8-sig"}
+    elif builder == "csv":
+        kw = {"na_filter": False, "encoding": "utf-8-sig"}  # an empty cell is "", the text "NA" stays text
+    try:
+        with _quiet_datasets(False):
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir("datasets")), **kw)
+            if builder == "csv" and text_field in ds.column_names and ds.features[text_field].dtype != "string":
+                # pandas guessed numbers: read every column as text instead (keeps "007" as written)
+                feats = datasets.Features({c: datasets.Value("string") for c in ds.column_names})
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                           cache_dir=str(cache_dir("datasets")), features=feats, **kw)
+    except Exception as exc:  # datasets/pyarrow raise many types; find the precise cause where we can
+        if builder == "json":
+            return _load_json_by_hand(path, suffix, text_field)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"{path} cannot be read as {builder} ({first})") from None
+    if builder == "text":
+        text = "".join(ds["text"]).replace("\r\n", "\n")
         return [d.strip() for d in re.split(r"\n\s*\n", text)]  # documents are separated by blank lines
+    what = "column" if builder in ("csv", "parquet") else "field"
+    if text_field not in ds.column_names:
+        cols = ", ".join(ds.column_names) or "none"
+        where = f"{path} line {_jsonl_line_numbers(path)[0]}" if suffix == ".jsonl" else str(path)
+        raise DataError(f"{where}: no {what} {text_field!r} ({what}s: {cols}); pass text_field=<name> / --text-field")
+    col = ds[text_field]
+    for i, v in enumerate(col):
+        if v is not None and not isinstance(v, str):
+            raise DataError(f"{_where(path, suffix, i)}: {what} {text_field!r} is {type(v).__name__}, not text")
+        if v is None and suffix == ".jsonl":  # datasets fills a field a record lacks with None: say which line
+            line = _jsonl_line_numbers(path)[i]
+            rec = json.loads(path.read_text("utf-8-sig").splitlines()[line - 1])
+            if text_field not in rec:
+                _field(rec, text_field, f"{path} line {line}")
+    return [v or "" for v in col]
+
+
+def _where(path: Path, suffix: str, i: int) -> str:
+    """Record ``i`` (0-based) of a file, as a user finds it: a line of JSON lines, a row of CSV (header = row 1)."""
+    if suffix == ".jsonl":
+        from .tasks import _jsonl_line_numbers
+
+        return f"{path} line {_jsonl_line_numbers(path)[i]}"
+    if suffix == ".csv":
+        return f"{path} row {i + 2}"
+    return f"{path} record {i + 1}"
+
+
+def _load_json_by_hand(path: Path, suffix: str, text_field: str) -> list[str]:
+    """JSON the json builder cannot load as a table: invalid lines (named), records of clashing types (the bad one
+    named), a list of strings or ``{"documents": [...]}``. Parsed with the json module, never executed."""
+    text = _read_text_file(path)
     if suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(_read_text_file(path).splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except ValueError as exc:
-                raise DataError(f"{path} line {i} is not valid JSON ({exc.msg}); one JSON object per line") from exc
+                raise DataError(f"{path} line {i} is not valid JSON ({exc.msg}); one JSON object per line") from None
             docs.append(_field(rec, text_field, f"{path} line {i}"))
         return docs
-    if suffix == ".json":
-        try:
-            obj = json.loads(_read_text_file(path))
-        except ValueError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc}); give a list of objects or strings") from exc
-        if isinstance(obj, dict) and isinstance(obj.get("documents"), list):
-            obj = obj["documents"]
-        if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of objects (or strings), got {type(obj).__name__}")
-        return [o if isinstance(o, str) else _field(o, text_field, f"{path} item {i}") for i, o in enumerate(obj)]
-    if suffix == ".csv":
-        text = _read_text_file(path)
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or text_field not in reader.fieldnames:
-            cols = ", ".join(reader.fieldnames or []) or "none"
-            raise DataError(f"{path}: no column {text_field!r} (columns: {cols}); pass text_field=<name> / --text-field")
-        return [row[text_field] or "" for row in reader]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq  # installed with `datasets`
-
-        try:
-            schema = pq.read_schema(path)
-        except Exception as exc:  # pyarrow raises its own error types for a corrupt file
-            raise DataError(f"{path} is not a readable parquet file ({exc})") from exc
-        if text_field not in schema.names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); pass text_field=<name>")
-        col = pq.read_table(path, columns=[text_field]).column(0).to_pylist()
-        bad = next((v for v in col if v is not None and not isinstance(v, str)), None)
-        if bad is not None:
-            raise DataError(f"{path}: column {text_field!r} holds {type(bad).__name__}, not text")
-        return [v or "" for v in col]
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl, .json, .csv or .parquet")
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); give a list of objects or strings") from None
+    if isinstance(obj, dict) and isinstance(obj.get("documents"), list):
+        obj = obj["documents"]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or strings), got {type(obj).__name__}")
+    return [o if isinstance(o, str) else _field(o, text_field, f"{path} item {i}") for i, o in enumerate(obj)]
 
 
 def _load_hf_dataset(name: str, text_field: str) -> list[str]:
@@ -179,7 +229,19 @@ def load_corpus(name_or_path: Any, *, text_field: str = "text") -> Corpus:
         return _load_builtin(BUILTIN_CORPORA[name])
     path = Path(name).expanduser()
     if path.is_dir():
-        raise DataError(f"{path} is a directory; give a .txt, .jsonl, .csv or .parquet file")
+        import datasets
+
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(f"{path} is a directory but not a datasets save_to_disk directory ({exc}); "
+                            "give a .txt, .jsonl, .csv or .parquet file") from None
+        if isinstance(saved, datasets.DatasetDict):
+            if "train" not in saved:
+                raise DataError(f"{path} holds splits {', '.join(saved)} but no 'train' split; save one split")
+            saved = saved["train"]  # raw text is split by kappatune itself (split_documents)
+        corpus = _corpus_from_dataset(saved, text_field)
+        return Corpus(path.name, corpus.documents, source=str(path), license=corpus.license)
     if path.is_file():
         docs = [d.strip() for d in _load_file(path, text_field) if d and d.strip()]
         if not docs:

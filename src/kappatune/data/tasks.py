@@ -61,6 +61,7 @@ __all__ = [
     "encode_example",
     "tokenize_sft",
     "collate_sft",
+    "pack_sft",
     "task_summary",
     "looks_like_sft",
 ]
@@ -582,16 +583,68 @@ def collate_sft(features: Sequence[Mapping[str, Sequence[int]]], pad_id: int) ->
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack_sft(features: Sequence[Mapping[str, Sequence[int]]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack ``[{input_ids, labels}]`` several to a row of ``seq_len`` tokens, without one attending to another.
+
+    Examples are placed in order, each in the current row while it fits (else a new row starts; none is split).
+    ``position_ids`` restart at 0 with every example, which is how transformers (>= 4.5x, ``masking_utils.
+    find_packed_sequence_indices``) marks packed sequences: a model called with ``position_ids`` and **no**
+    ``attention_mask`` builds a block-diagonal causal mask (eager / sdpa / flex) or uses the varlen kernels
+    (flash-attention), so each example sees only itself, exactly as when padded to its own row. The row's padding
+    tail is one more "sequence" (positions from 0, label -100) that nothing real attends to. ``labels`` keep -100
+    on prompts, so the next-token loss across a boundary (an example's last token predicting the next example's
+    first, a prompt token) is ignored. ``attention_mask`` marks the real tokens (it is not passed to the model
+    for packed rows; :func:`kappatune.training.sft_loss_sum` sees ``position_ids`` and leaves it out).
+    """
+    if not features:
+        raise DataError("pack_sft needs at least one example")
+    rows: list[list[Mapping[str, Sequence[int]]]] = [[]]
+    used = 0
+    for f in features:
+        k = len(f["input_ids"])
+        if k > seq_len:
+            raise DataError(f"an example of {k} tokens does not fit a packed row of {seq_len}; cut it first (max_length)")
+        if used + k > seq_len and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(f)
+        used += k
+    n = len(rows)
+    width = max(sum(len(f["input_ids"]) for f in r) for r in rows)
+    ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = 0
+        for f in r:
+            k = len(f["input_ids"])
+            ids[i, at:at + k] = torch.as_tensor(list(f["input_ids"]), dtype=torch.long)
+            labels[i, at:at + k] = torch.as_tensor(list(f["labels"]), dtype=torch.long)
+            mask[i, at:at + k] = 1
+            pos[i, at:at + k] = torch.arange(k)
+            at += k
+        pos[i, at:] = torch.arange(width - at)  # the padding tail: a sequence of its own
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": pos}
+
+
 def tokenize_sft(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_length: int | None = None,
-                 chat_template: bool = True) -> dict[str, torch.Tensor]:
+                 chat_template: bool = True, packing: bool = False) -> dict[str, torch.Tensor]:
     """Training tensors of ``examples`` (``[N, L]``, L = the longest example): labels are the response tokens and
-    EOS, -100 on the prompt and padding; see :func:`encode_example` and :func:`collate_sft`."""
+    EOS, -100 on the prompt and padding; see :func:`encode_example` and :func:`collate_sft`.
+
+    ``packing`` (needs ``max_length``, the row length): several examples per row, each attending only to itself
+    (:func:`pack_sft`); fewer rows, no compute spent on padding."""
     if not examples:
         raise DataError("no examples to tokenize (an empty task)")
     feats = []
     for ex in examples:
         p, r = encode_example(tokenizer, ex, chat_template=chat_template, max_length=max_length)
         feats.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r})
+    if packing:
+        if max_length is None:
+            raise DataError("packing needs a row length (max_length / training.seq_len)")
+        return pack_sft(feats, max_length, _pad_id(tokenizer))
     return collate_sft(feats, _pad_id(tokenizer))
 
 

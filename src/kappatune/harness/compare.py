@@ -12,12 +12,17 @@ __all__ = ["equal_quality", "bench_curves"]
 
 
 def _stage_curve(res: dict[str, Any], stage: int) -> tuple[str, list[dict[str, float]]] | None:
-    """(task, points) of stage ``stage`` of one run: its start (base model or previous stage end) then its curve."""
+    """(task, points) of stage ``stage`` of one run, from its start (step 0) to its end.
+
+    Curves measure the task's validation split and start with a step-0 point; results written before that have
+    no step-0 point, and start from the stage's starting model's test-split numbers (base or previous stage end)."""
     stages = {s["stage"]: s for s in res.get("stages", [])}
     cur = stages.get(stage)
     if cur is None or not cur.get("curve"):
         return None
     task = cur["task"]
+    if cur["curve"][0].get("step") == 0:
+        return task, [dict(p) for p in cur["curve"]]
     start = res["base"] if stage == 1 else stages.get(stage - 1)  # the model the stage started from
     if start is None:
         return None

@@ -76,13 +76,16 @@ def _log(enabled: bool, msg: str) -> None:
 class _Data:
     tasks: list[str]
     train: dict[str, Any]  # lm: blocks [N, seq_len]; sft: {input_ids, attention_mask, labels} [N, L]
-    eval: dict[str, Any]  # lm: blocks; sft: the evaluated test examples (list of dicts)
+    eval: dict[str, Any]  # lm: test blocks; sft: the evaluated test examples (list of dicts) -- what results report
     control_label: str | None  # the primary control (first probe of the control suite); None: no control
     control: Any
     corpora: dict[str, dict[str, Any]]
     probes: dict[str, Any] = dataclasses.field(default_factory=dict)  # every control probe, primary first
     specs: dict[str, Any] = dataclasses.field(default_factory=dict)  # label -> TaskConfig (tasks and probes)
     tokenizer: Any = None
+    # The validation split of every task (lm: blocks; sft: examples): what learning curves and early stopping read,
+    # so nothing that steers training looks at the test split the results report.
+    valid: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def metrics_of(self, label: str) -> list[str]:
         """The metrics measured on a task or probe (lm: ppl; sft: ppl plus the configured ones)."""
@@ -97,8 +100,16 @@ def _calibration(train: Any, n: int = 32) -> torch.Tensor:
     return train["input_ids"][:n] if isinstance(train, dict) else train[:n]
 
 
-def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool) -> tuple[Any, list, dict]:
-    """An sft task's training tensors (or None), evaluated test examples and info; resolves default metrics."""
+def _spread(examples: list, k: int | None) -> list:
+    """At most ``k`` examples evenly spaced over the list (deterministic; None: all)."""
+    if k is None or k >= len(examples):
+        return examples
+    return [examples[(i * len(examples)) // k] for i in range(k)]
+
+
+def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool) -> tuple[Any, list, list, dict]:
+    """An sft task's training tensors (or None), evaluated test and validation examples and info; resolves
+    default metrics."""
     from .. import data as kdata
 
     e = cfg.eval
@@ -109,28 +120,36 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
                         choices_required=need_choices, progress=progress)
     if task.metrics is None:  # default: accuracy when the data has choices
         task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
-    test = t[e.split]  # "validation" while tuning (lr_search), "test" for results
-    if e.max_examples is not None and e.max_examples < len(test):
-        test = [test[(i * len(test)) // e.max_examples] for i in range(e.max_examples)]
+    test = _spread(t[e.split], e.max_examples)  # eval.split "validation" while tuning (lr_search), "test" for results
+    valid = _spread(t["validation"], e.max_examples)
     tr = None
     if train:
         exs = t["train"]
         if cfg.training.max_train_blocks is not None:
             exs = exs[: cfg.training.max_train_blocks]
-        tr = kdata.tokenize_sft(exs, tokenizer, max_length=cfg.training.seq_len, chat_template=task.chat_template)
+        tr = kdata.tokenize_sft(exs, tokenizer, max_length=cfg.training.seq_len, chat_template=task.chat_template,
+                                packing=cfg.training.packing)
     info = {"corpus": task.corpus, "type": "sft", "source": t.source, "metrics": list(task.metrics),
             "examples": {k: len(v) for k, v in t.splits.items()}, "eval_examples": len(test),
-            "train_examples": int(tr["input_ids"].shape[0]) if tr is not None else 0}
-    return tr, test, info
+            "validation_examples": len(valid), "train_examples": len(exs) if tr is not None else 0}
+    if tr is not None and cfg.training.packing:
+        info["train_rows"] = int(tr["input_ids"].shape[0])  # packed: several examples per row
+    return tr, test, valid, info
 
 
-def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
+def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool, *, validation: bool = True) -> _Data:
+    """Every task's training data, test data (what results report) and validation data (what curves and early
+    stopping read), and every control probe's test data.
+
+    ``validation=False``: the data of runs started before lm tasks had a validation split (resumed with their
+    own training data): lm tasks keep the two-way document split, and curves read the test split as they did."""
     from .. import data as kdata
 
     seq = cfg.training.seq_len
     e = cfg.eval
     train: dict[str, Any] = {}
     evals: dict[str, Any] = {}
+    valid: dict[str, Any] = {}
     info: dict[str, dict[str, Any]] = {}
     suite = cfg.control_suite()
     specs = {t.label: dataclasses.replace(t) for t in [*cfg.tasks, *suite]}  # copies: default metrics get filled in
@@ -138,16 +157,26 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
         is_task = label in [t.label for t in cfg.tasks]
         try:
             if task.type == "sft":
-                tr, ev, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress)
+                tr, ev, va, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress)
                 if tr is not None:
                     train[label] = tr
                 evals[label] = ev
+                if is_task:
+                    valid[label] = va if validation else ev
                 continue
             corpus = kdata.load_corpus(task.corpus, text_field=task.text_field)
-            common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, text_field=task.text_field, progress=progress)
+            # Probes (the control suite) are only ever measured, never tuned on: their split stays two-way.
+            vf = e.validation_fraction if (is_task and validation) else 0.0
+            common = dict(seed=e.split_seed, eval_fraction=e.eval_fraction, validation_fraction=vf,
+                          text_field=task.text_field, progress=progress)
             if is_task:
                 train[label] = kdata.build_blocks(corpus, tokenizer, seq, split="train", max_blocks=cfg.training.max_train_blocks, **common)
-            evals[label] = kdata.build_blocks(corpus, tokenizer, seq, split="eval", max_blocks=e.max_blocks, **common)
+            # eval.split "validation" (lr_search) measures a task's validation blocks in place of its test blocks
+            measured = "validation" if (e.split == "validation" and vf) else "test"
+            evals[label] = kdata.build_blocks(corpus, tokenizer, seq, split=measured, max_blocks=e.max_blocks, **common)
+            if is_task:
+                valid[label] = (kdata.build_blocks(corpus, tokenizer, seq, split="validation", max_blocks=e.max_blocks, **common)
+                                if vf else evals[label])
         except DataError as exc:  # name the corpus: a run reads several
             msg = str(exc)
             raise DataError(msg if task.corpus in msg or msg.startswith("tokenizer") else f"corpus {task.corpus!r}: {msg}") from None
@@ -157,9 +186,12 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
             "train_blocks": int(train[label].shape[0]) if label in train else 0,
             "eval_blocks": int(evals[label].shape[0]),
         }
+        if is_task:
+            info[label]["validation_blocks"] = int(valid[label].shape[0]) if vf else 0
     probes = {c.label: evals.pop(c.label) for c in suite}
     primary = suite[0].label if suite else None  # no control: a `kappatune train` without --control
-    return _Data([t.label for t in cfg.tasks], train, evals, primary, probes.get(primary), info, probes, specs, tokenizer)
+    return _Data([t.label for t in cfg.tasks], train, evals, primary, probes.get(primary), info, probes, specs, tokenizer,
+                 valid)
 
 
 def _method_options(spec: MethodSpec, seed: int, progress: bool | None = None) -> dict[str, Any]:
@@ -370,19 +402,19 @@ def _distributed() -> bool:
 
 
 def _curve_hook(method: Any, data: _Data, task: str, cfg: RunConfig) -> Callable[[int], dict[str, float] | None]:
-    """Every ``eval.curve_every`` steps: the stage's task (perplexity, and its accuracy/exact-match for sft) and the
-    primary control's perplexity (a curve point)."""
+    """Every ``eval.curve_every`` steps (and at step 0, the stage's start): the stage's task on its validation split
+    (perplexity, and its accuracy/exact-match for sft) and the primary control's perplexity (a curve point)."""
     every = cfg.eval.curve_every
     dist = _distributed()
 
-    def hook(step: int) -> dict[str, float] | None:
-        if step % every:
+    def hook(step: int, control_ppl: float | None = None, force: bool = False) -> dict[str, float] | None:
+        if step % every and not force:
             return None
-        vals = _measure(method.model, data, task, data.eval[task], cfg, False, distributed=dist)
+        vals = _measure(method.model, data, task, data.valid[task], cfg, False, distributed=dist)
         point = {"task_ppl": vals.pop("ppl")}
         if data.control_label is not None:
-            point["control_ppl"] = _measure(method.model, data, data.control_label, data.control, cfg, False, ["ppl"],
-                                            distributed=dist)["ppl"]
+            point["control_ppl"] = control_ppl if control_ppl is not None else _measure(
+                method.model, data, data.control_label, data.control, cfg, False, ["ppl"], distributed=dist)["ppl"]
         point.update({f"task_{k}": v for k, v in vals.items()})
         return point
 
@@ -605,7 +637,8 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
     # -- fail-fast setup: model, data, method (budget) -- nothing trains before all of this succeeded ------------
     t0 = time.perf_counter()
     model, tokenizer = _load(cfg)
-    data = _load_data(cfg, tokenizer, progress)
+    # Runs started before tasks had validation splits (state without "validation_splits") resume on their own data.
+    data = _load_data(cfg, tokenizer, progress, validation=state is None or bool(state.get("validation_splits")))
     method = _build_method(spec, model, cfg, seed, progress)
     _check_shardable(method, spec)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -616,7 +649,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
         state = {
             "version": STATE_VERSION, "config_fingerprint": fp, "config": cfg.to_dict(), "num_stages": T,
             "stages_done": 0, "complete": False, "base": None, "stages": [], "checkpoint": None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "validation_splits": True,
         }
     state["mixed_precision"] = str(accelerator.mixed_precision)  # what ran (fp16 on a CPU runs as "no")
     if state.get("base") is None:
@@ -674,13 +707,16 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
         }
         if res.steps < steps:
             record["stopped_early"] = {"at_step": res.steps, "planned_steps": steps}
-        if curved:  # the learning curve of this stage, ending with the stage-end evaluation
-            end = {"step": res.steps, "task_ppl": task_ppl[task]}
-            if ctrl_ppl is not None:
-                end["control_ppl"] = ctrl_ppl
-            end.update({f"task_{k}": v for k, v in extra["task_metrics"][task].items() if k != "ppl"})
-            # an early stop ends on a curve point: the stage-end evaluation replaces it
-            record["curve"] = (res.curve[:-1] if res.curve and res.curve[-1]["step"] == res.steps else res.curve) + [end]
+        if curved:  # the learning curve of this stage (validation split), ending at the stage's last step
+            curve = list(res.curve)
+            if not curve or curve[-1]["step"] != res.steps:  # (an early stop already ends on a curve point)
+                if data.valid[task] is data.eval[task]:  # a run from before validation splits: the test evaluation
+                    end = {"task_ppl": task_ppl[task], **({"control_ppl": ctrl_ppl} if ctrl_ppl is not None else {}),
+                           **{f"task_{k}": v for k, v in extra["task_metrics"][task].items() if k != "ppl"}}
+                else:
+                    end = curve_hook(res.steps, control_ppl=ctrl_ppl, force=True)
+                curve.append({"step": res.steps, **end})
+            record["curve"] = curve
         # -- commit: trained tensors first, then state.json (the commit point), then drop what it supersedes --
         trained = _trained_for_commit(method, sharded)
         if main:
