@@ -501,9 +501,34 @@ def analyze_checkpoint(
     if cache:
         tdir = Path(cache) / "tensors" if not isinstance(cache, bool) else cache_dir("analysis/tensors")
         tdir.mkdir(parents=True, exist_ok=True)
-    records: list[TensorSpectrum] = []
+    from .analysis import _layer_and_type
+
+    records: list[TensorSpectrum | None] = []
     keys: list[str] = []
     analysed = 0
+    # Consecutive tensors of one matrix shape (a layer's gate/up/down, k/v) are analysed together, up to one per
+    # thread and 512 MB of float64-equivalent bytes: LAPACK then runs on several matrices at once (one thread each),
+    # as in the in-memory path, instead of one single-threaded eigensolver after another. Memory stays a few
+    # tensors.
+    workers = max(1, torch.get_num_threads())
+    pending: list[tuple[int, WeightRef, str]] = []
+
+    def flush() -> None:
+        nonlocal analysed
+        if not pending:
+            return
+        recs = _analyze_refs([live for _, live, _ in pending], gram_kappa_limit=gram_kappa_limit, device=device,
+                             max_chunk_bytes=1 << 29, progress=False, kappa_only=kappa_only, check_finite=False)
+        for (i, _, key), rec in zip(pending, recs):
+            records[i] = rec
+            analysed += 1
+            if tdir is not None:
+                _write_stats(tdir / f"{key}.json", {k: getattr(rec, k) for k in _STATS})
+        pending.clear()
+
+    def shape_of(ref: WeightRef) -> tuple[int, ...]:
+        return (ref.kind == "moe", *sorted(ref.tensor.shape[-2:]))
+
     bar = tqdm(refs, desc="Streaming weight spectra", unit="tensor", disable=not progress, leave=False)
     try:
         for sref in bar:
@@ -516,23 +541,21 @@ def analyze_checkpoint(
             key = _tensor_key(t, numerics)  # also what the report's fingerprint is made of
             keys.append(key)
             stats = _read_stats(tdir / f"{key}.json") if tdir is not None else None
-            live = WeightRef(name=ref.name, kind=ref.kind, tensor=t, numel=ref.numel, shape=ref.shape,
-                             modules=list(ref.modules), aliases=list(ref.aliases))
             if stats is None:
-                rec = _analyze_refs([live], gram_kappa_limit=gram_kappa_limit, device=device, max_chunk_bytes=1 << 29,
-                                    progress=False, kappa_only=kappa_only, check_finite=False)[0]
-                analysed += 1
-                if tdir is not None:
-                    _write_stats(tdir / f"{key}.json", {k: getattr(rec, k) for k in _STATS})
+                live = WeightRef(name=ref.name, kind=ref.kind, tensor=t, numel=ref.numel, shape=ref.shape,
+                                 modules=list(ref.modules), aliases=list(ref.aliases))
+                if pending and (shape_of(pending[0][1]) != shape_of(ref) or len(pending) >= workers
+                                or 16 * sum(x.numel for _, x, _ in pending) + 16 * ref.numel > 1 << 29):
+                    flush()
+                pending.append((len(records), live, key))
+                records.append(None)
             else:
-                from .analysis import _layer_and_type
-
                 layer, mtype = _layer_and_type(ref.name)
-                rec = TensorSpectrum(name=ref.name, kind=ref.kind, shape=ref.shape, numel=ref.numel,
-                                     modules=list(ref.modules), aliases=list(ref.aliases), layer=layer,
-                                     module_type=mtype, **stats)
-            records.append(rec)
-            del t, live
+                records.append(TensorSpectrum(name=ref.name, kind=ref.kind, shape=ref.shape, numel=ref.numel,
+                                              modules=list(ref.modules), aliases=list(ref.aliases), layer=layer,
+                                              module_type=mtype, **stats))
+            del t
+        flush()
     finally:
         bar.close()
     fingerprint = hashlib.blake2b(
