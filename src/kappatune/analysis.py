@@ -680,6 +680,12 @@ def _analysis_device(t: torch.Tensor, device: str | torch.device | None) -> torc
     return torch.device("cpu")  # MPS has no float64
 
 
+def matrix_work_bytes(m: int, n: int, element_size: int, kappa_only: bool = False) -> int:
+    """Working memory of one m × n matrix (m ≤ n) in a batch: its stacked copy, the float64 Gram matrix (three
+    m × m matrices in κ-only mode: Gram, Cholesky factor and its transpose) and its float64 column block."""
+    return m * n * element_size + (3 if kappa_only else 1) * m * m * 8 + min(n, max(256, (64 << 20) // max(1, m * 8))) * m * 8
+
+
 def _analyze_refs(
     refs: list[WeightRef],
     *,
@@ -690,8 +696,9 @@ def _analyze_refs(
     kappa_only: bool = False,
     check_finite: bool = True,
 ) -> list[TensorSpectrum]:
-    """Spectral records of ``refs`` (in order); equal-shaped matrices are batched (≤ ``max_chunk_bytes`` of float64
-    per batch) so LAPACK runs on several at once. ``check_finite=False``: the caller already checked for NaN/Inf."""
+    """Spectral records of ``refs`` (in order); equal-shaped matrices are batched (≤ ``max_chunk_bytes`` of working
+    memory per batch, :func:`matrix_work_bytes`) so LAPACK runs on several at once, one thread each.
+    ``check_finite=False``: the caller already checked for NaN/Inf."""
     from tqdm.auto import tqdm
 
     # Work items: (ref index, expert index or None, 2-D matrix); grouped by matrix shape for batching.
@@ -710,7 +717,8 @@ def _analyze_refs(
     bar = tqdm(total=total, desc="Analysing weight spectra", unit="matrix", disable=not progress, leave=False)
     try:
         for (m, n, dev), items in groups.items():
-            per = max(1, max_chunk_bytes // max(1, m * n * 8 * 2))
+            elem = max(refs[i].tensor.element_size() for i, _ in items)
+            per = max(1, max_chunk_bytes // matrix_work_bytes(m, n, elem, kappa_only))
             for start in range(0, len(items), per):
                 chunk = items[start:start + per]
                 mats = []
@@ -825,7 +833,7 @@ def analyze_model(
     device: str | torch.device | None = None,
     cache: bool | str | Path = True,
     progress: bool = True,
-    max_chunk_bytes: int = 1 << 29,
+    max_chunk_bytes: int = 1 << 30,
     kappa_only: bool = False,
 ) -> SpectrumReport:
     """Analyse every weight tensor of ``model`` (see the module docstring for what and how).

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .analysis import (ANALYSIS_VERSION, DEFAULT_MOE_SUFFIXES, SpectrumReport, TensorSpectrum, WeightRef, _analyze_refs,
-                       _matches, iter_weights)
+                       _matches, iter_weights, matrix_work_bytes)
 from .errors import ModelError
 
 __all__ = ["Checkpoint", "open_checkpoint", "analyze_checkpoint", "is_checkpoint_path", "peft_config_fragment"]
@@ -507,9 +507,9 @@ def analyze_checkpoint(
     keys: list[str] = []
     analysed = 0
     # Consecutive tensors of one matrix shape (a layer's gate/up/down, k/v) are analysed together, up to one per
-    # thread and 512 MB of float64-equivalent bytes: LAPACK then runs on several matrices at once (one thread each),
-    # as in the in-memory path, instead of one single-threaded eigensolver after another. Memory stays a few
-    # tensors.
+    # thread and 1 GiB of working memory (analysis.matrix_work_bytes): LAPACK then runs on several matrices at
+    # once (one thread each), as in the in-memory path, instead of one single-threaded eigensolver after another.
+    # Memory stays a few tensors.
     workers = max(1, torch.get_num_threads())
     pending: list[tuple[int, WeightRef, str]] = []
 
@@ -518,13 +518,17 @@ def analyze_checkpoint(
         if not pending:
             return
         recs = _analyze_refs([live for _, live, _ in pending], gram_kappa_limit=gram_kappa_limit, device=device,
-                             max_chunk_bytes=1 << 29, progress=False, kappa_only=kappa_only, check_finite=False)
+                             max_chunk_bytes=1 << 30, progress=False, kappa_only=kappa_only, check_finite=False)
         for (i, _, key), rec in zip(pending, recs):
             records[i] = rec
             analysed += 1
             if tdir is not None:
                 _write_stats(tdir / f"{key}.json", {k: getattr(rec, k) for k in _STATS})
         pending.clear()
+
+    def work(ref: WeightRef) -> int:
+        m, n = sorted(ref.tensor.shape[-2:])
+        return (ref.tensor.shape[0] if ref.kind == "moe" else 1) * matrix_work_bytes(m, n, ref.tensor.element_size(), kappa_only)
 
     def shape_of(ref: WeightRef) -> tuple[int, ...]:
         return (ref.kind == "moe", *sorted(ref.tensor.shape[-2:]))
@@ -545,7 +549,7 @@ def analyze_checkpoint(
                 live = WeightRef(name=ref.name, kind=ref.kind, tensor=t, numel=ref.numel, shape=ref.shape,
                                  modules=list(ref.modules), aliases=list(ref.aliases))
                 if pending and (shape_of(pending[0][1]) != shape_of(ref) or len(pending) >= workers
-                                or 16 * sum(x.numel for _, x, _ in pending) + 16 * ref.numel > 1 << 29):
+                                or work(ref) * (len(pending) + 1) > 1 << 30):
                     flush()
                 pending.append((len(records), live, key))
                 records.append(None)
