@@ -40,15 +40,15 @@ def test_cl5_documented_orders_are_permutations_of_the_tasks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["cl5_tiny", "cl5"])
-def test_run_check_accepts_cl5_configs(name, capsys):
+def test_run_check_accepts_cl5_configs(name, capsys, shared_cache):
     from kappatune.cli import main
 
     assert main(["run", str(CONFIGS / f"{name}.yaml"), "--check", "-q"]) == 0
     assert "config OK" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # builds the five labelled tasks from their sources on a fresh machine (~1 min), then ~20 s CPU
-def test_cl5_tiny_runs_end_to_end_with_accuracy_matrices(tmp_path):
+@pytest.mark.slow  # builds the five labelled tasks from their sources on a fresh machine (~1 min, once: shared cache), then ~20 s CPU
+def test_cl5_tiny_runs_end_to_end_with_accuracy_matrices(tmp_path, shared_cache):
     from kappatune.cli import main
 
     out = tmp_path / "cl5_tiny"

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from kappatune.cli import main
+from run_helpers import cli_error
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -48,9 +49,16 @@ def test_select_writes_json(tmp_path, capsys):
         (["select", "tiny-llama", "--top-p", "2"], "top_p must be in"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(args, message):
-    proc = run_cli(*args, "-q")
+def test_bad_input_is_one_line_and_nonzero(args, message, capsys):
+    err = cli_error(capsys, *args, "-q")  # exit 2, exactly one `kappatune: error:` line, no traceback
+    assert message in err, err
+
+
+def test_bad_input_from_a_real_process_is_one_line_on_stderr():
+    """One of the cases above through ``python -m kappatune.cli`` (exit status, nothing else on stderr — no
+    warning or log line either; the rest run in-process, a start-up of torch each being the expensive part)."""
+    proc = run_cli("select", "tiny-llama", "--top-p", "2", "-q")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("kappatune: error: ") and "top_p must be in" in lines[0], proc.stderr

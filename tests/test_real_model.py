@@ -55,26 +55,39 @@ def test_builtin_corpora_load_from_their_registries():
         assert any("Elizabeth Bennet" in d for d in data.load_corpus("control").documents)
 
 
-def test_conversion_matches_the_gguf_model(tmp_path, capsys):
+def test_conversion_matches_the_gguf_model(tmp_path, capsys, monkeypatch):
+    # The GGUF model is observed as the conversion itself loads it (de-quantizing 135M weights a second time
+    # took about as long as the conversion): its tokenization, perplexity and a copy of every tensor are taken
+    # before prepare_smollm2 gets the model back, so whatever the conversion then does to it is still compared.
+    seen = {}
+    real_load_gguf = models.load_gguf
+
+    def observed_load_gguf(path):
+        gguf_model, gguf_tok = real_load_gguf(path)
+        ids = gguf_tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
+        seen.update(ids=ids, ppl=perplexity(gguf_model, torch.tensor([ids]), progress=False),
+                    state={n: t.detach().clone() for n, t in gguf_model.state_dict().items()})
+        return gguf_model, gguf_tok
+
     assert not models.is_cached("smollm2-135m")
-    path = models.prepare_smollm2(progress=True)
+    with monkeypatch.context() as mp:  # (not monkeypatch.undo(): that would also undo the module's cache setting)
+        mp.setattr(models, "load_gguf", observed_load_gguf)  # the binding prepare_smollm2 looks up
+        path = models.prepare_smollm2(progress=True)
+    assert seen, "the conversion did not go through load_gguf"
     assert models.is_cached("smollm2-135m")
     converted, tok = models.load_model("smollm2-135m")
     assert type(converted).__name__ == "LlamaForCausalLM"
     assert 130e6 < sum(p.numel() for p in converted.parameters()) < 140e6
     assert not (path / "config.json").read_text().count("quantization_config")
 
-    gguf_model, gguf_tok = models.load_gguf(models.extract_smollm2_gguf(tmp_path, progress=False))
     ids = tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
-    assert ids == gguf_tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
-    block = torch.tensor([ids])
-    ppl_gguf = perplexity(gguf_model, block, progress=False)
-    ppl_conv = perplexity(converted, block, progress=False)
-    assert ppl_conv == pytest.approx(ppl_gguf, rel=1e-6)
+    assert ids == seen["ids"]
+    ppl_conv = perplexity(converted, torch.tensor([ids]), progress=False)
+    assert ppl_conv == pytest.approx(seen["ppl"], rel=1e-6)
     assert 2 < ppl_conv < 60, ppl_conv  # a working English LM, not a random one (random: ~49k)
-    for (n1, p1), (n2, p2) in zip(converted.state_dict().items(), gguf_model.state_dict().items()):
+    assert list(converted.state_dict()) == list(seen["state"])
+    for (n1, p1), (n2, p2) in zip(converted.state_dict().items(), seen["state"].items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
-    del gguf_model
 
 
 def test_cli_eval_control(capsys):
