@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -68,6 +69,7 @@ def llama3_8b_layer(seed: int = 0) -> nn.Module:
 
 
 REPEATS = 3
+PEFT_ONE_THREAD = True
 
 
 def _sync() -> None:
@@ -108,7 +110,7 @@ def compare(label: str, model: nn.Module, run_loop: bool, device: str = "cpu") -
     t_peft_default, peft = time_it(lambda: _peft_kappas(model))
     threads = torch.get_num_threads()
     t_peft_1 = math.inf
-    if device == "cpu":  # MKL's threaded SVD can be much slower than one thread on a shared CPU: credit the better
+    if device == "cpu" and PEFT_ONE_THREAD:  # MKL's threaded SVD can be much slower than one thread on a shared CPU: credit the better
         torch.set_num_threads(1)
         try:
             t_peft_1, _ = time_it(lambda: _peft_kappas(model))
@@ -118,7 +120,8 @@ def compare(label: str, model: nn.Module, run_loop: bool, device: str = "cpu") -
     where = f"{threads} threads" if device == "cpu" else device
     line = (f"[{label}] kappatune κ-only {t_ours:8.2f} s, full {t_full:8.2f} s | peft KappaTuneSelector "
             f"{t_peft_default:8.2f} s ({where})" + (f", {t_peft_1:8.2f} s (1 thread)" if device == "cpu" else "")
-            + f" -> {t_peft / t_ours:5.2f}x (κ-only), {t_peft / t_full:5.2f}x (full)")
+            + f" -> {t_peft / t_ours:5.2f}x (κ-only), {t_peft / t_full:5.2f}x (full)"
+            + (f" [load average {os.getloadavg()[0]:.1f}]" if hasattr(os, "getloadavg") else ""))
     if run_loop:
         t_loop, loop = time_it(lambda: kappatune_reference_loop(model), 1)
         line += f" | kappaTune full-SVD loop {t_loop:8.2f} s ({t_loop / t_ours:5.2f}x)"
@@ -170,9 +173,13 @@ def main() -> None:
     ap.add_argument("--skip-8b", action="store_true", help="only the tiny-llama case")
     ap.add_argument("--skip-kappatune-loop", action="store_true", help="skip the (slowest) full-SVD baseline")
     ap.add_argument("--real", action="store_true", help="also time the pretrained smollm2-135m (downloads it once)")
+    ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny-llama case")
+    ap.add_argument("--skip-peft-one-thread", action="store_true",
+                    help="on CPU, time PEFT only with the default threads (drops a run that can only help PEFT)")
     args = ap.parse_args()
-    global REPEATS
+    global REPEATS, PEFT_ONE_THREAD
     REPEATS = args.repeats
+    PEFT_ONE_THREAD = not args.skip_peft_one_thread
     import sys
 
     if args.out:
@@ -184,10 +191,12 @@ def main() -> None:
 
     dev = args.device
     gpu = f", {torch.cuda.get_device_name()}" if dev.startswith("cuda") else ""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}{gpu}; best of {REPEATS} runs per tool")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}{gpu}; best of {REPEATS} runs per tool"
+          + (f"; load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""))
     tiny = build_tiny_llama(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                             num_key_value_heads=4, vocab_size=2048)
-    compare("tiny-llama (4 layers, d=512, random init)", tiny, not args.skip_kappatune_loop, dev)
+    if not args.skip_tiny:
+        compare("tiny-llama (4 layers, d=512, random init)", tiny, not args.skip_kappatune_loop, dev)
     if args.real:
         from kappatune.models import is_cached, load_model
 

@@ -154,3 +154,41 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert main(["analyze", str(d), "-q", "--no-cache"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kappatune: error:") and "\n" not in err
+
+
+def test_shard_cut_after_opening_is_one_clear_error(tmp_path):
+    d = _save(build_tiny_llama(), tmp_path / "m")
+    ckpt = open_checkpoint(d)  # header read while the file was whole
+    shard = sorted(d.glob("*.safetensors"))[3]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ModelError, match=f"{shard.name}: the file ends 100 bytes early"):
+        analyze_checkpoint(ckpt, cache=False, progress=False)
+
+
+def test_tensors_are_read_without_keeping_a_mapping(tmp_path):
+    """Positioned reads: the loaded tensor owns its memory and no shard stays mapped (mapped pages that were read
+    would count in the RSS until unmapped)."""
+    model = build_tiny_llama()
+    d = _save(model, tmp_path / "m")
+    ckpt = open_checkpoint(d)
+    key = "model.layers.0.mlp.up_proj.weight"
+    t = ckpt.load(key)
+    assert torch.equal(t, model.state_dict()[key])
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert ".safetensors" not in maps.read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_blockwise_float64_gram_matches_a_float64_product(dtype):
+    from kappatune.analysis import _lower_gram, _symmetrize_lower_
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 600, 9000).to(dtype)  # 2 row blocks; 9 float64 column blocks with this block size
+    g = _lower_gram(w, block_bytes=600 * 8 * 1000)
+    ref = w.double() @ w.double().mT
+    low = torch.ones(600, 600, dtype=torch.bool).tril()
+    assert torch.allclose(g[:, low], ref[:, low], rtol=1e-13, atol=1e-10 * float(ref.abs().max()))
+    assert torch.equal(_lower_gram(w[1:2], block_bytes=600 * 8 * 1000), g[1:2])  # same bits alone or in a batch
+    full = _symmetrize_lower_(g.clone())
+    assert torch.equal(full, full.mT) and torch.equal(full[:, low], g[:, low])

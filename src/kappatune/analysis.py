@@ -402,22 +402,55 @@ def _per_matrix(fn, mats: torch.Tensor, workers: int) -> torch.Tensor:
         return torch.stack(list(pool.map(fn, mats.unbind(0))))
 
 
-def _lower_gram(a: torch.Tensor, min_block: int = 256, max_blocks: int = 8) -> torch.Tensor:
-    """The lower triangle of ``a @ aᵀ`` for a batch ``(B, m, n)``, in row blocks: ~(nb+1)/(2·nb) of the flops.
-
-    ``eigvalsh`` reads only the lower triangle (UPLO="L"), so the upper blocks are never computed (left zero);
-    torch has no SYRK, and with 8 blocks this is 56% of a full GEMM's work (measured: 2.9 s instead of 4.9 s
-    for a 4096 × 14336 float64 matrix on 2 cores).
-    """
-    m = a.shape[-2]
+def _gram_blocks(m: int, min_block: int = 256, max_blocks: int = 8) -> list[tuple[int, int]]:
+    """Row blocks ``[(start, end)]`` of an m × m Gram matrix (see :func:`_lower_gram`)."""
     nb = max(1, min(max_blocks, m // min_block))
-    if nb == 1:
-        return a @ a.transpose(-2, -1)
     bs = -(-m // nb)
-    gram = torch.zeros(*a.shape[:-1], m, dtype=a.dtype, device=a.device)
-    for i in range(0, m, bs):
-        e = min(i + bs, m)
-        gram[..., i:e, :e] = a[..., i:e, :] @ a[..., :e, :].transpose(-2, -1)
+    return [(i, min(i + bs, m)) for i in range(0, m, bs)]
+
+
+def _lower_gram(a: torch.Tensor, min_block: int = 256, max_blocks: int = 8,
+                block_bytes: int = 64 << 20) -> torch.Tensor:
+    """The lower triangle of ``a @ aᵀ`` in float64 for a batch ``(B, m, n)`` of any float dtype, in row blocks:
+    ~(nb+1)/(2·nb) of the flops.
+
+    ``eigvalsh`` and ``cholesky`` read only the lower triangle, so the upper blocks are never computed (left zero;
+    the diagonal blocks are full); torch has no SYRK, and with 8 blocks this is 56% of a full GEMM's work
+    (measured: 2.9 s instead of 4.9 s for a 4096 × 14336 float64 matrix on 2 cores). The columns are converted to
+    float64 one block of ≤ ``block_bytes`` per matrix at a time and their products accumulated, so a bf16 tensor
+    never exists as a whole float64 copy (a 14336 × 4096 one would be 470 MB). The block width depends on m
+    only, so a matrix gets bit-identical values alone or in a batch.
+    """
+    m, n = a.shape[-2:]
+    blocks = _gram_blocks(m, min_block, max_blocks)
+    kb = max(256, min(n, block_bytes // max(1, m * 8)))
+    gram = torch.zeros(*a.shape[:-1], m, dtype=torch.float64, device=a.device)
+    for k in range(0, n, kb):
+        src = a[..., k:k + kb]
+        # Always a contiguous float64 block: the GEMM then sees one memory layout whether the matrix came alone, in
+        # a batch or transposed (another layout picks other kernels and rounds differently).
+        x = src if src.dtype == torch.float64 and src.is_contiguous() else \
+            torch.empty(src.shape, dtype=torch.float64, device=src.device).copy_(src)
+        if len(blocks) == 1:
+            gram.baddbmm_(x, x.transpose(-2, -1)) if gram.dim() == 3 else gram.addmm_(x, x.transpose(-2, -1))
+            continue
+        for i, e in blocks:
+            out = gram[..., i:e, :e]
+            if out.dim() == 3:
+                out.baddbmm_(x[..., i:e, :], x[..., :e, :].transpose(-2, -1))
+            else:
+                out.addmm_(x[..., i:e, :], x[..., :e, :].transpose(-2, -1))
+    return gram
+
+
+def _symmetrize_lower_(gram: torch.Tensor) -> torch.Tensor:
+    """Make a :func:`_lower_gram` result the full symmetric matrix in place (the lower triangle mirrored, block by
+    block: temporaries of one diagonal block only)."""
+    for i, e in _gram_blocks(gram.shape[-1]):
+        d = gram[..., i:e, i:e]
+        d.copy_(d.tril() + d.tril(-1).transpose(-2, -1))
+        if i:
+            gram[..., :i, i:e].copy_(gram[..., i:e, :i].transpose(-2, -1))
     return gram
 
 
@@ -427,7 +460,7 @@ def singular_values(mats: torch.Tensor, *, gram_kappa_limit: float = 1e4) -> tup
     Gram + ``eigvalsh`` in float64 where the resulting κ ≤ ``gram_kappa_limit``; float64 SVD for the others.
     Returns the values and, per matrix, ``"gram"`` or ``"svd"``.
     """
-    a = mats.to(torch.float64)
+    a = mats if mats.is_floating_point() else mats.to(torch.float64)  # float64 per column block in _lower_gram
     if a.shape[-2] > a.shape[-1]:
         a = a.transpose(-2, -1)
     m, n = a.shape[-2:]
@@ -445,7 +478,7 @@ def singular_values(mats: torch.Tensor, *, gram_kappa_limit: float = 1e4) -> tup
         idx = (~trusted).nonzero().flatten()
         sv = sv.clone()
         with _one_lapack_thread(a.device.type == "cpu"):
-            sv[idx] = _per_matrix(torch.linalg.svdvals, a[idx], workers)
+            sv[idx] = _per_matrix(torch.linalg.svdvals, a[idx].to(torch.float64), workers)
         for i in idx.tolist():
             methods[i] = "svd"
     return sv, methods
@@ -522,21 +555,19 @@ def extreme_singular_values(
     with fewer than ``eigvalsh_below`` rows take the full ``eigvalsh`` (cheaper there: measured, see the
     README). Returns (σ_max, σ_min, ‖W‖_F², per-matrix method ``"lanczos"``/``"gram"``/``"svd"``).
     """
-    a = mats.to(torch.float64)
+    a = mats if mats.is_floating_point() else mats.to(torch.float64)  # float64 per column block in _lower_gram
     if a.shape[-2] > a.shape[-1]:
         a = a.transpose(-2, -1)
     batch, m, n = a.shape
-    fro2 = (a * a).sum(dim=(-2, -1))
     if m == 0 or n == 0:
         z = torch.zeros(batch, dtype=torch.float64)
-        return z, z, fro2.cpu(), ["gram"] * batch
+        return z, z, z.clone(), ["gram"] * batch
     if m < eigvalsh_below:
         sv, methods = singular_values(a, gram_kappa_limit=gram_kappa_limit)
+        fro2 = (sv * sv).sum(-1)
         return sv[:, 0].cpu(), sv[:, -1].cpu(), fro2.cpu(), methods
-    lower = _lower_gram(a)
-    lower = lower.tril()  # _lower_gram also fills the upper half of its diagonal blocks
-    gram = lower + lower.tril(-1).mT  # the full symmetric matrix (Lanczos multiplies by it)
-    del lower
+    gram = _symmetrize_lower_(_lower_gram(a))  # the full symmetric matrix (Lanczos multiplies by it)
+    fro2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖W‖_F² = trace(W Wᵀ), without a float64 copy of W
     chol, info = torch.linalg.cholesky_ex(gram)
     ok = info == 0
     chol_t = chol.mT.contiguous()
@@ -547,22 +578,22 @@ def extreme_singular_values(
     # Lanczos is a long chain of small memory-bound products: on a CPU, OpenMP threads only spin on them (measured
     # 13x slower with 2 threads than 1 on a loaded 2-core machine), so it runs single-threaded there.
     with _one_lapack_thread(a.device.type == "cpu"):
-        lam_max, conv_max = _krylov_top_eigenvalue(lambda x: gram @ x, batch, m, dtype=a.dtype, device=a.device,
+        lam_max, conv_max = _krylov_top_eigenvalue(lambda x: gram @ x, batch, m, dtype=torch.float64, device=a.device,
                                                    tol=tol, max_steps=max_steps, seed=1)
         if bool(ok.any()):
-            inv_max, conv_min = _krylov_top_eigenvalue(inv_op, batch, m, dtype=a.dtype, device=a.device, tol=tol,
+            inv_max, conv_min = _krylov_top_eigenvalue(inv_op, batch, m, dtype=torch.float64, device=a.device, tol=tol,
                                                        max_steps=max_steps, seed=2)
         else:
             inv_max, conv_min = torch.ones_like(lam_max), torch.zeros_like(ok)
     smax = lam_max.clamp_min(0).sqrt()
-    smin = torch.where(ok & (inv_max > 0), 1.0 / inv_max.clamp_min(torch.finfo(a.dtype).tiny).sqrt(),
+    smin = torch.where(ok & (inv_max > 0), 1.0 / inv_max.clamp_min(torch.finfo(torch.float64).tiny).sqrt(),
                        torch.zeros_like(smax))
     trusted = ok & conv_max & conv_min & (smin * gram_kappa_limit >= smax)
     methods = ["lanczos"] * batch
     if not bool(trusted.all()):
         idx = (~trusted).nonzero().flatten()
         with _one_lapack_thread(a.device.type == "cpu"):
-            sv = _per_matrix(torch.linalg.svdvals, a[idx], torch.get_num_threads())
+            sv = _per_matrix(torch.linalg.svdvals, a[idx].to(torch.float64), torch.get_num_threads())
         smax, smin = smax.clone(), smin.clone()
         smax[idx], smin[idx] = sv[:, 0], sv[:, -1]
         for i in idx.tolist():
@@ -649,6 +680,12 @@ def _analysis_device(t: torch.Tensor, device: str | torch.device | None) -> torc
     return torch.device("cpu")  # MPS has no float64
 
 
+def matrix_work_bytes(m: int, n: int, element_size: int, kappa_only: bool = False) -> int:
+    """Working memory of one m × n matrix (m ≤ n) in a batch: its stacked copy, the float64 Gram matrix (three
+    m × m matrices in κ-only mode: Gram, Cholesky factor and its transpose) and its float64 column block."""
+    return m * n * element_size + (3 if kappa_only else 1) * m * m * 8 + min(n, max(256, (64 << 20) // max(1, m * 8))) * m * 8
+
+
 def _analyze_refs(
     refs: list[WeightRef],
     *,
@@ -657,13 +694,18 @@ def _analyze_refs(
     max_chunk_bytes: int,
     progress: bool,
     kappa_only: bool = False,
+    check_finite: bool = True,
 ) -> list[TensorSpectrum]:
+    """Spectral records of ``refs`` (in order); equal-shaped matrices are batched (≤ ``max_chunk_bytes`` of working
+    memory per batch, :func:`matrix_work_bytes`) so LAPACK runs on several at once, one thread each.
+    ``check_finite=False``: the caller already checked for NaN/Inf."""
     from tqdm.auto import tqdm
 
     # Work items: (ref index, expert index or None, 2-D matrix); grouped by matrix shape for batching.
     groups: dict[tuple[int, int, str], list[tuple[int, int | None]]] = {}
     for i, ref in enumerate(refs):
-        _check_finite(ref)
+        if check_finite:
+            _check_finite(ref)
         mats = [(i, e) for e in range(ref.tensor.shape[0])] if ref.kind == "moe" else [(i, None)]
         shape = tuple(ref.tensor.shape[-2:])
         shape = (min(shape), max(shape))
@@ -675,20 +717,24 @@ def _analyze_refs(
     bar = tqdm(total=total, desc="Analysing weight spectra", unit="matrix", disable=not progress, leave=False)
     try:
         for (m, n, dev), items in groups.items():
-            per = max(1, max_chunk_bytes // max(1, m * n * 8 * 2))
+            elem = max(refs[i].tensor.element_size() for i, _ in items)
+            per = max(1, max_chunk_bytes // matrix_work_bytes(m, n, elem, kappa_only))
             for start in range(0, len(items), per):
                 chunk = items[start:start + per]
                 mats = []
                 for i, e in chunk:
                     t = refs[i].tensor if e is None else refs[i].tensor[e]
-                    t = t.to(device=dev, dtype=torch.float64)
+                    # Kept in its own float dtype (float64 per column block in _lower_gram); a lone matrix is not
+                    # copied by a stack.
+                    t = t.to(device=dev) if t.is_floating_point() else t.to(device=dev, dtype=torch.float64)
                     mats.append(t.t() if t.shape[0] > t.shape[1] else t)
+                mats = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
                 if kappa_only:
-                    smax, smin, fro2, methods = extreme_singular_values(torch.stack(mats), gram_kappa_limit=gram_kappa_limit)
+                    smax, smin, fro2, methods = extreme_singular_values(mats, gram_kappa_limit=gram_kappa_limit)
                     for k, key in enumerate(chunk):
                         per_matrix[key] = (torch.stack([smax[k], smin[k], fro2[k]]), methods[k])
                 else:
-                    sv, methods = singular_values(torch.stack(mats), gram_kappa_limit=gram_kappa_limit)
+                    sv, methods = singular_values(mats, gram_kappa_limit=gram_kappa_limit)
                     sv = sv.cpu()
                     for k, key in enumerate(chunk):
                         per_matrix[key] = (sv[k], methods[k])
@@ -787,7 +833,7 @@ def analyze_model(
     device: str | torch.device | None = None,
     cache: bool | str | Path = True,
     progress: bool = True,
-    max_chunk_bytes: int = 1 << 29,
+    max_chunk_bytes: int = 1 << 30,
     kappa_only: bool = False,
 ) -> SpectrumReport:
     """Analyse every weight tensor of ``model`` (see the module docstring for what and how).

@@ -1,9 +1,14 @@
 """Streaming analysis and selection straight from checkpoint files, for models bigger than memory.
 
 ``analyze_checkpoint(PATH)`` gives the same :class:`~kappatune.analysis.SpectrumReport` as
-``analyze_model(load_model(PATH))`` while never materialising the model: tensors are read one at a time from
-memory-mapped files (safetensors' ``safe_open``; GGUF through the ``gguf`` package's reader and
-``gguf.quants.dequantize``), analysed and dropped, so peak memory is a few copies of the largest tensor.
+``analyze_model(load_model(PATH))`` while never materialising the model: tensors are read one at a time, each
+with one positioned read of its bytes into a fresh buffer (the offsets come from the file's header: safetensors'
+documented 8-byte length + JSON header, validated by ``safe_open``; GGUF's tensor table through the ``gguf``
+package's reader, dequantised by ``gguf.quants.dequantize``), analysed and dropped. Peak memory is a few copies of
+the largest tensor plus the interpreter: no file stays memory-mapped, because pages of a mapping that were touched
+count in the process's RSS for as long as it is mapped (measured: with ``safe_open``/``GGUFReader`` mappings the
+scan's peak RSS grew with the checkpoint), and the float64 Gram matrix is built from float64 column blocks
+(:func:`~kappatune.analysis._lower_gram`) instead of a float64 copy of the whole tensor.
 
 Which tensors are linear / Conv1D / fused MoE / embedding / head is decided exactly as the in-memory path decides
 it: the model class is built from ``config.json`` on PyTorch's ``meta`` device (shapes only, no storage) and
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +40,7 @@ import torch
 from torch import nn
 
 from .analysis import (ANALYSIS_VERSION, DEFAULT_MOE_SUFFIXES, SpectrumReport, TensorSpectrum, WeightRef, _analyze_refs,
-                       _matches, iter_weights)
+                       _matches, iter_weights, matrix_work_bytes)
 from .errors import ModelError
 
 __all__ = ["Checkpoint", "open_checkpoint", "analyze_checkpoint", "is_checkpoint_path", "peft_config_fragment"]
@@ -50,6 +56,8 @@ class _Entry:
     key: str
     shape: tuple[int, ...]
     dtype: str
+    start: int = -1  # absolute byte range of the data in ``file`` (safetensors; -1: not known)
+    end: int = -1
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Checkpoint:
     entries: dict[str, _Entry]
     config: Any = None
     gguf_reader: Any = field(default=None, repr=False)
+    gguf_tensors: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -68,19 +77,50 @@ class Checkpoint:
         return sum(f.stat().st_size for f in {e.file for e in self.entries.values()})
 
     def load(self, key: str) -> torch.Tensor:
-        """One stored tensor, read from its memory-mapped file (a copy; the mapping is closed again)."""
+        """One stored tensor, as a fresh CPU tensor read from its file with one positioned read (no mapping kept)."""
         e = self.entries[key]
         if self.format == "gguf":
-            return _gguf_tensor(self.gguf_reader, key)
-        from safetensors import safe_open
+            return _gguf_tensor(self.gguf_reader, self.gguf_tensors[key], self.path)
+        dtype = _SAFETENSORS_DTYPES.get(e.dtype)
+        if dtype is None or e.start < 0 or sys.byteorder != "little":  # exotic dtype / big-endian host: safetensors
+            from safetensors import safe_open
 
-        try:
-            # Opened per tensor on purpose: a mapping kept open keeps every page read so far resident (RSS grows to
-            # the shard's size); the header parse this repeats is a few milliseconds.
-            with safe_open(str(e.file), framework="pt") as fh:
-                return fh.get_tensor(key)
-        except Exception as exc:  # SafetensorError on a file truncated after the header was read
-            raise ModelError(f"cannot read tensor {key!r} from {e.file}: {_first_line(exc)} (truncated or corrupt shard?)") from exc
+            try:
+                with safe_open(str(e.file), framework="pt") as fh:
+                    return fh.get_tensor(key)
+            except Exception as exc:
+                raise ModelError(f"cannot read tensor {key!r} from {e.file}: {_first_line(exc)} (truncated or corrupt shard?)") from exc
+        buf = torch.empty(e.end - e.start, dtype=torch.uint8)
+        _read_into(e.file, e.start, buf, key)
+        return buf.view(dtype).reshape(e.shape)
+
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors#format) -> torch dtypes
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_into(path: Path, offset: int, buf: torch.Tensor, key: str) -> None:
+    """Fill the contiguous CPU tensor ``buf`` with the bytes of ``path`` from ``offset`` (unbuffered reads straight
+    into its memory: no second copy, no mapping). A short read means the file was cut: :class:`ModelError`."""
+    view = memoryview(buf.view(torch.uint8).reshape(-1).numpy())
+    got = 0
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            while got < len(view):
+                k = fh.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+    except OSError as exc:
+        raise ModelError(f"cannot read tensor {key!r} from {path}: {exc}") from exc
+    if got < len(view):
+        raise ModelError(f"cannot read tensor {key!r} from {path}: the file ends {len(view) - got:,} bytes early "
+                         "(truncated or corrupt shard?)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -143,21 +183,24 @@ def _open_safetensors_dir(p: Path, *, trust_remote_code: bool) -> Checkpoint:
         if not f.is_file():
             raise ModelError(f"{index} names shard {f.name}, which is missing from {p}")
         try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    sl = fh.get_slice(k)
-                    entries[k] = _Entry(f, k, tuple(sl.get_shape()), str(sl.get_dtype()))
+            with safe_open(str(f), framework="pt") as fh:  # validates the header (offsets, dtypes, shapes)
+                keys = list(fh.keys())
         except Exception as exc:
             raise ModelError(f"cannot read safetensors file {f}: {_first_line(exc)} (truncated or corrupt?)") from exc
         size = f.stat().st_size
-        # safe_open validates the header; a file cut inside the data is caught by comparing its size with the end
-        # of the last tensor the header describes.
+        # The byte ranges for positioned reads: safetensors has no public API for them, the format documents them
+        # (8-byte little-endian header length, JSON header, data; offsets relative to the end of the header).
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             try:
                 header = json.loads(fh.read(n))
-            except Exception:
-                header = {}
+            except Exception as exc:
+                raise ModelError(f"cannot read safetensors file {f}: its header is not JSON (corrupt?)") from exc
+        for k in keys:
+            h = header[k]
+            entries[k] = _Entry(f, k, tuple(int(d) for d in h["shape"]), str(h["dtype"]),
+                                8 + n + int(h["data_offsets"][0]), 8 + n + int(h["data_offsets"][1]))
+        # A file cut inside the data is caught here, by comparing its size with the end of the last tensor.
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if size < 8 + n + end:
             raise ModelError(f"safetensors file {f} is truncated ({size:,} bytes, its header needs {8 + n + end:,})")
@@ -194,16 +237,25 @@ def _open_gguf(p: Path) -> Checkpoint:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))  # GGUF lists dimensions innermost first
         entries[t.name] = _Entry(p, t.name, shape, t.tensor_type.name)
-    return Checkpoint(path=p, format="gguf", entries=entries, gguf_reader=reader)
+    return Checkpoint(path=p, format="gguf", entries=entries, gguf_reader=reader,
+                      gguf_tensors={t.name: t for t in reader.tensors})
 
 
-def _gguf_tensor(reader: Any, key: str) -> torch.Tensor:
+def _gguf_tensor(reader: Any, t: Any, path: Path) -> torch.Tensor:
+    """One GGUF tensor, dequantised. Its bytes are read into a fresh array rather than through the reader's
+    whole-file memory map: pages read through that mapping would stay in the RSS for the rest of the scan."""
+    import numpy as np
     from gguf.quants import dequantize
 
-    t = next(t for t in reader.tensors if t.name == key)
-    arr = dequantize(t.data, t.tensor_type)
+    data, own = t.data, False
+    if getattr(reader, "byte_order", "I") == "I":  # a file of the host's byte order: positioned read
+        buf = torch.empty(int(data.nbytes), dtype=torch.uint8)
+        _read_into(path, int(t.data_offset), buf, t.name)
+        data, own = buf.numpy().view(data.dtype).reshape(data.shape), True
+    arr = dequantize(data, t.tensor_type)
     shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-    return torch.from_numpy(arr.reshape(shape).copy())
+    out = np.ascontiguousarray(arr.reshape(shape))
+    return torch.from_numpy(out if own else out.copy())  # never a view of the reader's mapping
 
 
 # ------------------------------------------------------------------------------------------------ classification
@@ -382,8 +434,8 @@ def _tensor_key(t: torch.Tensor, numerics: dict[str, Any]) -> str:
     """Content hash of a tensor's values (bytes, shape, dtype) and the numerical settings that shape its figures."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(t.shape)}|{t.dtype}|{json.dumps(numerics, sort_keys=True)}|".encode())
-    if t.numel():
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if t.numel():  # hashed through the buffer protocol: no bytes copy of the tensor
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -449,9 +501,38 @@ def analyze_checkpoint(
     if cache:
         tdir = Path(cache) / "tensors" if not isinstance(cache, bool) else cache_dir("analysis/tensors")
         tdir.mkdir(parents=True, exist_ok=True)
-    records: list[TensorSpectrum] = []
+    from .analysis import _layer_and_type
+
+    records: list[TensorSpectrum | None] = []
     keys: list[str] = []
     analysed = 0
+    # Consecutive tensors of one matrix shape (a layer's gate/up/down, k/v) are analysed together, up to one per
+    # thread and 1 GiB of working memory (analysis.matrix_work_bytes): LAPACK then runs on several matrices at
+    # once (one thread each), as in the in-memory path, instead of one single-threaded eigensolver after another.
+    # Memory stays a few tensors.
+    workers = max(1, torch.get_num_threads())
+    pending: list[tuple[int, WeightRef, str]] = []
+
+    def flush() -> None:
+        nonlocal analysed
+        if not pending:
+            return
+        recs = _analyze_refs([live for _, live, _ in pending], gram_kappa_limit=gram_kappa_limit, device=device,
+                             max_chunk_bytes=1 << 30, progress=False, kappa_only=kappa_only, check_finite=False)
+        for (i, _, key), rec in zip(pending, recs):
+            records[i] = rec
+            analysed += 1
+            if tdir is not None:
+                _write_stats(tdir / f"{key}.json", {k: getattr(rec, k) for k in _STATS})
+        pending.clear()
+
+    def work(ref: WeightRef) -> int:
+        m, n = sorted(ref.tensor.shape[-2:])
+        return (ref.tensor.shape[0] if ref.kind == "moe" else 1) * matrix_work_bytes(m, n, ref.tensor.element_size(), kappa_only)
+
+    def shape_of(ref: WeightRef) -> tuple[int, ...]:
+        return (ref.kind == "moe", *sorted(ref.tensor.shape[-2:]))
+
     bar = tqdm(refs, desc="Streaming weight spectra", unit="tensor", disable=not progress, leave=False)
     try:
         for sref in bar:
@@ -464,23 +545,21 @@ def analyze_checkpoint(
             key = _tensor_key(t, numerics)  # also what the report's fingerprint is made of
             keys.append(key)
             stats = _read_stats(tdir / f"{key}.json") if tdir is not None else None
-            live = WeightRef(name=ref.name, kind=ref.kind, tensor=t, numel=ref.numel, shape=ref.shape,
-                             modules=list(ref.modules), aliases=list(ref.aliases))
             if stats is None:
-                rec = _analyze_refs([live], gram_kappa_limit=gram_kappa_limit, device=device, max_chunk_bytes=1 << 29,
-                                    progress=False, kappa_only=kappa_only)[0]
-                analysed += 1
-                if tdir is not None:
-                    _write_stats(tdir / f"{key}.json", {k: getattr(rec, k) for k in _STATS})
+                live = WeightRef(name=ref.name, kind=ref.kind, tensor=t, numel=ref.numel, shape=ref.shape,
+                                 modules=list(ref.modules), aliases=list(ref.aliases))
+                if pending and (shape_of(pending[0][1]) != shape_of(ref) or len(pending) >= workers
+                                or work(ref) * (len(pending) + 1) > 1 << 30):
+                    flush()
+                pending.append((len(records), live, key))
+                records.append(None)
             else:
-                from .analysis import _layer_and_type
-
                 layer, mtype = _layer_and_type(ref.name)
-                rec = TensorSpectrum(name=ref.name, kind=ref.kind, shape=ref.shape, numel=ref.numel,
-                                     modules=list(ref.modules), aliases=list(ref.aliases), layer=layer,
-                                     module_type=mtype, **stats)
-            records.append(rec)
-            del t, live
+                records.append(TensorSpectrum(name=ref.name, kind=ref.kind, shape=ref.shape, numel=ref.numel,
+                                              modules=list(ref.modules), aliases=list(ref.aliases), layer=layer,
+                                              module_type=mtype, **stats))
+            del t
+        flush()
     finally:
         bar.close()
     fingerprint = hashlib.blake2b(
