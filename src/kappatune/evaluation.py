@@ -447,7 +447,19 @@ def _score_choices(model: nn.Module, examples: Sequence[Choices], pad: int, *, b
     cache_kw = _prefix_cache_kwarg(model) if reuse_prefix else None
     if cache_kw is None:
         return _scores_full(model, examples, pad, batch_size, progress)
-    return _scores_shared_prefix(model, examples, pad, batch_size, progress, cache_kw)
+    # an example whose choices share no first token (prompts cut differently by max_length) has no prefix to
+    # share: each of its choices is scored as an example of its own
+    units: list[Choices] = []
+    where: list[list[tuple[int, int]]] = []
+    for choices in examples:
+        if _common_prefix([s for s, _ in choices]) > 0:
+            where.append([(len(units), k) for k in range(len(choices))])
+            units.append(choices)
+        else:
+            where.append([(len(units) + k, 0) for k in range(len(choices))])
+            units.extend([c] for c in choices)
+    scores, fed = _scores_shared_prefix(model, units, pad, batch_size, progress, cache_kw)
+    return [[scores[u][k] for u, k in w] for w in where], fed
 
 
 def _check_examples(examples: Sequence[Any], what: str) -> list[dict[str, Any]]:
