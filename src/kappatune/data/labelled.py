@@ -638,8 +638,18 @@ def _static_info(spec: LabelledTaskSpec) -> dict[str, Any]:
     """What is known without building: metadata and the measured zero-shot accuracy."""
     return {"name": spec.name, "description": spec.description, "source": spec.source, "package": spec.package,
             "license": spec.license, "labels": list(spec.labels), "chance_accuracy": spec.chance_accuracy,
-            "zero_shot_accuracy": spec.zero_shot_accuracy,
-            "zero_shot_examples": spec.zero_shot_examples, "template": render_prompt(spec, "{input}")}
+            "zero_shot_accuracy": spec.zero_shot_accuracy, "zero_shot_examples": spec.zero_shot_examples,
+            "zero_shot_interval": _zero_shot_interval(spec), "template": render_prompt(spec, "{input}")}
+
+
+def _zero_shot_interval(spec: LabelledTaskSpec) -> list[float] | None:
+    """The exact binomial 95% interval of the measured zero-shot accuracy (None when not measured)."""
+    if spec.zero_shot_accuracy is None or not spec.zero_shot_examples:
+        return None
+    from ..stats import binomial_interval
+
+    n = spec.zero_shot_examples
+    return [round(v, 3) for v in binomial_interval(round(spec.zero_shot_accuracy * n), n)]
 
 
 def load_labelled_task(name: str, *, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
