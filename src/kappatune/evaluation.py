@@ -3,9 +3,9 @@
 * :func:`perplexity` / :func:`mean_nll` -- raw text in token blocks (``lm`` tasks).
 * :func:`choice_accuracy` -- ``accuracy``: every choice is scored by the summed log-probability of its tokens
   after the prompt (lm-evaluation-harness's ``acc``); ``accuracy_norm`` divides each score by the choice's length
-  in characters first (lm-eval's ``acc_norm``). When every choice of an example is one token (after a shared
-  prefix, e.g. the space before it), one forward pass of the prompt scores them all (one pass per example, not
-  per choice).
+  in characters first (lm-eval's ``acc_norm``). The prompt is computed once per example (KV cache, repeated per
+  choice) and then only the choices' tokens, with vocabulary logits only where a choice token is predicted; the
+  scores equal one full pass per choice to float tolerance (``reuse_prefix=False`` keeps that reference).
 * :func:`exact_match` -- greedy generation (at most ``max_new_tokens``; cut at the first stop string, after
   leading whitespace) compared with the response after SQuAD-style normalisation (:func:`normalize_answer`).
 * :func:`response_perplexity` -- ``ppl`` of an sft task: token-weighted perplexity of the response tokens (and the
