@@ -185,3 +185,22 @@ def test_property_random_sequences_score_like_full_passes(data):
                 lp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
             want.append(sum(float(lp[i - 1, seq[i]]) for i in range(start, len(seq))))
         _assert_scores_match(scores, want)
+
+
+def test_a_model_without_a_usable_cache_falls_back_to_full_passes(monkeypatch):
+    """A transformers model whose outputs carry no repeatable cache is scored the reference way, same numbers."""
+    model = build_tiny_llama(seed=8)
+    exs = _examples(3, ["red", "blue green"])
+    want = choice_accuracy(model, BYTES, exs, chat_template=False, progress=False, return_scores=True, reuse_prefix=False)
+    forward = model.forward
+
+    def no_cache(*a, **kw):
+        out = forward(*a, **kw)
+        out["cache"] = None  # as if the model kept no (repeatable) cache
+        return out
+
+    monkeypatch.setattr(model, "forward", no_cache)
+    got = choice_accuracy(model, BYTES, exs, chat_template=False, progress=False, return_scores=True)
+    assert got["forward_tokens"] == want["forward_tokens"]
+    for a, b in zip(got["scores"], want["scores"]):
+        _assert_scores_match(a, b, tol=1e-6)

@@ -400,7 +400,9 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
             if rows:
                 cache = getattr(out, "cache", None)
                 if cache is None:
-                    cache = out.past_key_values
+                    cache = getattr(out, "past_key_values", None)
+                if not callable(getattr(cache, "batch_select_indices", None)):
+                    raise _NoPrefixCache  # a legacy tuple cache or one that cannot repeat rows
                 cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=device))
                 cw = max(len(seqs[b][k]) - 1 - plen[b] for b, k in rows)
                 cids = torch.full((len(rows), cw), pad, dtype=torch.long)
@@ -432,6 +434,10 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
     return scores, fed
 
 
+class _NoPrefixCache(Exception):
+    """The model returned no cache whose rows can be repeated per choice: score with full passes instead."""
+
+
 def _score_choices(model: nn.Module, examples: Sequence[Choices], pad: int, *, batch_size: int = 8, progress: bool = True,
                    reuse_prefix: bool = True) -> tuple[list[list[float]], int]:
     """``(scores, tokens fed to the model)``. Scores: per example, per choice: the summed log-probability (float64 sum of float32 values) of the choice's tokens
@@ -458,7 +464,10 @@ def _score_choices(model: nn.Module, examples: Sequence[Choices], pad: int, *, b
         else:
             where.append([(len(units) + k, 0) for k in range(len(choices))])
             units.extend([c] for c in choices)
-    scores, fed = _scores_shared_prefix(model, units, pad, batch_size, progress, cache_kw)
+    try:
+        scores, fed = _scores_shared_prefix(model, units, pad, batch_size, progress, cache_kw)
+    except _NoPrefixCache:
+        return _scores_full(model, examples, pad, batch_size, progress)
     return [[scores[u][k] for u, k in w] for w in where], fed
 
 
