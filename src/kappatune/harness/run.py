@@ -109,7 +109,7 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
                         choices_required=need_choices, progress=progress)
     if task.metrics is None:  # default: accuracy when the data has choices
         task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
-    test = t["test"]
+    test = t[e.split]  # "validation" while tuning (lr_search), "test" for results
     if e.max_examples is not None and e.max_examples < len(test):
         test = [test[(i * len(test)) // e.max_examples] for i in range(e.max_examples)]
     tr = None
@@ -297,9 +297,9 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
         _single(cfg)
         _preflight(cfg, cfg.out_dir(), config_fingerprint(cfg), resume=resume, force=force)
     elif command == "bench":
-        from .bench import _select_only
+        from .bench import _select_only, _validation_config
 
-        cfg = _select_only(cfg, only)
+        cfg = _validation_config(_select_only(cfg, only))
     elif command is not None:
         raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)
