@@ -76,3 +76,19 @@ def test_every_labelled_task_carries_its_measured_zero_shot_accuracy():
         assert 0 <= k <= spec.zero_shot_examples and abs(k - round(k)) < 1e-9, name
         info = labelled_task_info(name, build=False)
         assert (info["zero_shot_accuracy"], info["zero_shot_examples"]) == (spec.zero_shot_accuracy, spec.zero_shot_examples)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_cl5_order_files_are_cl5_with_the_documented_order(k):
+    """configs/cl5_order{2,3}.yaml: the orders documented in cl5.yaml, every other setting identical."""
+    from dataclasses import asdict
+
+    base = load_config(CONFIGS / "cl5.yaml")
+    other = load_config(CONFIGS / f"cl5_order{k}.yaml")
+    documented = re.findall(r"#\s+order \d: (.+)", (CONFIGS / "cl5.yaml").read_text())[k - 2]
+    assert [t.corpus for t in other.tasks] == [s.strip() for s in documented.split("->")]
+    assert sorted(map(str, map(asdict, other.tasks))) == sorted(map(str, map(asdict, base.tasks)))
+    a, b = asdict(base), asdict(other)
+    for key in ("name", "output_dir", "tasks"):
+        a.pop(key), b.pop(key)
+    assert a == b

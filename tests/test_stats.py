@@ -44,3 +44,21 @@ def test_welch_and_summary():
     assert w["difference"] == pytest.approx(2.0 - 5.0)
     s = summarize([1.0, None, 3.0])
     assert (s["mean"], s["n"]) == (2.0, 2) and s["std"] == pytest.approx(math.sqrt(2))
+
+
+def test_binomial_interval_is_the_exact_clopper_pearson_interval():
+    from kappatune.stats import binomial_interval
+
+    lo, hi = binomial_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))  # closed form at k = 0
+    lo, hi = binomial_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 10))
+    for k in (1, 29, 50):
+        lo, hi = binomial_interval(k, 100)
+        assert lo < k / 100 < hi
+        mirror = binomial_interval(100 - k, 100)
+        assert (lo, hi) == pytest.approx((1 - mirror[1], 1 - mirror[0]))
+    lo, hi = binomial_interval(29, 100)  # the definition: each tail holds 2.5% at the interval's ends
+    assert st.binom.cdf(29, 100, hi) == pytest.approx(0.025) and st.binom.sf(28, 100, lo) == pytest.approx(0.025)
+    with pytest.raises(ValueError):
+        binomial_interval(5, 3)

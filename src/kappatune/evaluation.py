@@ -3,9 +3,9 @@
 * :func:`perplexity` / :func:`mean_nll` -- raw text in token blocks (``lm`` tasks).
 * :func:`choice_accuracy` -- ``accuracy``: every choice is scored by the summed log-probability of its tokens
   after the prompt (lm-evaluation-harness's ``acc``); ``accuracy_norm`` divides each score by the choice's length
-  in characters first (lm-eval's ``acc_norm``). When every choice of an example is one token (after a shared
-  prefix, e.g. the space before it), one forward pass of the prompt scores them all (one pass per example, not
-  per choice).
+  in characters first (lm-eval's ``acc_norm``). The prompt is computed once per example (KV cache, repeated per
+  choice) and then only the choices' tokens, with vocabulary logits only where a choice token is predicted; the
+  scores equal one full pass per choice to float tolerance (``reuse_prefix=False`` keeps that reference).
 * :func:`exact_match` -- greedy generation (at most ``max_new_tokens``; cut at the first stop string, after
   leading whitespace) compared with the response after SQuAD-style normalisation (:func:`normalize_answer`).
 * :func:`response_perplexity` -- ``ppl`` of an sft task: token-weighted perplexity of the response tokens (and the
@@ -190,33 +190,14 @@ def accuracy(
         raise DataError("a candidate label encodes to no tokens; give non-empty labels")
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = int(pad) if pad is not None else _data._eos_id(tokenizer)
-    # one sequence per (pair, candidate): prompt + candidate; score = sum log p(candidate tokens | prefix)
-    seqs: list[tuple[list[int], int]] = []
+    # per pair, per candidate: (prompt + candidate, index of the first candidate token)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    start = [int(bos if bos is not None else _data._eos_id(tokenizer))]
+    seqs = []
     for prompt, _ in pairs:
-        p_ids = _encode(tokenizer, prompt)
-        if not p_ids:
-            bos = getattr(tokenizer, "bos_token_id", None)
-            p_ids = [int(bos if bos is not None else _data._eos_id(tokenizer))]
-        for c in cand_ids:
-            seqs.append((p_ids + c, len(p_ids)))
-    from tqdm.auto import tqdm
-
-    device = _device_of(model)
-    scores = torch.empty(len(seqs), dtype=torch.float64)
-    with _EvalMode(model):
-        for start in tqdm(range(0, len(seqs), batch_size), desc="accuracy", unit="batch", disable=not progress, leave=False):
-            chunk = seqs[start:start + batch_size]
-            width = max(len(s) for s, _ in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, (s, _) in enumerate(chunk):  # right padding: positions of real tokens are unchanged
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
-            for i, (s, plen) in enumerate(chunk):
-                pos = torch.arange(plen, len(s))
-                scores[start + i] = logp[i, pos - 1, torch.tensor(s[plen:])].double().sum()
-    scores = scores.view(len(pairs), len(candidates))
+        p_ids = _encode(tokenizer, prompt) or start
+        seqs.append([(p_ids + c, len(p_ids)) for c in cand_ids])
+    scores = torch.tensor(_score_choices(model, seqs, pad, batch_size=batch_size, progress=progress)[0], dtype=torch.float64)
     pred = scores.argmax(dim=1)
     gold = torch.tensor([candidates.index(lab) for _, lab in pairs])
     return float((pred == gold).double().mean())
@@ -305,6 +286,196 @@ def _forward_rows(model: nn.Module, rows: Sequence[list[int]], pad: int, batch_s
                 consume(i, logp[j, : len(rows[i])])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring choices: the log-likelihood of each choice's tokens after its prompt.
+# ---------------------------------------------------------------------------------------------------------------
+
+#: one example's choices: ``(token ids of prompt + choice, index of the first choice token)`` per choice
+Choices = Sequence[tuple[Sequence[int], int]]
+
+
+def _prefix_cache_kwarg(model: nn.Module) -> str | None:
+    """The keyword under which ``model``'s forward takes a KV cache (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before), or None when the shared-prefix scoring cannot be used: not a transformers model
+    (e.g. a hand-written module), or a PEFT prompt-learning adapter (prefix tuning owns the cache itself)."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return None
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if not isinstance(base, PreTrainedModel):
+        return None
+    params = inspect.signature(base.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _scores_full(model: nn.Module, examples: Sequence[Choices], pad: int, batch_size: int,
+                 progress: bool) -> tuple[list[list[float]], int]:
+    """Reference scoring: one full forward pass of prompt + choice per choice (all logits), except that choices
+    that are one token after a shared prefix are read from one pass. Used for models without a KV cache."""
+    rows: list[list[int]] = []
+    targets: list[list[tuple[int, int, int, list[int]]]] = []  # per row: (example, choice, first position, tokens)
+    for e, choices in enumerate(examples):
+        seqs = [list(s) for s, _ in choices]
+        starts = [st for _, st in choices]
+        lcp = _common_prefix(seqs)
+        if len(set(starts)) == 1 and all(len(s) == lcp + 1 for s in seqs) and lcp >= starts[0]:
+            rows.append(seqs[0][:-1])  # every choice is one token after the shared part: one pass reads them all
+            targets.append([(e, k, starts[0] - 1, s[starts[0]:]) for k, s in enumerate(seqs)])
+        else:
+            for k, (s, st) in enumerate(zip(seqs, starts)):
+                rows.append(s)
+                targets.append([(e, k, st - 1, s[st:])])
+    scores = [[0.0] * len(c) for c in examples]
+
+    def consume(r: int, logp: torch.Tensor) -> None:
+        for e, k, pos, cont in targets[r]:
+            idx = torch.arange(pos, pos + len(cont))
+            scores[e][k] = float(logp[idx, torch.tensor(cont)].double().sum())
+
+    _forward_rows(model, rows, pad, batch_size, progress, "accuracy", consume)
+    return scores, sum(len(r) for r in rows)
+
+
+def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: int, batch_size: int, progress: bool,
+                          cache_kw: str) -> tuple[list[list[float]], int]:
+    """The same scores as :func:`_scores_full` at a fraction of the cost (lm-evaluation-harness's idea, done with
+    the KV cache): per batch of examples, one pass over each example's shared prefix (the prompt) keeps the KV
+    cache and computes the vocabulary projection only at the positions that predict a choice token
+    (``logits_to_keep``); the cache is then repeated once per choice and a second pass runs only the choices'
+    tokens. Both passes are right padded with explicit ``position_ids``, so each real token sees exactly the
+    positions and context it has in the full pass (padding is masked out)."""
+    from tqdm.auto import tqdm
+
+    device = _device_of(model)
+    keep_kw = _takes_logits_to_keep(model)
+    order = sorted(range(len(examples)), key=lambda i: (-max(len(s) for s, _ in examples[i]), i))
+    scores = [[0.0] * len(c) for c in examples]
+    fed = 0
+    with _EvalMode(model):
+        for b0 in tqdm(range(0, len(order), batch_size), desc="accuracy", unit="batch", disable=not progress, leave=False):
+            chunk = order[b0:b0 + batch_size]
+            seqs = [[list(s) for s, _ in examples[e]] for e in chunk]
+            starts = [[st for _, st in examples[e]] for e in chunk]
+            # shared prefix of an example: common to all its choices and no longer than its shortest prompt, so
+            # every scored token lies after it (the prediction of the first is the prefix's last position)
+            plen = [min(_common_prefix(ss), min(st)) for ss, st in zip(seqs, starts)]
+            width = max(plen)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, (ss, n) in enumerate(zip(seqs, plen)):
+                ids[b, :n] = torch.tensor(ss[0][:n])
+                mask[b, :n] = 1
+            # prefix positions whose logits are needed: those predicting a choice token (normally only the last)
+            keep = sorted({q for ss, st, n in zip(seqs, starts, plen) for s, a in zip(ss, st) for q in range(a - 1, min(len(s) - 1, n))})
+            kw: dict[str, Any] = {"use_cache": True}
+            if keep_kw:
+                kw["logits_to_keep"] = torch.tensor(keep, device=device)
+            fed += sum(plen)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        position_ids=torch.arange(width, device=device).expand(len(chunk), width), **kw)
+            logits = out.logits if keep_kw else out.logits[:, keep]
+            lp_prefix = torch.log_softmax(logits.float(), -1).cpu()
+            col = {q: j for j, q in enumerate(keep)}
+            # the continuation rows: one per choice with tokens past the prefix to feed (all but its last token)
+            rows = [(b, k) for b, ss in enumerate(seqs) for k, s in enumerate(ss) if len(s) - 1 > plen[b]]
+            lp_cont = None
+            if rows:
+                cache = getattr(out, "cache", None)
+                if cache is None:
+                    cache = getattr(out, "past_key_values", None)
+                if not callable(getattr(cache, "batch_select_indices", None)):
+                    raise _NoPrefixCache  # a legacy tuple cache or one that cannot repeat rows
+                cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=device))
+                cw = max(len(seqs[b][k]) - 1 - plen[b] for b, k in rows)
+                cids = torch.full((len(rows), cw), pad, dtype=torch.long)
+                cmask = torch.zeros((len(rows), cw), dtype=torch.long)
+                pos = torch.zeros((len(rows), cw), dtype=torch.long)
+                for r, (b, k) in enumerate(rows):
+                    part = seqs[b][k][plen[b]:-1]
+                    cids[r, :len(part)] = torch.tensor(part)
+                    cmask[r, :len(part)] = 1
+                    pos[r] = plen[b] + torch.arange(cw)  # padding's positions are never read
+                fed += int(cmask.sum())
+                full_mask = torch.cat([mask[[b for b, _ in rows]], cmask], dim=1)
+                out2 = model(input_ids=cids.to(device), attention_mask=full_mask.to(device), position_ids=pos.to(device),
+                             **{cache_kw: cache, "use_cache": True})
+                lp_cont = torch.log_softmax(out2.logits.float(), -1).cpu()
+                del cache, out2
+            row_of = {bk: r for r, bk in enumerate(rows)}
+            for b, e in enumerate(chunk):
+                for k, (s, a) in enumerate(zip(seqs[b], starts[b])):
+                    total = 0.0
+                    for i in range(a, len(s)):  # token i is predicted at position i - 1
+                        q = i - 1
+                        if q < plen[b]:
+                            total += float(lp_prefix[b, col[q], s[i]])
+                        else:
+                            assert lp_cont is not None
+                            total += float(lp_cont[row_of[(b, k)], q - plen[b], s[i]])
+                    scores[e][k] = total
+    return scores, fed
+
+
+class _NoPrefixCache(Exception):
+    """The model returned no cache whose rows can be repeated per choice: score with full passes instead."""
+
+
+def _score_choices(model: nn.Module, examples: Sequence[Choices], pad: int, *, batch_size: int = 8, progress: bool = True,
+                   reuse_prefix: bool = True) -> tuple[list[list[float]], int]:
+    """``(scores, tokens fed to the model)``. Scores: per example, per choice: the summed log-probability (float64 sum of float32 values) of the choice's tokens
+    ``seq[start:]`` given the tokens before them. ``reuse_prefix`` (default) computes each example's prompt once
+    and only the choice tokens after it (:func:`_scores_shared_prefix`); models without a KV cache, and
+    ``reuse_prefix=False``, take the full pass per choice. Both give the same numbers to float tolerance."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    for e, choices in enumerate(examples):
+        for s, st in choices:
+            if not 1 <= st < len(s):
+                raise DataError(f"example {e + 1}: a choice has no tokens to score or no prompt before it")
+    cache_kw = _prefix_cache_kwarg(model) if reuse_prefix else None
+    if cache_kw is None:
+        return _scores_full(model, examples, pad, batch_size, progress)
+    # an example whose choices share no first token (prompts cut differently by max_length) has no prefix to
+    # share: each of its choices is scored as an example of its own
+    units: list[Choices] = []
+    where: list[list[tuple[int, int]]] = []
+    for choices in examples:
+        if _common_prefix([s for s, _ in choices]) > 0:
+            where.append([(len(units), k) for k in range(len(choices))])
+            units.append(choices)
+        else:
+            where.append([(len(units) + k, 0) for k in range(len(choices))])
+            units.extend([c] for c in choices)
+    try:
+        scores, fed = _scores_shared_prefix(model, units, pad, batch_size, progress, cache_kw)
+    except _NoPrefixCache:
+        return _scores_full(model, examples, pad, batch_size, progress)
+    return [[scores[u][k] for u, k in w] for w in where], fed
+
+
 def _check_examples(examples: Sequence[Any], what: str) -> list[dict[str, Any]]:
     exs = list(examples)
     if not exs:
@@ -322,10 +493,17 @@ def choice_accuracy(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: bool = True,
+    reuse_prefix: bool = True,
+    return_scores: bool = False,
 ) -> dict[str, Any]:
     """``accuracy`` and ``accuracy_norm`` (fractions in [0, 1]) of examples with ``choices`` (module docstring).
 
     Ties go to the first choice. Prompts longer than ``max_length - len(choice)`` tokens are cut from the left.
+    ``batch_size`` counts examples (all their choices go in one batch). ``reuse_prefix`` (default): the prompt is
+    computed once per example and only the choice tokens after it (KV cache); ``False`` runs one full pass per
+    choice -- the same scores, several times the cost (kept as the reference and for models without a cache).
+    Also returns ``n`` and ``forward_tokens`` (token positions fed to the model, padding excluded), and with
+    ``return_scores`` each example's per-choice log-likelihoods (``scores``, the raw ones ``accuracy`` ranks).
     """
     from .data import get_tokenizer
     from .data.tasks import encode_example
@@ -337,32 +515,13 @@ def choice_accuracy(
             raise DataError(f"accuracy needs choices, and example {i + 1} has none (metric accuracy on a task without choices)")
         if ex["response"] not in ex["choices"]:
             raise DataError(f"example {i + 1}: the response {ex['response']!r:.60} is not one of its choices")
-    rows: list[list[int]] = []
-    # targets[r] = [(example, choice, first scored position, continuation ids)]
-    targets: list[list[tuple[int, int, int, list[int]]]] = []
-    for e, ex in enumerate(exs):
+    per_example = []
+    for ex in exs:
         enc = [encode_example(tokenizer, ex, chat_template=chat_template, add_eos=False, max_length=max_length, response=c)
                for c in ex["choices"]]
-        conts = [c for _, c in enc]
-        shared = conts[0][:-1]
-        if all(p == enc[0][0] for p, _ in enc) and all(len(c) == len(shared) + 1 and c[:-1] == shared for c in conts):
-            # Single-token choices (after a shared prefix such as the delimiter): one pass over prompt + prefix
-            # scores every choice, its last token read at the final position.
-            p = enc[0][0]
-            rows.append(p + shared)
-            targets.append([(e, k, len(p) - 1, c) for k, c in enumerate(conts)])
-        else:
-            for k, (p, c) in enumerate(enc):
-                rows.append(p + c)
-                targets.append([(e, k, len(p) - 1, c)])
-    scores = [[0.0] * len(ex["choices"]) for ex in exs]
-
-    def consume(r: int, logp: torch.Tensor) -> None:
-        for e, k, pos, cont in targets[r]:
-            idx = torch.arange(pos, pos + len(cont))
-            scores[e][k] = float(logp[idx, torch.tensor(cont)].double().sum())
-
-    _forward_rows(model, rows, _pad_of(tokenizer), batch_size, progress, "accuracy", consume)
+        per_example.append([(p + c, len(p)) for p, c in enc])
+    scores, fed = _score_choices(model, per_example, _pad_of(tokenizer), batch_size=batch_size, progress=progress,
+                                 reuse_prefix=reuse_prefix)
     correct = correct_norm = 0
     for e, ex in enumerate(exs):
         gold = ex["choices"].index(ex["response"])
@@ -370,7 +529,11 @@ def choice_accuracy(
         norm = [s / max(1, len(c)) for s, c in zip(raw, ex["choices"])]
         correct += max(range(len(raw)), key=lambda k: (raw[k], -k)) == gold
         correct_norm += max(range(len(norm)), key=lambda k: (norm[k], -k)) == gold
-    return {"accuracy": correct / len(exs), "accuracy_norm": correct_norm / len(exs), "n": len(exs), "forward_rows": len(rows)}
+    res: dict[str, Any] = {"accuracy": correct / len(exs), "accuracy_norm": correct_norm / len(exs), "n": len(exs),
+                           "forward_tokens": fed}
+    if return_scores:
+        res["scores"] = scores
+    return res
 
 
 def normalize_answer(text: str) -> str:

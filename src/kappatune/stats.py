@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["summarize", "paired_difference", "welch_test"]
+__all__ = ["summarize", "paired_difference", "welch_test", "binomial_interval"]
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
@@ -65,3 +65,17 @@ def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
     df = (va + vb) ** 2 / (va**2 / (sa["n"] - 1) + vb**2 / (sb["n"] - 1)) if va + vb > 0 else None
     return {"difference": sa["mean"] - sb["mean"], "t": float(res.statistic), "df": df, "p": float(res.pvalue)}
+
+
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) ``level`` interval for a proportion from ``k`` successes in ``n`` trials, e.g. an
+    accuracy of ``k / n`` on ``n`` test examples. Conservative: covers the true proportion at least ``level`` of
+    the time for every true value."""
+    from scipy.stats import beta
+
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi

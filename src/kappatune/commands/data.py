@@ -198,9 +198,13 @@ def _labelled_table(tasks: list[dict[str, Any]]) -> str:
         else:
             size = "not built" if not t.get("error") else "unavailable"
             labels = f"{len(t['labels'])} labels"
-        acc = t.get("zero_shot_accuracy")
-        table.append([t["name"], size, labels, f"{t['chance_accuracy']:.3f}", (f"{acc:.3f} (n={t['zero_shot_examples']})" if t.get("zero_shot_examples") else f"{acc:.3f}")
-                      if acc is not None else "-",
+        acc, ci = t.get("zero_shot_accuracy"), t.get("zero_shot_interval")
+        shown = "-" if acc is None else f"{acc:.3f}"
+        if acc is not None and ci:
+            shown += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+        if acc is not None and t.get("zero_shot_examples"):
+            shown += f" (n={t['zero_shot_examples']})"
+        table.append([t["name"], size, labels, f"{t['chance_accuracy']:.3f}", shown,
                       t["license"], t["source"]])
     return _table(table, ["LABELLED TASK", "TRAIN/VAL/TEST", "TEST LABELS", "CHANCE", "ACC(smollm2)", "LICENCE",
                           "SOURCE"])
