@@ -97,21 +97,32 @@ def _calibration(train: Any, n: int = 32) -> torch.Tensor:
     return train["input_ids"][:n] if isinstance(train, dict) else train[:n]
 
 
-def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool) -> tuple[Any, list, dict]:
-    """An sft task's training tensors (or None), evaluated test examples and info; resolves default metrics."""
+def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool,
+              model: torch.nn.Module | None = None) -> tuple[Any, list, dict]:
+    """An sft task's training tensors (or None), evaluated test examples and info; resolves default metrics.
+
+    The ``instruct-fidelity`` control probe is generated from ``model`` (the base model: its own greedy answers,
+    cached per weights; ``kappatune.data.probes``)."""
     from .. import data as kdata
+    from ..data.probes import FIDELITY_PROBE, fidelity_task
 
     e = cfg.eval
     need_choices = bool(task.metrics) and "accuracy" in task.metrics
-    t = kdata.load_task(task.corpus, name=task.label, seed=e.split_seed, validation_fraction=e.validation_fraction,
-                        test_fraction=e.eval_fraction, prompt_field=task.prompt_field, response_field=task.response_field,
-                        messages_field=task.messages_field, choices_field=task.choices_field,
-                        choices_required=need_choices, progress=progress)
+    if task.corpus == FIDELITY_PROBE:
+        if model is None:
+            raise ConfigError(f"control probe {FIDELITY_PROBE!r} needs the base model to generate its answers")
+        t = fidelity_task(model, tokenizer, chat_template=task.chat_template, batch_size=e.batch_size, progress=progress)
+    else:
+        t = kdata.load_task(task.corpus, name=task.label, seed=e.split_seed, validation_fraction=e.validation_fraction,
+                            test_fraction=e.eval_fraction, prompt_field=task.prompt_field, response_field=task.response_field,
+                            messages_field=task.messages_field, choices_field=task.choices_field,
+                            choices_required=need_choices, progress=progress)
     if task.metrics is None:  # default: accuracy when the data has choices
         task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
     test = t["test"]
-    if e.max_examples is not None and e.max_examples < len(test):
-        test = [test[(i * len(test)) // e.max_examples] for i in range(e.max_examples)]
+    cap = task.max_examples if task.max_examples is not None else e.max_examples
+    if cap is not None and cap < len(test):
+        test = [test[(i * len(test)) // cap] for i in range(cap)]
     tr = None
     if train:
         exs = t["train"]
@@ -124,7 +135,9 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
     return tr, test, info
 
 
-def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
+def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool, model: torch.nn.Module | None = None) -> _Data:
+    """Every task's training data and evaluated data, and every control probe's; ``model`` is the base model
+    (before any method is applied), which model-generated probes (``instruct-fidelity``) need."""
     from .. import data as kdata
 
     seq = cfg.training.seq_len
@@ -138,7 +151,7 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool) -> _Data:
         is_task = label in [t.label for t in cfg.tasks]
         try:
             if task.type == "sft":
-                tr, ev, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress)
+                tr, ev, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress, model=model)
                 if tr is not None:
                     train[label] = tr
                 evals[label] = ev
@@ -303,7 +316,7 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     elif command is not None:
         raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)
-    data = _load_data(cfg, tokenizer, progress)
+    data = _load_data(cfg, tokenizer, progress, model)
     steps = cfg.steps_per_stage()
     if steps < 1:
         raise ConfigError("config: training.steps must be > 0")
@@ -605,7 +618,7 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
     # -- fail-fast setup: model, data, method (budget) -- nothing trains before all of this succeeded ------------
     t0 = time.perf_counter()
     model, tokenizer = _load(cfg)
-    data = _load_data(cfg, tokenizer, progress)
+    data = _load_data(cfg, tokenizer, progress, model)
     method = _build_method(spec, model, cfg, seed, progress)
     _check_shardable(method, spec)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
