@@ -12,7 +12,7 @@ instructions (:func:`fidelity_instructions`; deterministic): 16 generic instruct
 word X." over Austen vocabulary, 12 "Continue this passage" and 12 "Summarise this passage in one sentence" over
 Austen paragraphs. The *base* model answers each greedily (``max_new_tokens`` bounded, its chat template when the
 tokenizer has one); those answers become the responses (:func:`fidelity_task`, cached per base model by the
-weights' fingerprint and :data:`PROBE_VERSION`). The probe's metric is the response perplexity (token-weighted mean
+weights' fingerprint and :data:`FIDELITY_VERSION`). The probe's metric is the response perplexity (token-weighted mean
 NLL) of the tuned model on those answers, reported as change from base. The base scores its own greedy answers at
 its (near-)minimum, so a **rise** means the tuned model no longer produces what the base produced for
 instructions it never trained on (forgotten behaviour); ΔNLL per token = ln(1 + change%/100). A fall is possible but
@@ -52,7 +52,8 @@ __all__ = [
     "FIDELITY_PROBE",
     "NEXT_SENTENCE_PROBE",
     "PROBES",
-    "PROBE_VERSION",
+    "FIDELITY_VERSION",
+    "NEXT_SENTENCE_VERSION",
     "FIDELITY_SIZE",
     "GENERIC_INSTRUCTIONS",
     "austen_partition",
@@ -65,7 +66,8 @@ __all__ = [
 
 FIDELITY_PROBE = "instruct-fidelity"
 NEXT_SENTENCE_PROBE = "next-sentence"
-PROBE_VERSION = 1  # bump when instructions, passages, splits or the answer post-processing change
+FIDELITY_VERSION = 1  # bump when the instructions or the answer post-processing change (regenerates the answers)
+NEXT_SENTENCE_VERSION = 2  # bump when the passages, distractors or splits change (rebuilds the cached examples)
 SOURCE_PACKAGE = "Debian package r-cran-janeaustenr"
 SEED = 0
 FIDELITY_MAX_NEW_TOKENS = 40  # answers bounded so prompt + answer fit 128 tokens (cl5's seq_len) with SmolLM2's template
@@ -219,7 +221,7 @@ def fidelity_task(model: Any, tokenizer: Any, *, max_new_tokens: int = FIDELITY_
     split, ``test``, holds :func:`fidelity_instructions` with the base's greedy answers as responses.
 
     Generated once per base model and cached (JSON, atomic, checksummed) under ``cache_dir("probes")`` keyed by
-    the weights' fingerprint, the tokenizer, ``max_new_tokens``, ``chat_template`` and :data:`PROBE_VERSION`; other
+    the weights' fingerprint, the tokenizer, ``max_new_tokens``, ``chat_template`` and :data:`FIDELITY_VERSION`; other
     weights give another key. Score a tuned model with ``evaluate_sft(tuned, tokenizer, task["test"], ["ppl"],
     chat_template=chat_template)`` and compare with the base's value (module docstring).
     """
@@ -234,7 +236,7 @@ def fidelity_task(model: Any, tokenizer: Any, *, max_new_tokens: int = FIDELITY_
     instructions = fidelity_instructions()
     ihash = hashlib.sha256(json.dumps(instructions, sort_keys=True).encode()).hexdigest()[:16]
     key = hashlib.sha256(f"{fingerprint_model(model)}|{_tokenizer_key(tokenizer)}|{ihash}|{max_new_tokens}|"
-                         f"{bool(chat_template)}|v{PROBE_VERSION}".encode()).hexdigest()[:24]
+                         f"{bool(chat_template)}|v{FIDELITY_VERSION}".encode()).hexdigest()[:24]
     path = cache_dir("probes") / f"{FIDELITY_PROBE}-{key}.json"
     examples = _fidelity_cache_read(path) if cache else None
     if examples is None:
@@ -248,7 +250,7 @@ def fidelity_task(model: Any, tokenizer: Any, *, max_new_tokens: int = FIDELITY_
                     for x, a in zip(instructions, res["predictions"])]
         if cache:
             blob = json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()
-            atomic_write_json(path, {"probe": FIDELITY_PROBE, "version": PROBE_VERSION, "max_new_tokens": max_new_tokens,
+            atomic_write_json(path, {"probe": FIDELITY_PROBE, "version": FIDELITY_VERSION, "max_new_tokens": max_new_tokens,
                                      "chat_template": bool(chat_template), "examples": examples,
                                      "sha256": hashlib.sha256(blob).hexdigest()})
     meta = {k: v for k, v in PROBES[FIDELITY_PROBE].items() if k != "defaults"}
@@ -299,7 +301,7 @@ def next_sentence_splits(*, progress: bool = False) -> dict[str, list[dict[str, 
     """The ``next-sentence`` probe's ``{"train", "validation", "test"}`` examples (cached under
     ``cache_dir("probes")``, checksummed): ``{"prompt": passage, "response": true next sentence, "choices": 4
     sentences, "label": gold index as text, "id"}``. The gold position is balanced over the four slots."""
-    path = cache_dir("probes") / f"{NEXT_SENTENCE_PROBE}-v{PROBE_VERSION}.json"
+    path = cache_dir("probes") / f"{NEXT_SENTENCE_PROBE}-v{NEXT_SENTENCE_VERSION}.json"
     if path.is_file():
         try:
             obj = json.loads(path.read_text("utf-8"))
@@ -324,24 +326,31 @@ def next_sentence_splits(*, progress: bool = False) -> dict[str, list[dict[str, 
         if n < NEXT_SENTENCE_SIZES[split] // 2:
             raise _source_error(NEXT_SENTENCE_PROBE, ValueError(f"only {len(cands)} {split} passages"))
         chosen = sorted(rng.choice(len(cands), size=n, replace=False).tolist())
-        by_len = sorted(range(len(pool)), key=lambda k: len(pool[k][1]))
-        lens = np.array([len(pool[k][1]) for k in by_len])
+        # distractor pools by opening-quote style, sorted by length (a window of similar length is a slice)
+        pools = {q: sorted((len(t), c, t) for c, t in pool if _quoted(t) == q) for q in (False, True)}
+        lens = {q: np.array([x[0] for x in v]) for q, v in pools.items()}
         rows = []
         for e, ci in enumerate(chosen):
             ch, ctx, target = cands[ci]
-            lo, hi = np.searchsorted(lens, 0.8 * len(target)), np.searchsorted(lens, 1.25 * len(target), side="right")
-            window = [pool[by_len[k]] for k in range(lo, hi)]
-            ok = [s for c2, s in window if c2 != ch and _quoted(s) == _quoted(target) and s != target]
-            if len(ok) < 3:
-                ok = [s for c2, s in window if c2 != ch and s != target]
-            picks = [ok[k] for k in rng.choice(len(ok), size=3, replace=False)]
+            q = _quoted(target)
+            lo = int(np.searchsorted(lens[q], 0.8 * len(target)))
+            hi = int(np.searchsorted(lens[q], 1.25 * len(target), side="right"))
+            picks: list[str] = []
+            for _ in range(1000):  # seeded draws from the window: another chapter, not the answer, no repeats
+                if len(picks) == 3 or hi <= lo:
+                    break
+                _, c2, cand = pools[q][int(rng.integers(lo, hi))]
+                if c2 != ch and cand != target and cand not in picks:
+                    picks.append(cand)
+            if len(picks) < 3:
+                raise _source_error(NEXT_SENTENCE_PROBE, ValueError(f"no distractors of similar length for {target[:40]!r}"))
             gold = e % 4  # balanced gold slot
             choices = picks[:gold] + [target] + picks[gold:]
             rows.append({"prompt": ctx, "response": target, "choices": choices, "label": str(gold),
                          "id": f"{NEXT_SENTENCE_PROBE}/{split}/{e}", "chapter": ch})
         splits[split] = rows
     blob = json.dumps(splits, sort_keys=True, ensure_ascii=False).encode()
-    atomic_write_json(path, {"probe": NEXT_SENTENCE_PROBE, "version": PROBE_VERSION, "splits": splits,
+    atomic_write_json(path, {"probe": NEXT_SENTENCE_PROBE, "version": NEXT_SENTENCE_VERSION, "splits": splits,
                              "sha256": hashlib.sha256(blob).hexdigest()})
     return splits
 
