@@ -366,6 +366,7 @@ PROBES: dict[str, dict[str, Any]] = {
         "source": SOURCE_PACKAGE + " (passages, words) + 16 instructions written in kappatune",
         "license": "public domain (package: MIT)", "package": "r-cran-janeaustenr", "probe": True, "probe_only": True,
         "metric": "ppl", "direction": "rise = forgetting",
+        "base_smollm2": "SHORT_BASE_FID", "noise": "SHORT_NOISE_FID",  # measured (docs/data.md, "Control probes")
         # what a YAML entry `- instruct-fidelity` means (keys the entry gives itself win)
         "defaults": {"type": "sft", "metrics": ["ppl"], "chat_template": True},
     },
@@ -374,6 +375,7 @@ PROBES: dict[str, dict[str, Any]] = {
                        "and 3 of similar length from other chapters), scored by log-likelihood (fall = forgetting)",
         "source": SOURCE_PACKAGE, "license": "public domain (package: MIT)", "package": "r-cran-janeaustenr",
         "probe": True, "chance_accuracy": 0.25, "metric": "accuracy", "direction": "fall = forgetting",
+        "base_smollm2": "SHORT_BASE_NS", "noise": "SHORT_NOISE_NS",  # measured (docs/data.md, "Control probes")
         "defaults": {"type": "sft", "metrics": ["accuracy"], "chat_template": False},
     },
 }
