@@ -216,3 +216,30 @@ def test_run_with_the_probe_suite_reports_each_change(fake_austen, tmp_path, one
     assert suite["instruct-fidelity"]["ppl"]["unit"] == "%"
     assert set(suite["next-sentence"]) >= {"accuracy", "accuracy_norm"}
     assert r["base"]["probes"]["next-sentence"]["accuracy"] in {k / 8 for k in range(9)}
+
+
+@pytest.mark.slow
+def test_real_probes_build_from_austen_disjoint_from_control_blocks_and_labelled_tasks(monkeypatch):
+    """The real build from r-cran-janeaustenr (shared cache; the package is fetched once)."""
+    import os
+
+    from kappatune.data import load_corpus, split_documents
+    from kappatune.data.labelled import TASK_ORDER, _cache_path, LABELLED_TASKS
+
+    monkeypatch.delenv("KAPPATUNE_CACHE")
+    if os.environ.get("XDG_CACHE_HOME"):
+        monkeypatch.delenv("XDG_CACHE_HOME")
+    docs = load_corpus("control").documents
+    splits = P.next_sentence_splits()
+    assert {k: len(v) for k, v in splits.items()} == P.NEXT_SENTENCE_SIZES
+    control_eval = "\n\n".join(docs[i] for i in split_documents(len(docs), "eval", seed=0, eval_fraction=0.1))
+    texts = [t for rows in splits.values() for e in rows for t in [e["prompt"], *e["choices"]]]
+    fid = [x["prompt"].split("\n\n", 1)[-1] for x in P.fidelity_instructions() if x["kind"] in ("continue", "summarise")]
+    assert not any(t in control_eval for t in texts + fid)  # nothing from the control perplexity chapters
+    for name in TASK_ORDER:  # the labelled tasks (when built) share no input with the probes
+        path = _cache_path(LABELLED_TASKS[name])
+        if path.is_file():
+            import json as _json
+
+            inputs = {e["input"] for rows in _json.loads(path.read_text())["splits"].values() for e in rows}
+            assert not inputs & set(texts + fid), name

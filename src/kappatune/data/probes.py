@@ -375,6 +375,7 @@ PROBES: dict[str, dict[str, Any]] = {
                        "and 3 of similar length from other chapters), scored by log-likelihood (fall = forgetting)",
         "source": SOURCE_PACKAGE, "license": "public domain (package: MIT)", "package": "r-cran-janeaustenr",
         "probe": True, "chance_accuracy": 0.25, "metric": "accuracy", "direction": "fall = forgetting",
+        "label_field": "label",  # label counts (kappatune data) by gold slot 0-3
         "base_smollm2": "SHORT_BASE_NS", "noise": "SHORT_NOISE_NS",  # measured (docs/data.md, "Control probes")
         "defaults": {"type": "sft", "metrics": ["accuracy"], "chat_template": False},
     },
