@@ -23,8 +23,9 @@ small (the greedy path is already each step's argmax). It is not a quality score
 from one Austen paragraph, and four candidate continuations: the true next sentence and three sentences of similar
 length (and the same opening quote style) from other chapters of the same split. Scored by the log-likelihood of
 each candidate as a continuation of the passage (plain text, no chat template; ``accuracy`` and length-normalised
-``accuracy_norm``). Chance is 0.25; SmolLM2-135M is well above it (docs/data.md), so a **fall** means the tuned
-model lost some of its knowledge of English prose and narrative coherence.
+``accuracy_norm``). Chance is 0.25; the probe is meant to sit above chance for a small model (SmolLM2-135M's base accuracy is
+not measured yet, docs/data.md), so a **fall** means the tuned model lost some of its knowledge of English prose
+and narrative coherence.
 
 Texts are disjoint: Austen chapters in the ``control`` corpus's eval split under the default split (seed 0,
 eval_fraction 0.1; what the control perplexity blocks are cut from) are never used; the remaining chapters are
@@ -366,7 +367,7 @@ PROBES: dict[str, dict[str, Any]] = {
         "source": SOURCE_PACKAGE + " (passages, words) + 16 instructions written in kappatune",
         "license": "public domain (package: MIT)", "package": "r-cran-janeaustenr", "probe": True, "probe_only": True,
         "metric": "ppl", "direction": "rise = forgetting",
-        "base_smollm2": "SHORT_BASE_FID", "noise": "SHORT_NOISE_FID",  # measured (docs/data.md, "Control probes")
+        "base_smollm2": "not measured", "noise": "0 at base (deterministic)",  # SmolLM2-135M's base value and noise (docs/data.md)
         # what a YAML entry `- instruct-fidelity` means (keys the entry gives itself win)
         "defaults": {"type": "sft", "metrics": ["ppl"], "chat_template": True},
     },
@@ -376,7 +377,7 @@ PROBES: dict[str, dict[str, Any]] = {
         "source": SOURCE_PACKAGE, "license": "public domain (package: MIT)", "package": "r-cran-janeaustenr",
         "probe": True, "chance_accuracy": 0.25, "metric": "accuracy", "direction": "fall = forgetting",
         "label_field": "label",  # label counts (kappatune data) by gold slot 0-3
-        "base_smollm2": "SHORT_BASE_NS", "noise": "SHORT_NOISE_NS",  # measured (docs/data.md, "Control probes")
+        "base_smollm2": "not measured", "noise": "+-14 pts (n=48), +-7 (n=200)",  # SmolLM2-135M's base value and noise (docs/data.md)
         "defaults": {"type": "sft", "metrics": ["accuracy"], "chat_template": False},
     },
 }
