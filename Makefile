@@ -3,7 +3,7 @@
 #   make test   set up .venv and run the test suite
 #   make study  set up .venv and run the forgetting study (README "Results"; 10 methods x 3 seeds, see configs/study.yaml)
 VENV := .venv/bin
-.PHONY: setup demo test test-fast bench study
+.PHONY: setup demo test test-fast bench study study2
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +22,6 @@ bench: setup
 
 study: setup
 	$(VENV)/kappatune bench configs/study.yaml
+
+study2: setup  # the study, second edition: hours; resumes from committed cells (configs/study2.yaml)
+	scripts/study2.sh

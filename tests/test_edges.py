@@ -57,7 +57,7 @@ BAD_OPTIONS = [
     ("selective", {"top_p": "x"}, "method 'selective': top_p must be a number or null, got 'x'"),
     ("selective", {"top_p": float("nan")}, "top_p must be a number or null, got nan"),
     ("selective", {"num_modules": 2.5}, "num_modules must be an integer or null, got 2.5"),
-    ("selective", {"policy": "kapa"}, "policy: 'kapa' is not one of all, kappa, random, snr (did you mean 'kappa'?)"),
+    ("selective", {"policy": "kapa"}, "policy: 'kapa' is not one of all, kappa, random, snr, snr_per_type, random_type_matched (did you mean 'kappa'?)"),
     ("selective", {"exclude": ["re:("]}, "exclude: 're:(' is not a valid regular expression"),
     ("full", {"freeze_embeddings": "yes"}, "method 'full': freeze_embeddings must be true or false, got 'yes'"),
     ("osf", {"min_retention": 0.9, "max_retention": 0.1}, "need min_retention <= max_retention"),

@@ -446,7 +446,7 @@ def test_bad_configs_give_clear_errors():
         SelectiveOptimizer(build_tiny_llama().parameters(), selected=[])
     with pytest.raises(ConfigError, match="did you mean 'rank'"):
         get_method("lora", {"rnak": 4})
-    with pytest.raises(ConfigError, match="policy: 'kapa' is not one of all, kappa, random, snr .did you mean 'kappa'"):
+    with pytest.raises(ConfigError, match="policy: 'kapa' is not one of all, kappa, random, snr, snr_per_type, random_type_matched .did you mean 'kappa'"):
         get_method("selective", {"policy": "kapa"})
     with pytest.raises(ConfigError, match="method 'lora': rank must be ≥ 1, got 0"):
         get_method("lora", {"rank": 0})

@@ -133,3 +133,71 @@ def test_selection_is_deterministic(llama):
     a = select_targets(build_tiny_llama(seed=3, num_hidden_layers=3), param_budget=50_000, progress=False)
     b = select_targets(llama, param_budget=50_000, progress=False)
     assert a == b
+
+
+# --- the controls that separate κ from tensor type (study, second edition) ------------------------------------
+def _types(names):
+    from collections import Counter
+
+    return Counter(n.rsplit(".", 2)[-2] for n in names)
+
+
+@pytest.mark.parametrize("knob", [dict(param_budget=60_000), dict(top_p=0.3), dict(num_modules=5)])
+def test_random_type_matched_has_kappas_type_counts(knob):
+    model = build_tiny_llama(seed=3, num_hidden_layers=6)
+    report = analyze_model(model, progress=False)
+    kappa = select_from_report(report, "kappa", **knob)
+    picks = [select_from_report(report, "random_type_matched", seed=s, **knob) for s in range(4)]
+    for sel in picks:
+        assert _types(sel.parameter_names) == _types(kappa.parameter_names)  # the same types, the same counts
+        assert sel.num_params == kappa.num_params  # tensors of one type have one shape here: the same budget
+    assert picks[0].parameter_names == select_from_report(report, "random_type_matched", seed=0, **knob).parameter_names
+    assert len({tuple(sorted(p.parameter_names)) for p in picks}) > 1  # seeded, not κ's pick in disguise
+
+
+def test_snr_per_type_picks_the_top_snr_fraction_within_each_type():
+    model = build_tiny_llama(seed=4, num_hidden_layers=6)
+    report = analyze_model(model, progress=False)
+    sel = select_from_report(report, "snr_per_type", top_p=0.5)
+    by_type: dict[str, list] = {}
+    for r in report.records:
+        if r.kind == "linear":
+            by_type.setdefault(r.module_type, []).append(r)
+    assert len(by_type) == 7
+    for mtype, recs in by_type.items():
+        want = sorted(recs, key=lambda r: -r.snr)[: int(len(recs) * 0.5)]
+        got = [n for n in sel.parameter_names if n.rsplit(".", 2)[-2] == mtype]
+        assert sorted(got) == sorted(r.name for r in want), mtype
+    # the global SNR rule at the same count is a different selection (it ignores type)
+    glob = select_from_report(report, "snr", num_modules=len(sel))
+    assert _types(glob.parameter_names) != _types(sel.parameter_names)
+
+
+def test_per_type_policies_meet_a_param_budget_like_kappa():
+    from kappatune.methods import for_budget
+
+    model = build_tiny_llama(seed=3, num_hidden_layers=6)
+    one_of_each = sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n and n.endswith("proj.weight"))
+    budget = 2 * one_of_each
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    counts = {}
+    for policy in ("kappa", "random_type_matched", "snr_per_type", "snr"):
+        m = for_budget("selective", model, budget, None, policy=policy, seed=1)
+        names = m.default_targets.parameter_names
+        counts[policy] = sum(sizes[n] for n in names)
+        assert abs(counts[policy] - budget) <= 0.1 * budget, policy
+        if policy == "snr_per_type":
+            assert set(_types(names).values()) == {2}  # two per type: Spectrum's per-type rule
+        if policy == "random_type_matched":
+            kappa_names = for_budget("selective", model, budget, None, policy="kappa").default_targets.parameter_names
+            assert _types(names) == _types(kappa_names)
+    assert counts["random_type_matched"] == counts["kappa"]
+    with pytest.raises(ConfigError, match="one tensor of every module type"):
+        for_budget("selective", model, one_of_each // 2, None, policy="snr_per_type")
+
+
+def test_every_policy_list_agrees():
+    from kappatune import config, selection
+    from kappatune.methods import budget
+
+    assert set(config.POLICIES) == set(selection.POLICIES) == set(budget.POLICIES)

@@ -29,6 +29,8 @@ from .errors import ConfigError
 
 __all__ = [
     "TaskConfig",
+    "LRSearchConfig",
+    "PreregisteredConfig",
     "TargetsConfig",
     "MethodSpec",
     "TrainingConfig",
@@ -45,7 +47,7 @@ __all__ = [
     "METRICS",
 ]
 
-POLICIES = ("kappa", "snr", "random", "all")
+POLICIES = ("kappa", "snr", "random", "all", "snr_per_type", "random_type_matched")  # = kappatune.selection.POLICIES (no torch import here)
 SCHEDULES = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
     "cosine_with_min_lr", "warmup_stable_decay",
@@ -178,6 +180,9 @@ class EvalConfig:
     max_examples: int | None = 200  # test examples evaluated per sft task (evenly spaced; None: all)
     max_new_tokens: int = 32
     stop: list[str] = field(default_factory=lambda: ["\n"])
+    # Which split of an sft task is evaluated: "test" (the results) or "validation" (tuning: a learning-rate
+    # search reads validation only, so no test number is seen before the protocol is fixed).
+    split: str = "test"
 
 
 @dataclass
@@ -188,6 +193,9 @@ class OutputConfig:
     save_model: bool = False  # also the merged full model via save_pretrained (large)
     plots: bool = True
     spectrum_plot: bool = True  # κ spectrum of the adapted tensors (needs kappatune.analysis)
+    # bench: where every finished cell's results are committed (one JSON per cell, e.g.
+    # benchmarks/results/<study>/cells); a bench skips cells already there and `bench --report` reads only them.
+    cells_dir: str | None = None
 
 
 @dataclass
@@ -204,6 +212,47 @@ class CompareConfig:
     stage: int = 1
     step: int | None = None
     baseline: str | None = None  # method label: every other method's paired per-seed differences against it
+
+
+@dataclass
+class LRSearchConfig:
+    """A bench's learning-rate search on validation only (the same for every method).
+
+    Every bench row (method, budget) trains ``steps`` steps (default: the stage's) on the ``task`` (``first``: the
+    first task of the first order) at each learning rate ``factors[i] × the method's lr`` (``lr`` or
+    ``training.lr``): the same grid size for every method, centred on its own scale. The criterion is the task's
+    validation ``metric`` (sft: ``accuracy``) at the end of that stage; the best factor (the smaller on a tie)
+    sets the lr of the row's real cells. Every trial is recorded in the bench output.
+    """
+
+    factors: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
+    task: str = "first"
+    steps: int | None = None
+    metric: str = "accuracy"
+    seed: int | None = None  # default: the bench's first seed
+
+
+@dataclass
+class PreregTarget:
+    """The pre-registered equal-quality point: where ``reference``'s learning curve of ``stage`` stands after
+    ``fraction`` of its steps, read as ``metric`` (a curve key: ``task_accuracy``, ``task_ppl``)."""
+
+    reference: str = "full"
+    stage: int = 1
+    fraction: float = 0.5
+    metric: str = "task_accuracy"
+
+
+@dataclass
+class PreregisteredConfig:
+    """Comparison points fixed before a study runs: the equal-quality ``target``, the ``primary`` metrics (bench
+    metric keys; ``control_suite`` stands for every control probe's change) and the ``reference`` methods every
+    row is paired against. Everything else a report shows is labelled exploratory. A bench refuses to change this
+    block once cells are committed (its fingerprint is the study's identity)."""
+
+    primary: list[str] = field(default_factory=lambda: ["acc", "bwt_acc", "control_suite"])
+    reference: list[str] = field(default_factory=lambda: ["full", "lora"])
+    target: PreregTarget | None = None
 
 
 @dataclass
@@ -231,6 +280,11 @@ class RunConfig:
     allow_missing_weights: bool = False  # load a checkpoint lacking weights of its architecture (new ones seeded)
     progress: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default); 1 is far faster on a busy small CPU
+    # -- bench only (a study): several budgets, several task orders, a validation LR search, pre-registered points
+    budgets: list[int] | None = None  # one row per budget for every budget-matched method (replaces ``budget``)
+    orders: list[list[str]] | None = None  # task orders (task labels); each cell runs one (default: ``tasks`` as given)
+    lr_search: LRSearchConfig | None = None
+    preregistered: PreregisteredConfig | None = None
 
     # -- derived ---------------------------------------------------------------------------------------------
     def steps_per_stage(self) -> int:
@@ -267,8 +321,12 @@ class RunConfig:
         """The single-method, single-seed run config a benchmark cell executes."""
         return dataclasses.replace(
             self, method=spec, methods=[], seed=seed, seeds=None, output_dir=str(output_dir), compare=CompareConfig(),
-            name=f"{self.name}/{spec.display}/seed-{seed}",
+            name=f"{self.name}/{spec.display}/seed-{seed}", budgets=None, orders=None, lr_search=None, preregistered=None,
         )
+
+    def task_orders(self) -> list[list[str]]:
+        """The task orders a bench runs (task labels), the config's ``tasks`` order first by default."""
+        return [list(o) for o in self.orders] if self.orders else [[t.label for t in self.tasks]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -593,11 +651,75 @@ def validate_static(cfg: RunConfig) -> RunConfig:
                           f"eval.eval_fraction < 1, got {e.validation_fraction!r}")
     _positive(e.max_examples, "eval.max_examples")
     _positive(e.max_new_tokens, "eval.max_new_tokens", allow_none=False)
+    _check_study(cfg, disp)
     if c.baseline is not None and c.baseline not in disp:
         hint = difflib.get_close_matches(c.baseline, disp, n=1)
         raise ConfigError(f"config: compare.baseline {c.baseline!r} is not a method label of this config"
                           + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
     return cfg
+
+
+def _check_study(cfg: RunConfig, disp: list[str]) -> None:
+    """The bench-only study keys: budgets, orders, lr_search, preregistered."""
+    if cfg.budgets is not None:
+        if not cfg.budgets or len(set(cfg.budgets)) != len(cfg.budgets):
+            raise ConfigError(f"config: budgets must list distinct budgets, got {cfg.budgets}")
+        for i, b in enumerate(cfg.budgets):
+            _positive(b, f"budgets[{i}]", allow_none=False)
+        if cfg.budget is not None:
+            raise ConfigError("config: give budget (one) or budgets (several), not both")
+    labels = [t.label for t in cfg.tasks]
+    if cfg.orders is not None:
+        if not cfg.orders:
+            raise ConfigError("config: orders must list at least one task order")
+        for i, o in enumerate(cfg.orders):
+            if sorted(o) != sorted(labels):
+                raise ConfigError(f"config: orders[{i}] {o} must be a permutation of the task labels {labels}")
+    if cfg.eval.split not in ("test", "validation"):
+        raise ConfigError(f"config: eval.split must be 'test' or 'validation', got {cfg.eval.split!r}")
+    ls = cfg.lr_search
+    if ls is not None:
+        if not ls.factors or any(not (isinstance(f, (int, float)) and f > 0) for f in ls.factors):
+            raise ConfigError(f"config: lr_search.factors must list positive learning-rate multipliers, got {ls.factors}")
+        if len(set(ls.factors)) != len(ls.factors):
+            raise ConfigError(f"config: lr_search.factors must be distinct, got {ls.factors}")
+        if ls.task != "first" and ls.task not in labels:
+            raise ConfigError(f"config: lr_search.task {ls.task!r} must be 'first' or a task label ({', '.join(labels)})")
+        _positive(ls.steps, "lr_search.steps")
+        task = cfg.tasks[0] if ls.task == "first" else cfg.tasks[labels.index(ls.task)]
+        if ls.task == "first" and cfg.orders:
+            task = cfg.tasks[labels.index(cfg.orders[0][0])]
+        if task.type != "sft":
+            raise ConfigError(f"config: lr_search reads the validation split, which only sft tasks have; task "
+                              f"{task.label!r} is type {task.type!r}")
+        if ls.metric not in METRICS:
+            raise ConfigError(f"config: lr_search.metric must be one of {', '.join(METRICS)}, got {ls.metric!r}")
+    pr = cfg.preregistered
+    if pr is not None:
+        if not pr.primary:
+            raise ConfigError("config: preregistered.primary must name at least one metric")
+        for r in pr.reference:
+            if r not in disp:
+                raise ConfigError(f"config: preregistered.reference {r!r} is not a method label; labels: {', '.join(disp)}")
+        t = pr.target
+        if t is not None:
+            if t.reference not in disp:
+                raise ConfigError(f"config: preregistered.target.reference {t.reference!r} is not a method label; "
+                                  f"labels: {', '.join(disp)}")
+            if not (0.0 < t.fraction <= 1.0):
+                raise ConfigError(f"config: preregistered.target.fraction must be in (0, 1], got {t.fraction}")
+            if not (1 <= t.stage <= len(cfg.tasks)):
+                raise ConfigError(f"config: preregistered.target.stage must be between 1 and {len(cfg.tasks)}, got {t.stage}")
+            if not t.metric.startswith("task_"):
+                raise ConfigError(f"config: preregistered.target.metric must be a learning-curve key (task_ppl, "
+                                  f"task_accuracy, ...), got {t.metric!r}")
+            every, steps = cfg.eval.curve_every, cfg.steps_per_stage()
+            step = round(t.fraction * steps)
+            if every == 0 or (step % every and step != steps) or step < 1:
+                raise ConfigError(f"config: preregistered.target: {t.fraction} of {steps} steps is step {step}, which "
+                                  f"is not a learning-curve point (eval.curve_every = {every})")
+            if cfg.eval.curve_stages is not None and t.stage not in cfg.eval.curve_stages:
+                raise ConfigError(f"config: preregistered.target.stage {t.stage} has no learning curve: add it to eval.curve_stages")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -737,7 +859,8 @@ _NON_RESULT_KEYS = ("output_dir", "progress", "name", "compare")
 
 _LATER_KEYS = (
     ("training", "optimizer", "adamw"), ("training", "dtype", "float32"), ("training", "gradient_checkpointing", False),
-    ("eval", "early_stopping", 0),
+    ("eval", "early_stopping", 0), ("eval", "split", "test"), (None, "budgets", None), (None, "orders", None),
+    (None, "lr_search", None), (None, "preregistered", None),
 )
 
 

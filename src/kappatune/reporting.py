@@ -265,8 +265,86 @@ def bench_markdown(bench: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def equal_quality_markdown(eq: dict[str, Any]) -> str:
+def _diff_cell(d: dict[str, Any]) -> str:
+    """A paired difference as 'mean [lo, hi] p=…' with its verdict."""
+    if d.get("mean") is None:
+        return "–"
+    ci = d.get("ci")
+    p = d.get("p")
+    txt = fmt(d["mean"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+    txt += f" p={p:.3f}" if p is not None else ""
+    return txt + (" **significant**" if d.get("significant") else " n.s.")
+
+
+def study_markdown(bench: dict[str, Any]) -> str:
+    """A study's report (README Results source): protocol, validation LR search, the pre-registered comparisons
+    (primary metrics with paired 95% intervals against each reference, the pre-registered equal-quality point),
+    then everything else labelled exploratory, the cells present and the CPU time. Built only from committed
+    cells, so ``bench --report`` rebuilds it byte for byte."""
+    st = bench["study"]
+    cfg = bench.get("config", {})
+    cells = st["cells"]
+    lines = [f"# Study: {bench.get('name', '')}", "", "## Protocol", "",
+             f"- model `{bench.get('model')}`; {bench.get('steps_per_stage')} steps per task; seeds {bench.get('seeds')}; "
+             f"control suite {bench.get('control')}",
+             "- task orders: " + "; ".join(" → ".join(o) for o in st["orders"]),
+             "- rows (method @ trainable-parameter budget): " + ", ".join(r["label"] for r in st["rows"]),
+             f"- protocol fingerprint `{(st.get('protocol') or {}).get('fingerprint')}` (pre-registered block and LR "
+             "search, fixed before the first cell)",
+             f"- cells: {cells['present']} of {cells['expected']} committed"
+             + (f"; missing: {', '.join(cells['missing'][:8])}" + (" …" if len(cells["missing"]) > 8 else "") if cells["missing"] else ""),
+             ""]
+    lr = st.get("lr_search")
+    if lr:
+        rows = []
+        for label, r in lr["rows"].items():
+            for t in r["trials"]:
+                rows.append([label, fmt(t["factor"]), fmt(t["lr"]), fmt(t["value"]), "←" if t["lr"] == r["chosen_lr"] else ""])
+        lines += ["## Learning-rate search (validation split only)", "",
+                  f"Task `{lr['task']}`, {lr['steps']} steps, seed {lr['seed']}; criterion: validation {lr['metric']} at "
+                  f"the end of the stage; grid: {lr['factors']} × each method's base lr (the same size for every method).",
+                  "", _md(rows, ["row", "factor", "lr", f"validation {lr['metric']}", "chosen"]), ""]
+    by_label = {m["label"]: m for m in bench["methods"]}
+    prim = st.get("primary_metrics") or []
+    if prim:
+        rows = [[lab, len(m.get("seeds", [])), *(_pm(m["metrics"].get(k)) for k in prim)] for lab, m in by_label.items()]
+        lines += ["## Pre-registered comparisons (primary)", "",
+                  "Mean ± std over seeds × orders:", "", _md(rows, ["row", "cells", *(METRIC_LABELS.get(k, (k,))[0] for k in prim)]), ""]
+        for ref, pr in (st.get("paired") or {}).items():
+            rows = []
+            for lab, diffs in pr["methods"].items():
+                rows.append([lab, pr["baselines"].get(lab), *(_diff_cell(diffs.get(k) or {}) for k in prim)])
+            lines += [f"Paired differences against `{ref}` (row − {ref} at the same budget, matched on seed and order; "
+                      "95% t interval, two-sided p; **significant** = the interval excludes 0):", "",
+                      _md(rows, ["row", "paired with", *(METRIC_LABELS.get(k, (k,))[0] for k in prim)]), ""]
+        if st.get("target"):
+            lines += [equal_quality_markdown(st["target"], "Pre-registered equal-quality point"), ""]
+    lines += ["## Exploratory (not pre-registered)", "", "Every other metric, mean ± std over seeds × orders:", "",
+              bench_table(bench), ""]
+    for ref, pr in (st.get("paired") or {}).items():
+        rows = []
+        for lab, diffs in pr["methods"].items():
+            for k, d in diffs.items():
+                if k in prim or d.get("mean") is None or (k not in METRIC_LABELS and not k.startswith("probe_")):
+                    continue
+                rows.append([lab, METRIC_LABELS.get(k, (k,))[0], _diff_cell(d)])
+        if rows:
+            lines += [f"Paired differences against `{ref}`, other metrics (exploratory):", "",
+                      _md(rows, ["row", "metric", "difference [95% CI] p"]), ""]
+    cpu = st["cpu_time_s"]
+    lines += ["## Compute", "",
+              f"- CPU time (process time of the cells that ran in one piece): cells {fmt(cpu['cells'] / 3600.0)} h "
+              f"({cpu['cells_timed']} timed), LR search {fmt((cpu.get('lr_search') or 0.0) / 3600.0)} h "
+              f"({cpu.get('lr_search_timed', 0)} of {cpu.get('lr_search_trials', 0)} trials timed)",
+              f"- recorded wall time of the cells (setup + training + evaluation): {fmt(st['wall_time_s_recorded'] / 3600.0)} h",
+              ""]
+    return "\n".join(lines)
+
+
+def equal_quality_markdown(eq: dict[str, Any], title: str = "Equal task quality") -> str:
     """The equal-task-quality table: control perplexity where each method reaches the reference's task perplexity."""
+    metric = eq.get("metric", "task_ppl")
+    what = metric.replace("task_", "task ")
     rows = []
     for m in eq["methods"]:
         n = m["reached"] + len(m["not_reached"])
@@ -275,15 +353,15 @@ def equal_quality_markdown(eq: dict[str, Any]) -> str:
             _pm(m["control_change_pct_at_target"]), _pm(m["best_task_ppl"]),
         ])
     return "\n".join([
-        f"## Equal task quality (stage {eq['stage']}, {eq.get('task')})",
+        f"## {title} (stage {eq['stage']}, {eq.get('task')})",
         "",
-        f"Target: the task perplexity `{eq['reference']}` reaches "
+        f"Target: the {what} `{eq['reference']}` reaches "
         + (f"after {eq['step']} steps of stage {eq['stage']} " if eq.get("step") else f"at the end of stage {eq['stage']} ")
         + f"(per seed; mean {fmt(eq['mean_target_task_ppl'])}). Control perplexity where each run's learning curve "
         "first reaches it (linear interpolation between curve points).",
         "",
         _md(rows, ["method", "reached", "steps to target", "control ppl at target", "control Δ% at target",
-                   "best task ppl"]),
+                   f"best {what}"]),
     ])
 
 

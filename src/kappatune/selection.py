@@ -5,7 +5,11 @@ A policy orders the candidate tensors of a :class:`~kappatune.analysis.SpectrumR
 - ``kappa``: ascending condition number (KappaTune: the most isotropic tensors first; κ = inf last),
 - ``snr``: descending Marchenko–Pastur SNR (Spectrum),
 - ``random``: a seeded permutation (the control that tells whether the spectrum matters at all),
-- ``all``: every candidate.
+- ``all``: every candidate,
+- ``snr_per_type``: Spectrum as published -- the top fraction by SNR *within each module type* (q_proj, ...,
+  down_proj), as Spectrum's scanner and axolotl's Spectrum integration pick them, next to ``snr``'s global rule,
+- ``random_type_matched``: the control that separates κ from tensor type -- seeded random tensors drawn within
+  the module types, and with the per-type counts, that ``kappa`` picks at the same budget.
 
 A budget then cuts the order: ``num_modules`` (first k), ``top_p`` (first ``max(1, int(N·top_p))``, PEFT's rule),
 ``threshold`` (κ ≤ t for ``kappa``, SNR ≥ t for ``snr``) or ``param_budget`` (walk the order and keep every tensor
@@ -35,7 +39,7 @@ __all__ = [
     "match_module_names",
 ]
 
-POLICIES = ("kappa", "snr", "random", "all")
+POLICIES = ("kappa", "snr", "random", "all", "snr_per_type", "random_type_matched")
 # Embeddings and the LM head are analysed but not adapted unless asked for (kinds=(..., "head", "embedding")).
 DEFAULT_KINDS = ("linear", "conv1d", "moe")
 ALL_KINDS = ("linear", "conv1d", "moe", "head", "embedding", "param")
@@ -93,6 +97,8 @@ def match_module_names(names: Sequence[str], patterns: str | Sequence[str]) -> l
 
 
 def _order(records: list[TensorSpectrum], policy: str, seed: int) -> list[TensorSpectrum]:
+    if policy == "snr_per_type":
+        policy = "snr"
     if policy == "kappa":
         return sorted(records, key=lambda r: (not math.isfinite(r.kappa), r.kappa if math.isfinite(r.kappa) else 0.0, r.name))
     if policy == "snr":
@@ -105,7 +111,62 @@ def _order(records: list[TensorSpectrum], policy: str, seed: int) -> list[Tensor
 
 
 def _score(r: TensorSpectrum, policy: str) -> float:
-    return r.snr if policy == "snr" else r.kappa
+    return r.snr if policy in ("snr", "snr_per_type") else r.kappa
+
+
+def _type_of(r: TensorSpectrum) -> str:
+    return r.module_type or r.kind
+
+
+def _per_type_top(candidates: list[TensorSpectrum], fraction: float) -> list[TensorSpectrum]:
+    """Spectrum's per-type rule: within each module type, the ``int(n_type * fraction)`` highest-SNR tensors."""
+    groups: dict[str, list[TensorSpectrum]] = {}
+    for r in candidates:
+        groups.setdefault(_type_of(r), []).append(r)
+    keep: list[TensorSpectrum] = []
+    for _, recs in sorted(groups.items()):
+        keep += _order(recs, "snr", 0)[: int(len(recs) * fraction + 1e-9)]
+    return keep
+
+
+def _snr_per_type(candidates: list[TensorSpectrum], top_p, num_modules, threshold, param_budget) -> list[TensorSpectrum]:
+    """``snr_per_type`` under any budget knob. ``top_p``: Spectrum's fraction per type; ``num_modules``: the
+    fraction ``num_modules / N``; ``param_budget``: the largest per-type fraction whose selection fits (the
+    per-type counts move together, so the smallest non-empty selection is one tensor of every type);
+    ``threshold``: SNR ≥ t, which no type changes."""
+    if threshold is not None:
+        return [r for r in _order(candidates, "snr", 0) if r.snr >= threshold]
+    if top_p is not None:
+        return _per_type_top(candidates, top_p)
+    if num_modules is not None:
+        return _per_type_top(candidates, num_modules / len(candidates))
+    if param_budget is None:
+        return _order(candidates, "snr", 0)
+    sizes: dict[str, int] = {}
+    for r in candidates:
+        sizes[_type_of(r)] = sizes.get(_type_of(r), 0) + 1
+    # every fraction at which some type's count steps up; the largest one that fits
+    fractions = sorted({j / n for n in sizes.values() for j in range(1, n + 1)})
+    best: list[TensorSpectrum] = []
+    for f in fractions:
+        sel = _per_type_top(candidates, f)
+        if sum(r.numel for r in sel) > param_budget:
+            break
+        best = sel
+    return best
+
+
+def _type_matched(candidates: list[TensorSpectrum], reference: list[TensorSpectrum], seed: int) -> list[TensorSpectrum]:
+    """Seeded random tensors with exactly the per-type counts of ``reference`` (drawn within each type)."""
+    want: dict[str, int] = {}
+    for r in reference:
+        want[_type_of(r)] = want.get(_type_of(r), 0) + 1
+    rng = random.Random(seed)
+    out: list[TensorSpectrum] = []
+    for mtype in sorted(want):
+        pool = sorted((r for r in candidates if _type_of(r) == mtype), key=lambda r: r.name)
+        out += rng.sample(pool, want[mtype])
+    return out
 
 
 def _validate_budget(top_p, num_modules, threshold, param_budget, policy) -> None:
@@ -119,7 +180,7 @@ def _validate_budget(top_p, num_modules, threshold, param_budget, policy) -> Non
     if param_budget is not None and (int(param_budget) != param_budget or param_budget < 1):
         raise ConfigError(f"param_budget must be a positive integer number of parameters, got {param_budget}")
     if threshold is not None:
-        if policy not in ("kappa", "snr"):
+        if policy not in ("kappa", "snr", "snr_per_type", "random_type_matched"):
             raise ConfigError(f"threshold applies to the kappa and snr policies, not {policy!r}")
         if not isinstance(threshold, (int, float)) or math.isnan(threshold):
             raise ConfigError(f"threshold must be a number, got {threshold!r}")
@@ -162,7 +223,7 @@ def select_from_report(
     if policy not in POLICIES:
         raise ConfigError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
     _validate_budget(top_p, num_modules, threshold, param_budget, policy)
-    if policy == "snr" and report.settings.get("kappa_only"):
+    if policy in ("snr", "snr_per_type") and report.settings.get("kappa_only"):
         raise ConfigError("the snr policy needs the full spectrum, but this analysis is κ-only (kappa_only=True); "
                           "analyse again without kappa_only")
     candidates = [r for r in report.records if r.kind in kinds]
@@ -178,7 +239,14 @@ def select_from_report(
         if param_budget < smallest:
             raise ConfigError(f"param_budget {param_budget:,} is smaller than the smallest candidate tensor ({smallest:,} parameters)")
 
-    if balance_types:
+    if policy == "snr_per_type":
+        chosen = _snr_per_type(candidates, top_p, num_modules, threshold, param_budget)
+    elif policy == "random_type_matched":
+        ref = select_from_report(report, "kappa", top_p=top_p, num_modules=num_modules, threshold=threshold,
+                                 param_budget=param_budget, balance_types=balance_types, seed=seed, kinds=kinds)
+        picked = set(ref.parameter_names)
+        chosen = _type_matched(candidates, [r for r in candidates if r.name in picked], seed)
+    elif balance_types:
         groups: dict[str, list[TensorSpectrum]] = {}
         for r in candidates:
             groups.setdefault(r.module_type, []).append(r)

@@ -54,8 +54,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet, command="bench", only=only)
         print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         return 0
+    if args.report:
+        from .. import reporting
+
+        summary = harness.bench_report(args.config, overrides=_overrides(args))
+        print(reporting.study_markdown(summary) if "study" in summary else reporting.bench_table(summary))
+        return 0
     summary = harness.bench(args.config, force=args.force, progress=False if args.quiet else None, overrides=_overrides(args),
-                            only=only)
+                            only=only, commit=args.commit)
     if args.quiet:
         from .. import reporting
 
@@ -84,4 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", metavar="LABEL[,LABEL]",
                    help="run only these methods (by label), e.g. to re-run one method of a study: "
                         "--only kappatune seeds=[1] -o runs/check")
+    p.add_argument("--commit", action="store_true",
+                   help="study: git-commit each cell's results in output.cells_dir as soon as it finishes")
+    p.add_argument("--report", action="store_true",
+                   help="study: rebuild the tables (study.md, study.json) from the committed cells in output.cells_dir "
+                        "alone; trains nothing")
     p.set_defaults(handler=cmd_bench)

@@ -1,21 +1,38 @@
-"""Benchmarks: every method × seed of a config (:func:`bench`) and their aggregation (:func:`aggregate_bench`)."""
+"""Benchmarks: every method × seed of a config (:func:`bench`) and their aggregation (:func:`aggregate_bench`).
+
+A *study* is a bench with the study keys (``budgets``, ``orders``, ``lr_search``, ``preregistered``,
+``output.cells_dir``): its cells are (method, budget, task order, seed); every finished cell's results are
+committed atomically as ``<cells_dir>/<row>/[order-<o>/]seed-<s>.json`` (and with ``commit=True`` to git), a run
+skips cells already committed, and :func:`bench_report` rebuilds every table from the committed cells alone.
+The learning-rate search (validation split only) runs first and is committed the same way under
+``<cells_dir>/lr_search/``; the pre-registered block and the search protocol are fingerprinted into
+``<cells_dir>/protocol.json``, which a bench refuses to change once cells exist.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
+import subprocess
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from ..config import RunConfig, config_fingerprint
-from ..errors import ConfigError
+from ..config import MethodSpec, RunConfig, config_fingerprint
+from ..errors import CacheError, ConfigError
 from ..storage import atomic_write_json, atomic_write_text
 from .compare import bench_curves, equal_quality
 from .metrics import _stat
 from .run import _as_config, _log, run, validate
 from .state import _finished, _read_state, library_versions, load_results
 
-__all__ = ["bench", "aggregate_bench", "paired_against"]
+__all__ = ["bench", "bench_report", "aggregate_bench", "paired_against", "study_rows", "StudyRow"]
+
+logger = logging.getLogger("kappatune")
 
 _BENCH_METRICS = (
     "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
@@ -30,21 +47,26 @@ def _metric_keys(res: list[dict[str, Any]]) -> list[str]:
     return list(_BENCH_METRICS) + probes
 
 
-def paired_against(cells: dict[str, dict[int, dict[str, Any]]], baseline: str) -> dict[str, Any]:
+def paired_against(cells: dict[str, dict[Any, dict[str, Any]]], baseline: str | dict[str, str],
+                   keys: Sequence[str] | None = None) -> dict[str, Any]:
     """Every method's per-seed paired differences (method − ``baseline``) of every bench metric, with a 95% interval.
 
     Seeds share batches, so the seed-matched difference is the honest comparison (:func:`kappatune.stats.paired_difference`).
+    ``baseline``: one label for every method, or ``{label: its baseline label}`` (a study pairs each budget's row
+    with the reference at the same budget). ``keys``: the metrics (default: every bench metric).
     """
     from ..stats import paired_difference
 
-    ref = cells[baseline]
-    keys = _metric_keys(list(ref.values()))
-    out: dict[str, Any] = {"baseline": baseline, "confidence": 0.95, "methods": {}}
+    pairs = {lab: baseline for lab in cells} if isinstance(baseline, str) else dict(baseline)
+    name = baseline if isinstance(baseline, str) else sorted(set(pairs.values()))[0] if pairs else None
+    out: dict[str, Any] = {"baseline": name, "baselines": pairs, "confidence": 0.95, "methods": {}}
     for label, by_seed in cells.items():
-        if label == baseline:
+        base = pairs.get(label)
+        if base is None or label == base or base not in cells:
             continue
+        ref = cells[base]
         diffs = {}
-        for k in keys:
+        for k in (keys or _metric_keys(list(ref.values()))):
             a = {s: r["metrics"].get(k) for s, r in by_seed.items()}
             b = {s: r["metrics"].get(k) for s, r in ref.items()}
             if any(v is not None for v in a.values()) and any(v is not None for v in b.values()):
@@ -53,7 +75,7 @@ def paired_against(cells: dict[str, dict[int, dict[str, Any]]], baseline: str) -
     return out
 
 
-def aggregate_bench(cells: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+def aggregate_bench(cells: dict[str, dict[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Mean ± sample std over seeds of every metric, per method (``cells[label][seed]`` = results dict)."""
     rows = []
     for label, by_seed in cells.items():
@@ -86,6 +108,303 @@ def _select_only(cfg: RunConfig, only: Sequence[str] | None) -> RunConfig:
     return dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
 
 
+@dataclass(frozen=True)
+class StudyRow:
+    """One row of a bench's tables: a method at one budget (``budget`` None: unmatched or the config's one budget)."""
+
+    label: str
+    spec: MethodSpec
+    budget: int | None
+    tagged: bool = False  # the row label carries its budget (several budgets)
+
+
+def _budget_tag(b: int) -> str:
+    """A short, readable budget tag for row labels: 3538944 -> '3.54M'."""
+    for digits in (3, 4, 6):
+        for scale, unit in ((1e6, "M"), (1e3, "k")):
+            if b >= scale:
+                return f"{b / scale:.{digits}g}{unit}"
+    return str(b)
+
+
+def study_rows(cfg: RunConfig) -> list[StudyRow]:
+    """The bench's rows: every method, once per budget of ``budgets`` when it is budget-matched (``label@3.54M``)."""
+    rows = []
+    for spec in cfg.method_specs():
+        if cfg.budgets and spec.match_budget and spec.budget is None:
+            several = len(cfg.budgets) > 1
+            rows += [StudyRow(f"{spec.display}@{_budget_tag(b)}" if several else spec.display, spec, b, several)
+                     for b in cfg.budgets]
+        else:
+            rows.append(StudyRow(spec.display, spec, None))
+    return rows
+
+
+def _validation_config(cfg: RunConfig) -> RunConfig:
+    """What :func:`validate` checks for a bench: a study's every row at its own budget (one method entry per row)."""
+    if not cfg.budgets:
+        return cfg
+    return dataclasses.replace(cfg, budgets=None, budget=None, method=None, methods=[
+        dataclasses.replace(r.spec, label=r.label, budget=r.budget if r.budget is not None else r.spec.budget)
+        for r in study_rows(cfg)], compare=dataclasses.replace(cfg.compare, reference=None, baseline=None))
+
+
+def _is_study(cfg: RunConfig) -> bool:
+    return bool(cfg.budgets or cfg.orders or cfg.lr_search or cfg.preregistered or cfg.output.cells_dir)
+
+
+def _cell_key(order: int, seed: int, n_orders: int) -> Any:
+    """A cell's key within its row: the seed, or ``o<order>-s<seed>`` with several orders (pairs match on it)."""
+    return seed if n_orders == 1 else f"o{order}-s{seed}"
+
+
+def _cell_name(row: str, order: int, seed: int, n_orders: int) -> str:
+    return f"{row}/seed-{seed}" if n_orders == 1 else f"{row}/order-{order}/seed-{seed}"
+
+
+def _cell_config(cfg: RunConfig, row: StudyRow, order: list[str] | None, seed: int, lr: float | None,
+                 cell_dir: Path) -> RunConfig:
+    """The single run a cell executes: the method at the row's budget and chosen lr, on the order's task sequence.
+    Without study keys this is exactly :meth:`RunConfig.for_method` (plain benches keep their fingerprints)."""
+    spec = row.spec
+    if row.budget is not None and cfg.budgets:
+        spec = dataclasses.replace(spec, budget=row.budget)
+    if lr is not None:
+        spec = dataclasses.replace(spec, lr=lr)
+    base = cfg
+    if order is not None and cfg.orders:
+        by = {t.label: t for t in cfg.tasks}
+        base = dataclasses.replace(cfg, tasks=[by[x] for x in order])
+    return base.for_method(spec, seed, cell_dir)
+
+
+def _protocol(cfg: RunConfig) -> dict[str, Any]:
+    """What a study fixes before it runs: the pre-registered block and the tuning protocol, with their hash."""
+    block = {
+        "preregistered": dataclasses.asdict(cfg.preregistered) if cfg.preregistered else None,
+        "lr_search": dataclasses.asdict(cfg.lr_search) if cfg.lr_search else None,
+    }
+    fp = hashlib.sha256(json.dumps(block, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {**block, "fingerprint": fp}
+
+
+def _check_protocol(cfg: RunConfig, cells_dir: Path, *, write: bool) -> dict[str, Any]:
+    """Refuse a changed pre-registered/tuning block once cells are committed; write ``protocol.json`` first."""
+    proto = _protocol(cfg)
+    path = cells_dir / "protocol.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{path} is unreadable or corrupt: {exc}") from None
+        if old.get("fingerprint") != proto["fingerprint"]:
+            changed = [k for k in ("preregistered", "lr_search") if old.get(k) != proto[k]]
+            raise ConfigError(
+                f"the study's {' and '.join(changed) or 'protocol'} block differs from the one its committed cells in "
+                f"{cells_dir} were run under ({path}); a pre-registered protocol cannot change after the fact: "
+                "restore it, or start a new study (another output.cells_dir)")
+    elif write:
+        if any(cells_dir.rglob("seed-*.json")) or any(cells_dir.rglob("lr-*.json")):
+            raise ConfigError(f"{cells_dir} holds committed cells but no protocol.json: they cannot be tied to a "
+                              "pre-registered protocol; start a new study (another output.cells_dir)")
+        atomic_write_json(path, proto)
+    return proto
+
+
+def _read_cell(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"committed cell {path} is unreadable or corrupt: {exc}") from None
+
+
+def _git_commit(paths: Sequence[Path], message: str) -> None:
+    """``git add`` + ``git commit`` exactly these files (a failure is logged: the cell is safe on disk anyway)."""
+    if not paths:
+        return
+    cwd = Path(paths[0]).parent
+    files = [str(Path(p).resolve()) for p in paths]
+    try:
+        subprocess.run(["git", "add", "--", *files], cwd=cwd, check=True, capture_output=True, text=True)
+        subprocess.run(["git", "commit", "-q", "-m", message, "--", *files], cwd=cwd, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        err = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("could not git-commit %s: %s", ", ".join(files), err.strip().splitlines()[-1] if err.strip() else exc)
+
+
+class _Cells:
+    """Runs (or reads back) the cells of a bench: committed JSON first, then the run directory, then training."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, force: bool, progress: bool, talk: bool, commit: bool,
+                 report_only: bool, protocol: dict[str, Any] | None):
+        self.cfg, self.out, self.force, self.progress, self.talk = cfg, out, force, progress, talk
+        self.cells_dir = Path(cfg.output.cells_dir) if cfg.output.cells_dir else None
+        self.commit, self.report_only, self.protocol = commit, report_only, protocol
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.missing: list[str] = []
+        self.validated = False
+
+    def status(self, name: str, cell_cfg: RunConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
+        """(committed results or None, run-directory state or None, run directory complete?)."""
+        fp = config_fingerprint(cell_cfg)
+        committed = _read_cell(self.cells_dir / f"{name}.json") if self.cells_dir else None
+        if committed is not None:
+            if committed.get("config_fingerprint") != fp:
+                raise ConfigError(
+                    f"committed cell {self.cells_dir / (name + '.json')} was run with another config (fingerprint "
+                    f"{committed.get('config_fingerprint')}, this config gives {fp}); restore the config, or remove "
+                    "the cell to run it again")
+            if self.protocol and committed.get("protocol_fingerprint") != self.protocol["fingerprint"]:
+                raise ConfigError(f"committed cell {name} was run under another pre-registered protocol")
+            return committed, None, True
+        if self.report_only:
+            return None, None, False
+        cell_dir = Path(cell_cfg.output_dir or "")
+        st = _read_state(cell_dir)
+        done = st is not None and st.get("config_fingerprint") == fp and _finished(cell_dir, st)
+        return None, st, done
+
+    def get(self, name: str, cell_cfg: RunConfig, base_cache: Path, validate_first: Callable[[], None]) -> dict[str, Any] | None:
+        committed, st, done = self.status(name, cell_cfg)
+        if committed is not None:
+            self.skipped.append(name)
+            return committed
+        if self.report_only:
+            self.missing.append(name)
+            return None
+        cell_dir = Path(cell_cfg.output_dir or "")
+        cpu = wall = None
+        if done:
+            res = load_results(cell_dir)
+            self.skipped.append(name)
+        else:
+            if not self.validated:
+                validate_first()
+                self.validated = True
+            _log(self.talk, f"== {name} -> {cell_dir}")
+            c0, w0 = time.process_time(), time.perf_counter()
+            res = run(cell_cfg, resume=st is not None, force=self.force, progress=self.progress, base_eval_cache=base_cache)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            self.ran.append(name)
+        if self.cells_dir is not None and os.environ.get("RANK", "0") == "0":
+            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall,
+                   "protocol_fingerprint": self.protocol["fingerprint"] if self.protocol else None}
+            path = self.cells_dir / f"{name}.json"
+            atomic_write_json(path, res)
+            if self.commit:
+                _git_commit([self.cells_dir / "protocol.json", path] if self.protocol else [path],
+                            f"{self.cfg.name}: cell {name}")
+        return res
+
+
+def _lr_trial_config(cfg: RunConfig, row: StudyRow, lr: float, seed: int, out: Path) -> RunConfig:
+    """One learning-rate trial: the row's method alone on the search task, scored on its validation split."""
+    ls = cfg.lr_search
+    assert ls is not None
+    labels = [t.label for t in cfg.tasks]
+    task_label = cfg.task_orders()[0][0] if ls.task == "first" else ls.task
+    task = cfg.tasks[labels.index(task_label)]
+    steps = ls.steps or cfg.steps_per_stage()
+    training = dataclasses.replace(cfg.training, steps=steps, tokens=None,
+                                   warmup_steps=min(cfg.training.warmup_steps, max(0, steps - 1)))
+    ev = dataclasses.replace(cfg.eval, split="validation", curve_every=0, curve_stages=None, early_stopping=0)
+    metrics = task.metrics if task.metrics else [ls.metric]
+    if ls.metric not in metrics:
+        metrics = list(metrics) + [ls.metric]
+    trial = dataclasses.replace(cfg, tasks=[dataclasses.replace(task, metrics=metrics)], control=None,
+                                training=training, eval=ev, orders=None)
+    return _cell_config(trial, row, None, seed, lr, out)
+
+
+def _lr_search(cfg: RunConfig, rows: list[StudyRow], cells: _Cells, out: Path, validate_first: Callable[[], None]) -> dict[str, Any]:
+    """Every row's trials (the same factors for every method) and the lr each row's real cells use."""
+    ls = cfg.lr_search
+    assert ls is not None
+    seed = ls.seed if ls.seed is not None else cfg.seed_list()[0]
+    task = cfg.task_orders()[0][0] if ls.task == "first" else ls.task
+    found: dict[str, Any] = {}
+    for row in rows:
+        base_lr = row.spec.lr if row.spec.lr is not None else cfg.training.lr
+        trials = []
+        for f in ls.factors:
+            lr = float(f"{base_lr * f:.6g}")
+            name = f"lr_search/{row.label}/lr-{lr:g}"
+            tcfg = _lr_trial_config(cfg, row, lr, seed, out / name)
+            res = cells.get(name, tcfg, out / "lr_search" / "base_eval.json", validate_first)
+            value = None
+            if res is not None:
+                stage = res["stages"][-1]
+                value = (stage.get("task_metrics") or {}).get(task, {}).get(ls.metric)
+            trials.append({"factor": f, "lr": lr, "value": value, "cell": name,
+                           "cpu_time_s": res.get("cell_cpu_time_s") if res is not None else None})
+        scored = [t for t in trials if t["value"] is not None]
+        chosen = min(scored, key=lambda t: (-t["value"], t["lr"])) if len(scored) == len(trials) else None
+        found[row.label] = {"trials": trials, "chosen_lr": chosen["lr"] if chosen else None,
+                            "chosen_factor": chosen["factor"] if chosen else None, "base_lr": base_lr}
+    return {"task": task, "split": "validation", "metric": ls.metric, "seed": seed,
+            "steps": ls.steps or cfg.steps_per_stage(), "factors": list(ls.factors), "rows": found}
+
+
+def _reference_pairs(rows: list[StudyRow], reference: str) -> dict[str, str]:
+    """Each row's partner of ``reference`` (a method label): the reference's row at the same budget, else its
+    only (or first) row."""
+    ref_rows = [r for r in rows if r.spec.display == reference]
+    if not ref_rows:
+        return {}
+    by_budget = {r.budget: r.label for r in ref_rows}
+    return {r.label: by_budget.get(r.budget, ref_rows[0].label) for r in rows}
+
+
+def _expand_primary(primary: Sequence[str], keys: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for p in primary:
+        if p == "control_suite":
+            out += [k for k in keys if k.startswith("probe_") and k.endswith("_change")]
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def _study(cfg: RunConfig, *, force: bool, progress: bool, talk: bool, main: bool, commit: bool,
+           report_only: bool, validate_first: Callable[[], None]) -> dict[str, Any]:
+    """Run (or, ``report_only``, read back) every cell of a study and summarise them (see :func:`bench`)."""
+    out = cfg.out_dir()
+    rows = study_rows(cfg)
+    orders = cfg.task_orders()
+    seeds = cfg.seed_list()
+    cells_dir = Path(cfg.output.cells_dir) if cfg.output.cells_dir else None
+    protocol = None
+    if cells_dir is not None:
+        if report_only and not cells_dir.is_dir():
+            raise ConfigError(f"--report: no committed cells at {cells_dir} (output.cells_dir)")
+        protocol = _check_protocol(cfg, cells_dir, write=main and not report_only)
+    elif report_only:
+        raise ConfigError("--report rebuilds the tables from committed cells: set output.cells_dir in the config")
+    cells = _Cells(cfg, out, force=force, progress=progress, talk=talk, commit=commit, report_only=report_only,
+                   protocol=protocol)
+    lr = _lr_search(cfg, rows, cells, out, validate_first) if cfg.lr_search else None
+    results: dict[str, dict[Any, dict[str, Any]]] = {}
+    n_orders = len(orders) if cfg.orders else 1
+    for row in rows:
+        chosen = lr["rows"][row.label]["chosen_lr"] if lr else None
+        if lr and chosen is None:  # trials missing (report of a study still in its search): no cell can be named
+            cells.missing += [_cell_name(row.label, o, s, n_orders) for o in range(n_orders) for s in seeds]
+            continue
+        for o in range(n_orders):
+            for seed in seeds:
+                name = _cell_name(row.label, o, seed, n_orders)
+                ccfg = _cell_config(cfg, row, orders[o] if cfg.orders else None, seed, chosen, out / name)
+                res = cells.get(name, ccfg, out / "base_eval.json", validate_first)
+                if res is not None:
+                    res["_dir"] = name
+                    results.setdefault(row.label, {})[_cell_key(o, seed, n_orders)] = res
+    return {"rows": rows, "cells": results, "lr_search": lr, "ran": cells.ran, "skipped": cells.skipped,
+            "missing": cells.missing, "protocol": protocol}
+
+
 def bench(
     config: RunConfig | str | os.PathLike | dict,
     *,
@@ -93,6 +412,8 @@ def bench(
     progress: bool | None = None,
     overrides: Sequence[str] = (),
     only: Sequence[str] | None = None,
+    commit: bool = False,
+    report: bool = False,
 ) -> dict[str, Any]:
     """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
 
@@ -101,6 +422,12 @@ def bench(
     (DDP/FSDP) every process runs the cells; only rank 0 prints and writes the bench reports.
     ``only``: method labels to run (the others are left out of this bench and its report), e.g. to re-run one
     method of a published study; a cell's results do not depend on which other methods the config lists.
+
+    A study (``budgets``, ``orders``, ``lr_search``, ``preregistered``, ``output.cells_dir``; module docstring)
+    has one cell per (method, budget, order, seed), runs the learning-rate search first, commits every finished
+    cell to ``output.cells_dir`` (``commit=True``: also ``git commit`` each one as it lands) and writes
+    ``study.md`` / ``study.json`` next to the cells directory. ``report=True`` trains nothing: it is
+    :func:`bench_report`.
     """
     from .. import reporting
 
@@ -112,61 +439,135 @@ def bench(
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()
     t0 = time.perf_counter()
-    # Each cell: (directory, its run config, its state or None, complete with this config?), read once.
-    cell_status = {}
-    for spec in specs:
-        for seed in seeds:
-            cell_dir = out / spec.display / f"seed-{seed}"
-            cell_cfg = cfg.for_method(spec, seed, cell_dir)
-            st = _read_state(cell_dir)
-            done = st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, st)
-            cell_status[spec.display, seed] = (cell_dir, cell_cfg, st, done)
 
-    if all(done for *_, done in cell_status.values()):
-        # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
-        _log(talk, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
-    else:
-        trainable = validate(cfg, progress=progress)
+    def validate_first() -> None:
+        trainable = validate(_validation_config(cfg), progress=progress)
         _log(talk, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
              + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
-    cells: dict[str, dict[int, dict[str, Any]]] = {}
-    ran, skipped = [], []
-    for spec in specs:
-        for seed in seeds:
-            cell_dir, cell_cfg, st, done = cell_status[spec.display, seed]
-            if done:
-                res = load_results(cell_dir)
-                skipped.append(f"{spec.display}/seed-{seed}")
-            else:
-                _log(talk, f"== {spec.display} seed {seed} -> {cell_dir}")
-                res = run(cell_cfg, resume=st is not None, force=force, progress=progress,
-                          base_eval_cache=out / "base_eval.json")
-                ran.append(f"{spec.display}/seed-{seed}")
-            res["_dir"] = str(cell_dir)
-            cells.setdefault(spec.display, {})[seed] = res
-    rows = aggregate_bench(cells)
+
+    if _is_study(cfg) or report:
+        st = _study(cfg, force=force, progress=progress, talk=talk, main=main, commit=commit, report_only=report,
+                    validate_first=validate_first)
+        cells, rows = st["cells"], st["rows"]
+        if not cells:
+            raise ConfigError(f"bench {cfg.name}: no finished cell to report" + (f" ({len(st['missing'])} missing)" if st["missing"] else ""))
+    else:
+        # Each cell: (directory, its run config, its state or None, complete with this config?), read once.
+        cell_status = {}
+        for spec in specs:
+            for seed in seeds:
+                cell_dir = out / spec.display / f"seed-{seed}"
+                cell_cfg = cfg.for_method(spec, seed, cell_dir)
+                sta = _read_state(cell_dir)
+                done = sta is not None and sta.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(cell_dir, sta)
+                cell_status[spec.display, seed] = (cell_dir, cell_cfg, sta, done)
+
+        if all(done for *_, done in cell_status.values()):
+            # Nothing will train: re-aggregating (e.g. another `compare` view) needs no model, data or budget check.
+            _log(talk, f"bench {cfg.name}: all {len(specs) * len(seeds)} cells are complete; re-aggregating")
+        else:
+            validate_first()
+        cells = {}
+        ran, skipped = [], []
+        for spec in specs:
+            for seed in seeds:
+                cell_dir, cell_cfg, sta, done = cell_status[spec.display, seed]
+                if done:
+                    res = load_results(cell_dir)
+                    skipped.append(f"{spec.display}/seed-{seed}")
+                else:
+                    _log(talk, f"== {spec.display} seed {seed} -> {cell_dir}")
+                    res = run(cell_cfg, resume=sta is not None, force=force, progress=progress,
+                              base_eval_cache=out / "base_eval.json")
+                    ran.append(f"{spec.display}/seed-{seed}")
+                res["_dir"] = str(cell_dir)
+                cells.setdefault(spec.display, {})[seed] = res
+        st = {"ran": ran, "skipped": skipped}
+        rows = None
+    agg = aggregate_bench(cells)
     first = next(iter(next(iter(cells.values())).values()))
     summary = {
         "kappatune_bench": 1,
         "name": cfg.name, "model": cfg.model, "tasks": first["tasks"], "control": first["control"],
         "steps_per_stage": cfg.steps_per_stage(), "seeds": seeds, "budget": cfg.budget,
         "config": cfg.to_dict(), "config_fingerprint": config_fingerprint(cfg), "libraries": library_versions(),
-        "methods": rows, "ran": ran, "skipped": skipped, "wall_time_s": time.perf_counter() - t0, "plots": [],
+        "methods": agg, "ran": st["ran"], "skipped": st["skipped"], "wall_time_s": time.perf_counter() - t0, "plots": [],
     }
     if cfg.compare.baseline is not None and cfg.compare.baseline in cells:
         summary["paired"] = paired_against(cells, cfg.compare.baseline)
-    if cfg.compare.reference is not None:
+    if cfg.compare.reference is not None and cfg.compare.reference in cells:
         summary["equal_quality"] = equal_quality(cells, cfg.compare.reference, cfg.compare.stage, cfg.compare.step)
+    if rows is not None:
+        summary["study"] = _study_summary(cfg, rows, cells, st)
     if not main:
         return summary
-    if cfg.output.plots:
+    if cfg.output.plots and not report:
         reporting.plot_pareto(summary, out / "pareto.png")
         summary["plots"] = ["pareto.png"]
         if cfg.eval.curve_every > 0:
             summary["curves"] = bench_curves(cells, cfg.compare.stage)
             reporting.plot_learning_curves(summary, out / "curves.png")
             summary["plots"].append("curves.png")
-    atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
-    atomic_write_json(out / "bench.json", summary)
+    if not report:
+        atomic_write_text(out / "bench.md", reporting.bench_markdown(summary))
+        atomic_write_json(out / "bench.json", summary)
+    if rows is not None and cfg.output.cells_dir:
+        where = Path(cfg.output.cells_dir).parent
+        atomic_write_text(where / "study.md", reporting.study_markdown(summary))
+        atomic_write_json(where / "study.json", _stable(summary))
+        if cfg.output.plots:
+            reporting.plot_pareto(summary, where / "pareto.png")
     _log(talk, reporting.bench_table(summary))
     return summary
+
+
+def _stable(summary: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a study summary that depend only on the committed cells (what ``--report`` rebuilds)."""
+    drop = ("ran", "skipped", "wall_time_s", "plots", "curves", "libraries")
+    out = {k: v for k, v in summary.items() if k not in drop}
+    out["methods"] = [{k: v for k, v in m.items() if k != "dirs"} for m in summary["methods"]]
+    return out
+
+
+def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[Any, dict[str, Any]]],
+                   st: dict[str, Any]) -> dict[str, Any]:
+    """The study's own view: protocol, LR search, pre-registered comparisons, exploratory pairs, cells and time."""
+    pr = cfg.preregistered
+    refs = list(pr.reference) if pr else ([cfg.compare.baseline] if cfg.compare.baseline else [])
+    any_res = [r for by in cells.values() for r in by.values()]
+    keys = _metric_keys(any_res)
+    primary = _expand_primary(pr.primary, keys) if pr else []
+    paired = {ref: paired_against(cells, _reference_pairs(rows, ref)) for ref in refs}
+    target = None
+    if pr and pr.target is not None:
+        t = pr.target
+        ref_rows = [r.label for r in rows if r.spec.display == t.reference and r.label in cells]
+        if ref_rows:
+            step = round(t.fraction * cfg.steps_per_stage())
+            target = equal_quality(cells, ref_rows[0], t.stage, step, t.metric)
+    cpu = [r.get("cell_cpu_time_s") for r in any_res]
+    lr = st.get("lr_search")
+    trial_cpu = [t.get("cpu_time_s") for row in (lr["rows"].values() if lr else ()) for t in row["trials"]]
+    expected = len(rows) * len(cfg.task_orders() if cfg.orders else [0]) * len(cfg.seed_list())
+    return {
+        "protocol": st.get("protocol"),
+        "rows": [{"label": r.label, "method": r.spec.display, "budget": r.budget} for r in rows],
+        "orders": cfg.task_orders(),
+        "lr_search": st.get("lr_search"),
+        "primary_metrics": primary,
+        "references": refs,
+        "paired": paired,
+        "target": target,
+        "cells": {"expected": expected, "present": sum(len(v) for v in cells.values()), "missing": st.get("missing", [])},
+        "cpu_time_s": {"cells": sum(c for c in cpu if c is not None), "cells_timed": sum(c is not None for c in cpu),
+                       "lr_search": sum(c for c in trial_cpu if c is not None),
+                       "lr_search_timed": sum(c is not None for c in trial_cpu), "lr_search_trials": len(trial_cpu)},
+        "wall_time_s_recorded": sum((r["metrics"].get("wall_time_s") or 0.0) + (r.get("setup_time_s") or 0.0) for r in any_res),
+    }
+
+
+def bench_report(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The study's tables rebuilt from the committed cells in ``output.cells_dir`` alone: no model, no data, no
+    training. Writes ``study.md`` / ``study.json`` (and ``pareto.png``) next to the cells directory; cells not yet
+    committed are listed as missing."""
+    return bench(config, overrides=overrides, report=True, progress=False)

@@ -21,18 +21,26 @@ def _stage_curve(res: dict[str, Any], stage: int) -> tuple[str, list[dict[str, f
     start = res["base"] if stage == 1 else stages.get(stage - 1)  # the model the stage started from
     if start is None:
         return None
-    points = [{"step": 0, "task_ppl": start["task_ppl"][task], "control_ppl": start["control_ppl"]}]
-    return task, points + [dict(p) for p in cur["curve"]]
+    first = {"step": 0, "task_ppl": start["task_ppl"][task], "control_ppl": start["control_ppl"]}
+    first.update({f"task_{k}": v for k, v in (start.get("task_metrics") or {}).get(task, {}).items() if k != "ppl"})
+    return task, [first] + [dict(p) for p in cur["curve"]]
 
 
-def _reach(points: list[dict[str, float]], target: float) -> dict[str, float] | None:
-    """Where a learning curve first reaches task ppl <= target, linearly interpolated between its points."""
+def _higher_is_better(metric: str) -> bool:
+    """Curve keys: perplexity falls as a model learns, accuracy-like scores rise."""
+    return not metric.endswith("ppl")
+
+
+def _reach(points: list[dict[str, float]], target: float, metric: str = "task_ppl") -> dict[str, float] | None:
+    """Where a learning curve first reaches the target (task ppl <= target; an accuracy-like ``metric`` >=
+    target), linearly interpolated between its points."""
+    sign = -1.0 if _higher_is_better(metric) else 1.0
     for i, p in enumerate(points):
-        if p["task_ppl"] <= target:
+        if p.get(metric) is not None and sign * p[metric] <= sign * target:
             if i == 0:
                 return {"step": 0.0, "control_ppl": p["control_ppl"]}
             q = points[i - 1]
-            frac = (q["task_ppl"] - target) / (q["task_ppl"] - p["task_ppl"])
+            frac = (q[metric] - target) / (q[metric] - p[metric])
             return {
                 "step": q["step"] + frac * (p["step"] - q["step"]),
                 "control_ppl": q["control_ppl"] + frac * (p["control_ppl"] - q["control_ppl"]),
@@ -40,8 +48,8 @@ def _reach(points: list[dict[str, float]], target: float) -> dict[str, float] | 
     return None
 
 
-def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, stage: int = 1,
-                  step: int | None = None) -> dict[str, Any]:
+def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, stage: int = 1,
+                  step: int | None = None, metric: str = "task_ppl") -> dict[str, Any]:
     """Control perplexity of every method at the task perplexity the reference method reaches in ``stage``.
 
     The target is, per seed, the reference run's task perplexity at the end of that stage, or after ``step`` steps
@@ -49,6 +57,8 @@ def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, s
     interpolated) gives the step where it first reaches the target and its control perplexity there: with a
     constant learning rate that is what "train until the task perplexity reaches the target" would give, at the
     curve's resolution. A run that never reaches the target is counted in ``not_reached`` with its best task ppl.
+    ``metric``: the curve key the target is read in (``task_ppl``; ``task_accuracy`` for sft tasks, higher is
+    better); ``best_task_ppl`` then holds the best value of that metric.
     """
     ref = cells.get(reference)
     if not ref:
@@ -63,7 +73,9 @@ def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, s
         if not points:
             raise ConfigError(f"compare.step {step}: the reference run {reference}/seed-{seed} has no learning-curve "
                               f"point at that step (points: {[p['step'] for p in cur[1]]})")
-        targets[seed] = points[-1]["task_ppl"]
+        if points[-1].get(metric) is None:
+            raise ConfigError(f"compare: the reference run {reference}/seed-{seed} has no {metric!r} on its learning curve")
+        targets[seed] = points[-1][metric]
     mean_target = _mean(list(targets.values()))
     rows = []
     task = None
@@ -75,8 +87,9 @@ def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, s
                 missing.append(seed)
                 continue
             task, points = cur
-            hit = _reach(points, targets.get(seed, mean_target))
-            best.append(min(p["task_ppl"] for p in points))
+            hit = _reach(points, targets.get(seed, mean_target), metric)
+            vals = [p[metric] for p in points if p.get(metric) is not None]
+            best.append((max if _higher_is_better(metric) else min)(vals) if vals else None)
             if hit is None:
                 missing.append(seed)
                 continue
@@ -89,7 +102,7 @@ def equal_quality(cells: dict[str, dict[int, dict[str, Any]]], reference: str, s
             "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
             "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
         })
-    return {"reference": reference, "stage": stage, "step": step, "task": task, "target_task_ppl": targets,
+    return {"reference": reference, "stage": stage, "step": step, "task": task, "metric": metric, "target_task_ppl": targets,
             "mean_target_task_ppl": mean_target, "methods": rows}
 
 

@@ -119,7 +119,8 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
                             choices_required=need_choices, progress=progress)
     if task.metrics is None:  # default: accuracy when the data has choices
         task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
-    test = t["test"]
+    # "validation" while tuning (lr_search), "test" for results; instruct-fidelity has only its one set of answers
+    test = t[e.split] if e.split in t.splits else t["test"]
     cap = task.max_examples if task.max_examples is not None else e.max_examples
     if cap is not None and cap < len(test):
         test = [test[(i * len(test)) // cap] for i in range(cap)]
@@ -310,9 +311,9 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
         _single(cfg)
         _preflight(cfg, cfg.out_dir(), config_fingerprint(cfg), resume=resume, force=force)
     elif command == "bench":
-        from .bench import _select_only
+        from .bench import _select_only, _validation_config
 
-        cfg = _select_only(cfg, only)
+        cfg = _validation_config(_select_only(cfg, only))
     elif command is not None:
         raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)

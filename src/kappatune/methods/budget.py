@@ -30,7 +30,8 @@ __all__ = [
     "match_budgets",
 ]
 
-POLICIES = ("all", "kappa", "random", "snr")
+# The policies a method option accepts: kappatune.selection's (tests/test_selection.py checks they agree), "all" first (the order error messages list them).
+POLICIES = ("all", "kappa", "random", "snr", "snr_per_type", "random_type_matched")
 # A policy with no budget knob keeps this fraction of the candidates (the default of KappaTune's PEFT helper).
 DEFAULT_TOP_P = 0.2
 
@@ -154,7 +155,11 @@ def ranked_selection(
     """Every candidate parameter name in the policy's preference order (lowest κ first, highest SNR first, seeded shuffle).
 
     Budget matching takes prefixes of this list; the order is the Selection's ``scores`` order (selection order).
+    The policies whose picks are not a prefix of one order (``snr_per_type``, ``random_type_matched``) have no
+    ranking: their budget is met by :func:`budget_selection`.
     """
+    if policy in PER_TYPE_POLICIES:
+        raise ConfigError(f"policy {policy!r} selects per module type and has no single ranking; use budget_selection")
     if policy == "all" and not (include or exclude):
         return selection_from_names(model, resolve_linear_targets(model, "all-linear") + fused_moe_parameters(model)).parameter_names
     sel = _select(model, policy, top_p=1.0, seed=seed, balance_types=balance_types or None, include=include, exclude=exclude, progress=progress)
@@ -162,6 +167,16 @@ def ranked_selection(
     if len(order) != len(sel.parameter_names):
         order = list(sel.parameter_names)
     return order
+
+
+# Policies that cut per module type: a budget is met by select_targets(param_budget=...), not by a ranked prefix.
+PER_TYPE_POLICIES = ("snr_per_type", "random_type_matched")
+
+
+def budget_selection(model: nn.Module, policy: str, param_budget: int, **knobs: Any) -> list[str]:
+    """The parameter names ``policy`` picks under ``param_budget`` (``select_targets``'s param_budget rule)."""
+    knobs = {**knobs, "balance_types": knobs.get("balance_types") or None, "progress": False}
+    return list(_select(model, policy, param_budget=param_budget, **knobs).parameter_names)
 
 
 def prefix_selection(model: nn.Module, ranked: Sequence[str], k: int, policy: str) -> Selection:

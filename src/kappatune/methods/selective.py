@@ -23,7 +23,7 @@ from ..errors import ConfigError, require_prepared
 from ..selection import Selection
 from . import register
 from .base import Method, MethodConfig, Targets, check_param_budget, match_budget, option
-from .budget import POLICIES, ranked_selection, resolve_selection, selection_from_names
+from .budget import PER_TYPE_POLICIES, POLICIES, budget_selection, ranked_selection, resolve_selection, selection_from_names
 
 __all__ = ["SelectiveOptimizer", "SelectiveConfig", "SelectiveFineTuning"]
 
@@ -160,7 +160,9 @@ def _patterns(value: list[str], name: str) -> list[str]:
 class SelectiveConfig(MethodConfig):
     """Selective full fine-tuning.
 
-    ``policy``: kappa (KappaTune) | snr (Spectrum) | random | all. How many tensors: ``top_p`` (fraction),
+    ``policy``: kappa (KappaTune) | snr (Spectrum's SNR, one global ranking) | snr_per_type (Spectrum as
+    published: the top fraction per module type) | random | random_type_matched (random within κ's module types
+    and per-type counts: the control that separates κ from tensor type) | all. How many tensors: ``top_p`` (fraction),
     ``num_modules``, ``threshold`` (κ ≤ threshold) or ``param_budget`` (trainable weights, matched within ±10%).
     ``seed`` drives the random policy; ``include``/``exclude`` restrict candidates by name pattern.
     """
@@ -232,17 +234,29 @@ class SelectiveFineTuning(Method):
         config = {k: v for k, v in config.items() if k != "param_budget"}
         method = cls(config)
         c = method.config
-        if isinstance(targets, Selection) or (targets is not None and not (isinstance(targets, str) and targets in ("all-linear", "all"))):
+        sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+        options: list[list[str]] = []
+        explicit = isinstance(targets, Selection) or (targets is not None and not (isinstance(targets, str) and targets in ("all-linear", "all")))
+        if not explicit and c.policy in PER_TYPE_POLICIES:
+            # per-type cuts are not prefixes of one order: let the policy meet each cap itself
+            for cap in (param_budget, int(param_budget * (1 + tolerance))):
+                try:
+                    options.append(budget_selection(model, c.policy, cap, **method._knobs()))
+                except ConfigError:  # below one tensor per type, or a cap above every candidate together
+                    options.append(options[-1] if options else [])
+            ranked = next((o for o in options if o), [])
+        elif explicit:
             ranked = resolve_selection(model, targets).parameter_names
         else:
             ranked = ranked_selection(model, c.policy, **method._knobs())
+        if not ranked and c.policy == "snr_per_type" and not explicit:
+            raise ConfigError(f"param_budget {param_budget:,} is smaller than one tensor of every module type, the "
+                              "smallest selection of policy 'snr_per_type' (Spectrum's per-type rule)")
         if not ranked:
             raise ConfigError(f"empty selection: policy {c.policy!r} has no candidate tensor (check include/exclude)")
-        sizes = dict((n, p.numel()) for n, p in model.named_parameters())
         # Walk the policy order and keep every tensor that still fits under a cap (the selection module's
         # param_budget rule): cap = budget, and cap = budget·(1+tolerance) in case undershooting is too far.
-        options: list[list[str]] = []
-        for cap in (param_budget, int(param_budget * (1 + tolerance))):
+        for cap in (param_budget, int(param_budget * (1 + tolerance))) if not options else ():
             kept, used = [], 0
             for n in ranked:
                 if used + sizes[n] <= cap:

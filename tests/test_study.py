@@ -1,0 +1,213 @@
+"""The study machinery (issue 14, second edition): cells committed per (method, budget, order, seed), resume from
+committed cells, a validation-only LR search, a pre-registered block that cannot change once cells exist, and
+``bench --report`` rebuilding the tables from committed cells alone. Runs configs/study2_tiny.yaml on generated
+sft tasks (tiny-llama, a few steps per cell)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kappatune.config import config_from_dict, load_config
+from kappatune.errors import ConfigError
+from kappatune.harness import bench, bench_report, study_rows
+from run_helpers import cli_error, make_corpora, write_sft, write_yaml
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _tiny(tmp: Path, methods: list[str] | None = None) -> dict:
+    """configs/study2_tiny.yaml on generated data (two sft tasks, a generated control) under ``tmp``."""
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    corpora = make_corpora(data)
+    sft = {k: write_sft(data / f"{k}.jsonl", k, 40) for k in ("alpha", "beta")}
+    cfg = yaml.safe_load((CONFIGS / "study2_tiny.yaml").read_text())
+    cfg["tasks"] = [{"corpus": sft["alpha"], "name": "a", "type": "sft"}, {"corpus": sft["beta"], "name": "b", "type": "sft"}]
+    cfg["orders"] = [["a", "b"], ["b", "a"]]
+    cfg["control"] = [{"corpus": corpora["ctrl"], "name": "ctrl"}]
+    if methods is not None:
+        cfg["methods"] = [m for m in cfg["methods"] if m["label"] in methods]
+    cfg["output"]["cells_dir"] = str(tmp / "study" / "cells")
+    cfg["output_dir"] = str(tmp / "runs")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = _tiny(tmp, ["full", "lora", "kappatune"])
+    summary = bench(cfg)
+    return tmp, cfg, summary
+
+
+def test_study_rows_are_method_x_budget(ran):
+    _, cfg, summary = ran
+    rows = [r.label for r in study_rows(config_from_dict(cfg))]
+    # full is not budget-matched, lora has its own budget: one row each; the others one row per budget
+    assert rows == ["full", "lora", "kappatune@43k", "kappatune@86k"]
+    assert [m["label"] for m in summary["methods"]] == rows
+
+
+def test_every_cell_and_trial_is_committed_as_json(ran):
+    tmp, cfg, summary = ran
+    cells = tmp / "study" / "cells"
+    got = sorted(str(p.relative_to(cells)) for p in cells.rglob("seed-*.json"))
+    want = sorted(f"{r}/order-{o}/seed-0.json" for r in [m["label"] for m in summary["methods"]] for o in (0, 1))
+    assert got == want
+    trials = sorted(cells.rglob("lr-*.json"))
+    assert len(trials) == 4 * 2  # every row gets the same grid size
+    for p in cells.rglob("*.json"):
+        if p.name == "protocol.json":
+            continue
+        res = json.loads(p.read_text())
+        assert res["protocol_fingerprint"] == json.loads((cells / "protocol.json").read_text())["fingerprint"]
+        assert res["status"] == "complete" and res["cell_cpu_time_s"] > 0
+    # the second order really runs the tasks in the other order
+    r = json.loads((cells / "kappatune@43k" / "order-1" / "seed-0.json").read_text())
+    assert r["tasks"] == ["b", "a"]
+
+
+def test_lr_search_reads_validation_only_and_sets_the_cells_lr(ran):
+    tmp, cfg, summary = ran
+    lr = summary["study"]["lr_search"]
+    assert lr["task"] == "a" and lr["split"] == "validation"
+    cells = tmp / "study" / "cells"
+    for label, row in lr["rows"].items():
+        assert [t["factor"] for t in row["trials"]] == cfg["lr_search"]["factors"]
+        best = max(t["value"] for t in row["trials"])
+        assert row["chosen_lr"] == min(t["lr"] for t in row["trials"] if t["value"] == best)
+        trial = json.loads((cells / f"{row['trials'][0]['cell']}.json").read_text())
+        assert trial["config"]["eval"]["split"] == "validation" and trial["tasks"] == ["a"]
+        assert trial["config"]["control"] is None
+        cell = json.loads((cells / label / "order-0" / "seed-0.json").read_text())
+        assert cell["config"]["method"]["lr"] == row["chosen_lr"]
+        assert cell["config"]["eval"]["split"] == "test"
+
+
+def test_resume_skips_committed_cells_and_report_rebuilds_identical_tables(ran):
+    tmp, cfg, summary = ran
+    study_md = (tmp / "study" / "study.md").read_text()
+    shutil.rmtree(tmp / "runs")  # only the committed cells are left
+    again = bench(cfg)
+    assert again["ran"] == [] and len(again["skipped"]) == 8 + 8
+    assert (tmp / "study" / "study.md").read_text() == study_md
+    rep = bench_report(cfg)
+    assert not (tmp / "runs").exists() or not any((tmp / "runs").rglob("results.json"))
+    assert (tmp / "study" / "study.md").read_text() == study_md
+    assert json.loads((tmp / "study" / "study.json").read_text())["study"]["cells"]["present"] == 8
+    assert rep["study"]["cells"]["missing"] == []
+    assert "Pre-registered comparisons (primary)" in study_md and "Exploratory (not pre-registered)" in study_md
+    assert "Paired differences against `full`" in study_md and "Paired differences against `lora`" in study_md
+    # the pairs: every budgeted row against LoRA (one budget here) and against full, matched on (order, seed)
+    paired = rep["study"]["paired"]["lora"]
+    assert paired["baselines"]["kappatune@86k"] == "lora"
+    d = paired["methods"]["kappatune@43k"]["acc"]
+    assert set(d["differences"]) == {"o0-s0", "o1-s0"}
+
+
+def test_changing_the_preregistered_block_is_refused_once_cells_exist(ran):
+    tmp, cfg, _ = ran
+    changed = json.loads(json.dumps(cfg))
+    changed["preregistered"]["primary"] = ["acc"]
+    with pytest.raises(ConfigError, match="preregistered block differs"):
+        bench_report(changed)
+    changed = json.loads(json.dumps(cfg))
+    changed["lr_search"]["factors"] = [0.5, 2.0, 4.0]
+    with pytest.raises(ConfigError, match="lr_search block differs"):
+        bench(changed)
+
+
+def test_a_committed_cell_from_another_config_is_refused(ran):
+    tmp, cfg, _ = ran
+    changed = json.loads(json.dumps(cfg))
+    changed["training"]["max_grad_norm"] = 0.5
+    with pytest.raises(ConfigError, match="was run with another config"):
+        bench_report(changed)
+
+
+def test_report_of_a_partial_study_lists_the_missing_cells(ran, tmp_path):
+    tmp, cfg, _ = ran
+    part = tmp_path / "cells"
+    shutil.copytree(tmp / "study" / "cells", part)
+    (part / "kappatune@86k" / "order-1" / "seed-0.json").unlink()
+    c = json.loads(json.dumps(cfg))
+    c["output"]["cells_dir"] = str(part)
+    rep = bench_report(c)
+    assert rep["study"]["cells"]["missing"] == ["kappatune@86k/order-1/seed-0"]
+    assert "7 of 8 committed" in (tmp_path / "study.md").read_text()
+
+
+def test_commit_flag_git_commits_each_cell(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    cfg = _tiny(tmp_path, ["full"])
+    cfg["output"]["cells_dir"] = str(repo / "cells")
+    cfg["lr_search"]["factors"] = [1.0]
+    cfg["preregistered"]["reference"] = ["full"]
+    bench(cfg, commit=True)
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=repo, check=True, capture_output=True, text=True).stdout
+    assert log.splitlines() == ["study2_tiny: cell full/order-1/seed-0", "study2_tiny: cell full/order-0/seed-0",
+                                "study2_tiny: cell lr_search/full/lr-0.003"]
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, check=True, capture_output=True, text=True).stdout.split()
+    assert "cells/protocol.json" in tracked and "cells/full/order-0/seed-0.json" in tracked
+
+
+def test_study_config_errors_name_the_key(tmp_path):
+    base = _tiny(tmp_path)
+    bad = [
+        ({"orders": [["a", "a"]]}, "orders\\[0\\]"),
+        ({"budget": 1000}, "budget \\(one\\) or budgets"),
+        ({"lr_search": {"factors": []}}, "lr_search.factors"),
+        ({"preregistered": {"reference": ["nope"]}}, "preregistered.reference 'nope'"),
+        ({"eval": {**base["eval"], "curve_every": 0}}, "not a learning-curve point"),
+        ({"preregistered": {"target": {"reference": "full", "fraction": 1.5}}}, "fraction must be in"),
+        ({"eval": {**base["eval"], "split": "train"}}, "eval.split"),
+    ]
+    for over, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict({**base, **over})
+    lm = {**base, "tasks": [{"corpus": base["control"][0]["corpus"], "name": "a"}, {"corpus": base["control"][0]["corpus"], "name": "b"}]}
+    with pytest.raises(ConfigError, match="lr_search reads the validation split"):
+        config_from_dict(lm)
+
+
+def test_cli_report_needs_cells(tmp_path, capsys):
+    cfg = _tiny(tmp_path)
+    cfg["output"]["cells_dir"] = None
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    assert "output.cells_dir" in cli_error(capsys, "bench", path, "--report")
+
+
+def test_study2_configs_load_and_follow_the_protocol():
+    for name in ("study2", "study2_tiny"):
+        cfg = load_config(CONFIGS / f"{name}.yaml")
+        assert cfg.preregistered is not None and cfg.lr_search is not None and cfg.output.cells_dir
+        assert len(cfg.budgets or []) == 2 and len(cfg.task_orders()) >= 2
+        assert all(t.type == "sft" for t in cfg.tasks)
+        labels = {m.display for m in cfg.method_specs()}
+        assert {"full", "lora", "kappa-lora", "kappatune", "random-type", "spectrum-type", "spectrum", "osf"} <= labels
+    cfg = load_config(CONFIGS / "study2.yaml")
+    assert len(cfg.seed_list()) >= 3 and cfg.eval.max_examples is None  # full test split
+    assert cfg.steps_per_stage() >= 150
+
+
+@pytest.mark.slow
+def test_study2_tiny_runs_as_shipped_on_the_labelled_tasks(tmp_path):
+    """configs/study2_tiny.yaml itself (the real labelled tasks: needs them built or cached)."""
+    ov = [f"output.cells_dir={tmp_path / 'cells'}", f"output_dir={tmp_path / 'runs'}"]
+    summary = bench(CONFIGS / "study2_tiny.yaml", overrides=ov)
+    assert summary["study"]["cells"]["present"] == summary["study"]["cells"]["expected"]
+    before = (tmp_path / "study.md").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    bench_report(CONFIGS / "study2_tiny.yaml", overrides=ov)
+    assert (tmp_path / "study.md").read_text() == before
