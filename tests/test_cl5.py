@@ -24,7 +24,8 @@ def test_cl5_configs_list_the_five_labelled_tasks_as_sft(name):
     assert [t.corpus for t in cfg.tasks] == list(TASK_ORDER)
     assert all(t.type == "sft" for t in cfg.tasks)
     controls = cfg.control if isinstance(cfg.control, list) else [cfg.control]
-    assert [c.corpus for c in controls][0] == "control"
+    assert [c.corpus for c in controls] == ["instruct-fidelity", "next-sentence", "control"]  # the control suite
+    assert [c.type for c in controls] == ["sft", "sft", "lm"]
     assert cfg.eval.max_examples is not None and cfg.eval.max_examples <= 400
 
 

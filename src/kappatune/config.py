@@ -94,6 +94,7 @@ class TaskConfig:
     choices_field: str | None = None  # candidate responses (default: a "choices" field when the data has one)
     chat_template: bool = True  # apply the tokenizer's chat template when it has one (sft)
     metrics: list[str] | None = None
+    max_examples: int | None = None  # sft: test examples evaluated (evenly spaced); None: eval.max_examples
 
     def __post_init__(self) -> None:
         if self.type is None:
@@ -437,12 +438,25 @@ def _unknown_key_error(cls: type, key: str, valid: Sequence[str], where: str) ->
     )
 
 
+def _builtin_task_defaults(name: str) -> dict[str, Any]:
+    """What a task entry naming a built-in supervised task means when it does not say: ``type: sft`` plus the
+    task's own defaults (a control probe's metrics, chat template and size; ``kappatune.data.probes``)."""
+    from .data.tasks import BUILTIN_TASKS
+
+    spec = BUILTIN_TASKS.get(name)
+    if spec is None:
+        return {}
+    return {"type": "sft", **dict(spec.meta.get("defaults") or {})}
+
+
 def _build(cls: type, data: Any, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     flds = [f for f in dataclasses.fields(cls)]
     names = [f.name for f in flds]
     if isinstance(data, str) and cls is TaskConfig:  # shorthand: "- code" means {corpus: code}
         data = {"corpus": data}
+    if cls is TaskConfig and isinstance(data, dict) and isinstance(data.get("corpus"), str):
+        data = {**_builtin_task_defaults(data["corpus"]), **data}
     if isinstance(data, str) and cls is MethodSpec:
         data = {"name": data}
     if not isinstance(data, dict):
@@ -491,6 +505,8 @@ def _check_targets(t: TargetsConfig, where: str) -> None:
 def _check_task(t: TaskConfig, where: str) -> None:
     if t.type not in TASK_TYPES:
         raise ConfigError(f"config: {where}.type must be one of {', '.join(TASK_TYPES)}, got {t.type!r}")
+    if t.max_examples is not None and (not isinstance(t.max_examples, int) or t.max_examples < 1):
+        raise ConfigError(f"config: {where}.max_examples must be a positive integer (or null: eval.max_examples)")
     if t.metrics is not None:
         if not t.metrics:
             raise ConfigError(f"config: {where}.metrics must list at least one of {', '.join(METRICS)}")
@@ -545,8 +561,13 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     dup = sorted({x for x in probes if probes.count(x) > 1})
     if dup:
         raise ConfigError(f"config: control names must be unique, {dup[0]!r} appears twice (give each a 'name')")
+    from .data.tasks import BUILTIN_TASKS
+
     for i, t in enumerate(cfg.tasks):
         _check_task(t, f"tasks[{i}]")
+        if t.corpus in BUILTIN_TASKS and BUILTIN_TASKS[t.corpus].meta.get("probe_only"):
+            raise ConfigError(f"config: tasks[{i}]: {t.corpus!r} is a control probe (the base model's own answers), "
+                              "not a task to train on; list it under control")
     for i, t in enumerate(suite):
         _check_task(t, "control" if not isinstance(cfg.control, list) else f"control[{i}]")
     if cfg.method is not None and cfg.methods:

@@ -155,10 +155,16 @@ def _data(args: argparse.Namespace) -> int:
         return _data_one(args)
     rows = list_corpora(sizes=args.fetch)
     tasks = list_labelled_tasks(build=args.fetch)
-    sft_tasks = [t for t in list_tasks() if t["name"] not in {x["name"] for x in tasks}]  # others than the labelled
-    emit_json(args, {"corpora": rows, "labelled_tasks": tasks, **({"sft_tasks": sft_tasks} if sft_tasks else {})})
+    probes = [t for t in list_tasks() if t.get("probe")]
+    sft_tasks = [t for t in list_tasks() if t["name"] not in {x["name"] for x in tasks + probes}]  # others than the labelled
+    emit_json(args, {"corpora": rows, "labelled_tasks": tasks, "control_probes": probes,
+                     **({"sft_tasks": sft_tasks} if sft_tasks else {})})
     if json_only(args):
         return 0
+    print(_table([[t["name"], t["metric"], t["direction"], f"{t['chance_accuracy']:.2f}" if t.get("chance_accuracy") else "-",
+                   t.get("base_smollm2", "-"), t.get("noise", "-")] for t in probes],
+                 ["CONTROL PROBE", "METRIC", "CHANGE", "CHANCE", "SMOLLM2 BASE", "NOISE (95%)"]))
+    print()
     if sft_tasks:
         print(_table([[t["name"], "sft", t.get("description", ""), t.get("license", ""), t.get("source", "")] for t in sft_tasks],
                      ["TASK", "KIND", "DESCRIPTION", "LICENCE", "SOURCE"]))

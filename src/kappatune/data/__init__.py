@@ -111,3 +111,7 @@ def _register_labelled() -> None:
 
 
 _register_labelled()
+
+from . import probes as _probes  # noqa: E402  (the control-suite probes: built-in sft entries)
+
+_probes._register()

@@ -481,7 +481,9 @@ def task_summary(task: SFTTask) -> dict[str, Any]:
     out: dict[str, Any] = {"name": task.name, "kind": "sft", "source": task.source, "choices": task.has_choices,
                            "sizes": {s: len(v) for s, v in task.splits.items()}}
     if task.has_choices:
-        out["label_counts"] = {s: dict(sorted(Counter(e["response"] for e in v).items())) for s, v in task.splits.items()}
+        key = task.meta.get("label_field", "response")  # e.g. next-sentence: the gold slot, not the sentence itself
+        out["label_counts"] = {s: dict(sorted(Counter(str(e.get(key, e["response"])) for e in v).items()))
+                               for s, v in task.splits.items()}
         out["chance_accuracy"] = float(np.mean([1.0 / len(e["choices"]) for e in task["test"]]))
     out.update({k: v for k, v in task.meta.items() if k not in out})
     return out

@@ -107,21 +107,34 @@ def _spread(examples: list, k: int | None) -> list:
     return [examples[(i * len(examples)) // k] for i in range(k)]
 
 
-def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool) -> tuple[Any, list, list, dict]:
+def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progress: bool,
+              model: torch.nn.Module | None = None) -> tuple[Any, list, list, dict]:
     """An sft task's training tensors (or None), evaluated test and validation examples and info; resolves
-    default metrics."""
+    default metrics.
+
+    The ``instruct-fidelity`` control probe is generated from ``model`` (the base model: its own greedy answers,
+    cached per weights; ``kappatune.data.probes``)."""
     from .. import data as kdata
+    from ..data.probes import FIDELITY_PROBE, fidelity_task
 
     e = cfg.eval
     need_choices = bool(task.metrics) and "accuracy" in task.metrics
-    t = kdata.load_task(task.corpus, name=task.label, seed=e.split_seed, validation_fraction=e.validation_fraction,
-                        test_fraction=e.eval_fraction, prompt_field=task.prompt_field, response_field=task.response_field,
-                        messages_field=task.messages_field, choices_field=task.choices_field,
-                        choices_required=need_choices, progress=progress)
+    if task.corpus == FIDELITY_PROBE:
+        if model is None:
+            raise ConfigError(f"control probe {FIDELITY_PROBE!r} needs the base model to generate its answers")
+        t = fidelity_task(model, tokenizer, chat_template=task.chat_template, batch_size=e.batch_size, progress=progress)
+    else:
+        t = kdata.load_task(task.corpus, name=task.label, seed=e.split_seed, validation_fraction=e.validation_fraction,
+                            test_fraction=e.eval_fraction, prompt_field=task.prompt_field, response_field=task.response_field,
+                            messages_field=task.messages_field, choices_field=task.choices_field,
+                            choices_required=need_choices, progress=progress)
     if task.metrics is None:  # default: accuracy when the data has choices
         task.metrics = ["accuracy"] if t.has_choices else ["ppl"]
-    test = _spread(t[e.split], e.max_examples)  # eval.split "validation" while tuning (lr_search), "test" for results
-    valid = _spread(t["validation"], e.max_examples)
+    # eval.split "validation" while tuning (lr_search), "test" for results; instruct-fidelity has only its one set
+    # of answers (test). A task's or probe's own max_examples overrides eval.max_examples.
+    cap = task.max_examples if task.max_examples is not None else e.max_examples
+    test = _spread(t[e.split] if e.split in t.splits else t["test"], cap)
+    valid = _spread(t["validation"], cap) if "validation" in t.splits else []
     tr = None
     if train:
         exs = t["train"]
@@ -137,9 +150,11 @@ def _load_sft(task: Any, cfg: RunConfig, tokenizer: Any, *, train: bool, progres
     return tr, test, valid, info
 
 
-def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool, *, validation: bool = True) -> _Data:
+def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool, model: torch.nn.Module | None = None, *,
+               validation: bool = True) -> _Data:
     """Every task's training data, test data (what results report) and validation data (what curves and early
-    stopping read), and every control probe's test data.
+    stopping read), and every control probe's test data. ``model`` is the base model (before any method is
+    applied), which model-generated probes (``instruct-fidelity``) need.
 
     ``validation=False``: the data of runs started before lm tasks had a validation split (resumed with their
     own training data): lm tasks keep the two-way document split, and curves read the test split as they did."""
@@ -157,7 +172,8 @@ def _load_data(cfg: RunConfig, tokenizer: Any, progress: bool, *, validation: bo
         is_task = label in [t.label for t in cfg.tasks]
         try:
             if task.type == "sft":
-                tr, ev, va, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress)
+                tr, ev, va, info[label] = _load_sft(task, cfg, tokenizer, train=is_task, progress=progress,
+                                                    model=model)
                 if tr is not None:
                     train[label] = tr
                 evals[label] = ev
@@ -335,7 +351,7 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
     elif command is not None:
         raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
     model, tokenizer = _load(cfg)
-    data = _load_data(cfg, tokenizer, progress)
+    data = _load_data(cfg, tokenizer, progress, model)
     steps = cfg.steps_per_stage()
     if steps < 1:
         raise ConfigError("config: training.steps must be > 0")
@@ -638,7 +654,8 @@ def _run_locked(cfg: RunConfig, out: Path, fp: str, spec: MethodSpec, seed: int,
     t0 = time.perf_counter()
     model, tokenizer = _load(cfg)
     # Runs started before tasks had validation splits (state without "validation_splits") resume on their own data.
-    data = _load_data(cfg, tokenizer, progress, validation=state is None or bool(state.get("validation_splits")))
+    data = _load_data(cfg, tokenizer, progress, model,
+                      validation=state is None or bool(state.get("validation_splits")))
     method = _build_method(spec, model, cfg, seed, progress)
     _check_shardable(method, spec)
     total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
