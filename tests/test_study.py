@@ -177,7 +177,7 @@ def test_study_config_errors_name_the_key(tmp_path):
         with pytest.raises(ConfigError, match=msg):
             config_from_dict({**base, **over})
     lm = {**base, "tasks": [{"corpus": base["control"][0]["corpus"], "name": "a"}, {"corpus": base["control"][0]["corpus"], "name": "b"}]}
-    with pytest.raises(ConfigError, match="lr_search reads the validation split"):
+    with pytest.raises(ConfigError, match="lr_search needs an sft task"):
         config_from_dict(lm)
 
 

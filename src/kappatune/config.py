@@ -708,8 +708,8 @@ def _check_study(cfg: RunConfig, disp: list[str]) -> None:
         if ls.task == "first" and cfg.orders:
             task = cfg.tasks[labels.index(cfg.orders[0][0])]
         if task.type != "sft":
-            raise ConfigError(f"config: lr_search reads the validation split, which only sft tasks have; task "
-                              f"{task.label!r} is type {task.type!r}")
+            raise ConfigError(f"config: lr_search needs an sft task (the search on raw-text tasks is not implemented); "
+                              f"task {task.label!r} is type {task.type!r}")
         if ls.metric not in METRICS:
             raise ConfigError(f"config: lr_search.metric must be one of {', '.join(METRICS)}, got {ls.metric!r}")
     pr = cfg.preregistered
