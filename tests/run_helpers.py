@@ -112,3 +112,16 @@ def apply_nested(cfg: dict, over: dict[str, Any]) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return cfg
+
+
+def subprocess_env(fault: str | None = None) -> dict:
+    """The environment for a `python -m kappatune.cli` child: this checkout's src first on PYTHONPATH, no fault
+    injected unless ``fault`` (``KAPPATUNE_FAULT``, e.g. ``"train_step:5"``) is given."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("KAPPATUNE_FAULT", None)
+    if fault:
+        env["KAPPATUNE_FAULT"] = fault
+    return env

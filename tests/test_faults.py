@@ -31,7 +31,7 @@ import yaml
 from kappatune.errors import KappaTuneError
 from kappatune.harness import run
 from kappatune.storage import sha256_file
-from run_helpers import make_corpora, tiny_run_config
+from run_helpers import make_corpora, tiny_run_config, subprocess_env as _env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,13 +69,6 @@ def _key_metrics(results: dict) -> dict:
             "trainable": results["trainable_params"], "status": results["status"]}
 
 
-def _env(fault: str | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("KAPPATUNE_FAULT", None)
-    if fault:
-        env["KAPPATUNE_FAULT"] = fault
-    return env
 
 
 def _cli(cfg_path: Path, *args: str, fault: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

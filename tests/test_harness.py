@@ -20,7 +20,7 @@ import yaml
 from kappatune.config import config_from_dict, config_fingerprint, load_config
 from kappatune.errors import ConfigError, DataError, KappaTuneError
 from kappatune.harness import bench, compute_metrics, run, validate
-from run_helpers import make_corpora, tiny_run_config
+from run_helpers import make_corpora, tiny_run_config, subprocess_env as _env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,6 @@ def _key_metrics(results: dict) -> dict:
             "trainable": results["trainable_params"]}
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("KAPPATUNE_FAULT", None)
-    return env
 
 
 def _write_yaml(path: Path, cfg: dict) -> Path:

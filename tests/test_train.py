@@ -4,7 +4,6 @@ the model card, save modes, SIGKILL + resume, optimizer/dtype/gradient checkpoin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from kappatune import cli
 from kappatune.errors import CacheError, ConfigError
 from kappatune.finetune import train
 from kappatune.models import build_tiny_llama
-from run_helpers import make_corpora
+from run_helpers import make_corpora, subprocess_env as _env
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(steps=4, seq_len=32, batch_size=2, eval_blocks=4, num_threads=1, progress=False)
@@ -111,13 +110,6 @@ def test_adapter_only_directory_and_load_adapter(trained, corpora, tmp_path):
         assert torch.equal(loaded(input_ids=x).logits, m2(input_ids=x).logits)
 
 
-def _env(fault: str | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("KAPPATUNE_FAULT", None)
-    if fault:
-        env["KAPPATUNE_FAULT"] = fault
-    return env
 
 
 @pytest.mark.parametrize("fault", ["train_step:3", "export:1"])
