@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The study, second edition (configs/study2.yaml): run it across sessions, one committed cell at a time.
 #
-#   scripts/study2.sh              # run (or continue) the study; every finished cell is git-committed at once
+#   scripts/study2.sh              # run (or continue) the study with $WORKERS workers (default 2: one per core)
 #   scripts/study2.sh --report     # rebuild benchmarks/results/study2/study.md from the committed cells only
-#   scripts/study2.sh --only full  # extra arguments go to `kappatune bench` (e.g. one method at a time)
+#   scripts/study2.sh --only full  # extra arguments go to every `kappatune bench` worker
 #
-# A run skips every cell already committed under benchmarks/results/study2/cells, so killing it (or ending the
-# session) loses at most the cell in progress, which resumes from its run directory if that survived, or starts
-# over if not. The pre-registered block and the LR-search protocol are fixed by the first committed cell
+# Every worker is a plain `kappatune bench configs/study2.yaml --commit`: the workers share the cells through
+# per-cell claims (each cell runs once) and git-commit every finished cell at once. A run skips every cell
+# already committed under benchmarks/results/study2/cells, so killing it (or ending the session) loses at most
+# the cells in progress, which resume from their run directories if those survived, or start over if not. The
+# pre-registered block and the LR-search protocol are fixed by the first committed cell
 # (benchmarks/results/study2/cells/protocol.json); a changed block is refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +19,16 @@ if [ "${1:-}" = "--report" ]; then
   shift
   exec "$KT" bench configs/study2.yaml --report "$@"
 fi
-"$KT" bench configs/study2.yaml --commit "$@"
+WORKERS=${WORKERS:-2}
+mkdir -p runs/study2
+pids=()
+for i in $(seq 1 "$WORKERS"); do
+  "$KT" bench configs/study2.yaml --commit "$@" >"runs/study2/worker-$i.log" 2>&1 &
+  pids+=($!)
+  sleep 5  # the first worker writes protocol.json before the others look for it
+done
+echo "study2: $WORKERS workers (logs: runs/study2/worker-*.log)"
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+[ "$status" = 0 ] || { echo "study2: a worker failed (see runs/study2/worker-*.log)" >&2; exit "$status"; }
 "$KT" bench configs/study2.yaml --report

@@ -162,12 +162,86 @@ def test_commit_flag_git_commits_each_cell(tmp_path):
     assert "cells/protocol.json" in tracked and "cells/full/order-0/seed-0.json" in tracked
 
 
+def test_per_method_lr_search_searches_each_method_once(tmp_path):
+    """``lr_search.per: method``: one search per method, on its first budget; its other rows reuse that lr."""
+    cfg = _tiny(tmp_path, ["full", "kappatune"])
+    cfg["lr_search"]["per"] = "method"
+    cfg["preregistered"]["reference"] = ["full"]
+    summary = bench(cfg)
+    cells = tmp_path / "study" / "cells"
+    assert sorted(str(p.parent.relative_to(cells)) for p in cells.rglob("lr-*.json")) == [
+        "lr_search/full", "lr_search/full", "lr_search/kappatune@43k", "lr_search/kappatune@43k"]
+    rows = summary["study"]["lr_search"]["rows"]
+    assert rows["kappatune@86k"]["searched_on"] == "kappatune@43k"
+    assert rows["kappatune@86k"]["chosen_lr"] == rows["kappatune@43k"]["chosen_lr"]
+    for o in (0, 1):
+        res = json.loads((cells / "kappatune@86k" / f"order-{o}" / "seed-0.json").read_text())
+        assert res["config"]["method"]["lr"] == rows["kappatune@43k"]["chosen_lr"]
+    md = (tmp_path / "study" / "study.md").read_text()
+    assert "kappatune@86k (from kappatune@43k)" in md
+    # trials are counted once in the compute total
+    assert summary["study"]["cpu_time_s"]["lr_search_trials"] == 4
+
+
+def test_a_cell_claimed_by_another_worker_is_waited_for_then_taken(tmp_path, monkeypatch):
+    """Several bench processes share a study through per-cell claims: a claimed cell is not run twice; once its
+    claim is released (the holder finished, or died), the waiting worker takes what is left."""
+    import importlib
+    import threading
+
+    bench_mod = importlib.import_module("kappatune.harness.bench")
+
+    cfg = _tiny(tmp_path, ["full"])
+    cfg["lr_search"]["factors"] = [1.0]
+    cfg["preregistered"]["reference"] = ["full"]
+    out = config_from_dict(cfg).out_dir()
+    held = bench_mod._Claim(out, "full/order-1/seed-0")
+    assert held.acquire()
+    assert not bench_mod._Claim(out, "full/order-1/seed-0").acquire()  # exclusive, also within one process
+    monkeypatch.setenv("KAPPATUNE_STUDY_POLL_S", "0.2")
+    timer = threading.Timer(3.0, held.release)
+    timer.start()
+    try:
+        summary = bench(cfg)
+    finally:
+        timer.cancel()
+        held.release()
+    assert summary["ran"] == ["lr_search/full/lr-0.003", "full/order-0/seed-0", "full/order-1/seed-0"]
+    assert summary["study"]["cells"]["present"] == 2
+
+
+def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
+    """Two ``kappatune bench`` processes on one study config: every trial and cell is committed once, none is run
+    by both, and the report of the cells equals a single worker's."""
+    import os
+    import sys
+
+    from run_helpers import subprocess_env
+
+    cfg = _tiny(tmp_path, ["full", "kappatune"])
+    cfg["lr_search"]["factors"] = [1.0]
+    cfg["preregistered"]["reference"] = ["full"]
+    cfg["progress"] = True  # the "== cell" lines say which worker ran what
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    env = {**subprocess_env(), "KAPPATUNE_STUDY_POLL_S": "0.5", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "kappatune.cli", "bench", path], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    started = [ln.split()[1] for log in logs for ln in log.splitlines() if ln.startswith("== ")]
+    cells = tmp_path / "study" / "cells"
+    committed = sorted(str(p.relative_to(cells))[:-5] for p in cells.rglob("*.json") if p.name != "protocol.json")
+    assert sorted(started) == committed and len(committed) == 3 + 3 * 2  # 3 trials, 3 rows x 2 orders
+    assert os.path.isfile(tmp_path / "study" / "study.md")
+
+
 def test_study_config_errors_name_the_key(tmp_path):
     base = _tiny(tmp_path)
     bad = [
         ({"orders": [["a", "a"]]}, "orders\\[0\\]"),
         ({"budget": 1000}, "budget \\(one\\) or budgets"),
         ({"lr_search": {"factors": []}}, "lr_search.factors"),
+        ({"lr_search": {"per": "budget"}}, "lr_search.per"),
         ({"preregistered": {"reference": ["nope"]}}, "preregistered.reference 'nope'"),
         ({"eval": {**base["eval"], "curve_every": 0}}, "not a learning-curve point"),
         ({"preregistered": {"target": {"reference": "full", "fraction": 1.5}}}, "fraction must be in"),

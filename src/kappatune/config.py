@@ -248,6 +248,9 @@ class LRSearchConfig:
     steps: int | None = None
     metric: str = "accuracy"
     seed: int | None = None  # default: the bench's first seed
+    # "row": every (method, budget) row is searched; "method": each method is searched once, at its first budget,
+    # and its other budgets' rows use that lr (the same rule for every method, at about half the trials)
+    per: str = "row"
 
 
 @dataclass
@@ -712,6 +715,8 @@ def _check_study(cfg: RunConfig, disp: list[str]) -> None:
                               f"task {task.label!r} is type {task.type!r}")
         if ls.metric not in METRICS:
             raise ConfigError(f"config: lr_search.metric must be one of {', '.join(METRICS)}, got {ls.metric!r}")
+        if ls.per not in ("row", "method"):
+            raise ConfigError(f"config: lr_search.per must be 'row' or 'method', got {ls.per!r}")
     pr = cfg.preregistered
     if pr is not None:
         if not pr.primary:

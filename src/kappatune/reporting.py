@@ -297,13 +297,19 @@ def study_markdown(bench: dict[str, Any]) -> str:
     lr = st.get("lr_search")
     if lr:
         rows = []
+        reused = {label: r["searched_on"] for label, r in lr["rows"].items() if "searched_on" in r}
         for label, r in lr["rows"].items():
+            if label in reused:
+                continue
             for t in r["trials"]:
                 rows.append([label, fmt(t["factor"]), fmt(t["lr"]), fmt(t["value"]), "←" if t["lr"] == r["chosen_lr"] else ""])
         lines += ["## Learning-rate search (validation split only)", "",
                   f"Task `{lr['task']}`, {lr['steps']} steps, seed {lr['seed']}; criterion: validation {lr['metric']} at "
                   f"the end of the stage; grid: {lr['factors']} × each method's base lr (the same size for every method).",
                   "", _md(rows, ["row", "factor", "lr", f"validation {lr['metric']}", "chosen"]), ""]
+        if reused:
+            lines += ["Searched once per method, at its first budget; these rows use that lr: "
+                      + ", ".join(f"{a} (from {b})" for a, b in reused.items()), ""]
     by_label = {m["label"]: m for m in bench["methods"]}
     prim = st.get("primary_metrics") or []
     if prim:

@@ -34,6 +34,10 @@ __all__ = ["bench", "bench_report", "aggregate_bench", "paired_against", "study_
 
 logger = logging.getLogger("kappatune")
 
+def _poll_s() -> float:
+    """A study worker's poll interval while other workers hold cells (``KAPPATUNE_STUDY_POLL_S``, default 30 s)."""
+    return float(os.environ.get("KAPPATUNE_STUDY_POLL_S", "30"))
+
 _BENCH_METRICS = (
     "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
     "control_change_abs", "control_change_pct", "trainable_params", "train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb",
@@ -184,6 +188,8 @@ def _protocol(cfg: RunConfig) -> dict[str, Any]:
         "preregistered": dataclasses.asdict(cfg.preregistered) if cfg.preregistered else None,
         "lr_search": dataclasses.asdict(cfg.lr_search) if cfg.lr_search else None,
     }
+    if block["lr_search"] is not None and block["lr_search"].get("per") == "row":
+        block["lr_search"].pop("per")  # added later: the default keeps earlier studies' fingerprints
     fp = hashlib.sha256(json.dumps(block, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {**block, "fingerprint": fp}
 
@@ -226,12 +232,52 @@ def _git_commit(paths: Sequence[Path], message: str) -> None:
         return
     cwd = Path(paths[0]).parent
     files = [str(Path(p).resolve()) for p in paths]
-    try:
-        subprocess.run(["git", "add", "--", *files], cwd=cwd, check=True, capture_output=True, text=True)
-        subprocess.run(["git", "commit", "-q", "-m", message, "--", *files], cwd=cwd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        err = getattr(exc, "stderr", "") or str(exc)
-        logger.warning("could not git-commit %s: %s", ", ".join(files), err.strip().splitlines()[-1] if err.strip() else exc)
+    for attempt in range(6):  # several workers commit into one repository: wait out another's index.lock
+        try:
+            subprocess.run(["git", "add", "--", *files], cwd=cwd, check=True, capture_output=True, text=True)
+            subprocess.run(["git", "commit", "-q", "-m", message, "--", *files], cwd=cwd, check=True, capture_output=True, text=True)
+            return
+        except (OSError, subprocess.CalledProcessError) as exc:
+            err = getattr(exc, "stderr", "") or str(exc)
+            if "index.lock" in err and attempt < 5:
+                time.sleep(1.0 + attempt)
+                continue
+            logger.warning("could not git-commit %s: %s", ", ".join(files), err.strip().splitlines()[-1] if err.strip() else exc)
+            return
+
+
+class _Claim:
+    """A worker's exclusive claim on one cell of a study, so that several ``kappatune bench`` processes on the same
+    config share the work (each cell runs once) without any coordinator.
+
+    ``fcntl.flock`` on ``<bench output dir>/.claims/<cell>.lock``: the kernel drops it when the holder exits, however
+    it exits, so a killed worker's cell is simply claimed (and resumed from its run directory) by the next pass of
+    any worker. Without ``fcntl`` (Windows) every claim succeeds: run one worker there.
+    """
+
+    def __init__(self, out: Path, name: str):
+        self.path = out / ".claims" / (name.replace("/", "__") + ".lock")
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the flock
+            self._fh = None
 
 
 class _Cells:
@@ -245,6 +291,7 @@ class _Cells:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.missing: list[str] = []
+        self.busy: list[str] = []  # cells another worker is running right now (claimed)
         self.validated = False
 
     def status(self, name: str, cell_cfg: RunConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
@@ -275,6 +322,26 @@ class _Cells:
         if self.report_only:
             self.missing.append(name)
             return None
+        claim = _Claim(self.out, name)
+        # Under a launcher every rank runs every cell together: only single-process benches share cells by claims.
+        if self.cells_dir is not None and os.environ.get("WORLD_SIZE", "1") == "1":
+            if not claim.acquire():
+                self.busy.append(name)
+                return None
+            committed = _read_cell(self.cells_dir / f"{name}.json")  # a worker may have finished it meanwhile
+            if committed is not None:
+                claim.release()
+                self.skipped.append(name)
+                return committed
+            st = _read_state(Path(cell_cfg.output_dir or ""))
+            done = st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(Path(cell_cfg.output_dir or ""), st)
+        try:
+            return self._run(name, cell_cfg, st, done, base_cache, validate_first)
+        finally:
+            claim.release()
+
+    def _run(self, name: str, cell_cfg: RunConfig, st: dict[str, Any] | None, done: bool, base_cache: Path,
+             validate_first: Callable[[], None]) -> dict[str, Any]:
         cell_dir = Path(cell_cfg.output_dir or "")
         cpu = wall = None
         if done:
@@ -320,13 +387,22 @@ def _lr_trial_config(cfg: RunConfig, row: StudyRow, lr: float, seed: int, out: P
 
 
 def _lr_search(cfg: RunConfig, rows: list[StudyRow], cells: _Cells, out: Path, validate_first: Callable[[], None]) -> dict[str, Any]:
-    """Every row's trials (the same factors for every method) and the lr each row's real cells use."""
+    """Every searched row's trials (the same factors for every method) and the lr each row's real cells use.
+
+    ``lr_search.per: method`` searches each method once, on its first row (its first budget); its other rows reuse
+    that lr (``searched_on`` names the row whose trials set it)."""
     ls = cfg.lr_search
     assert ls is not None
     seed = ls.seed if ls.seed is not None else cfg.seed_list()[0]
     task = cfg.task_orders()[0][0] if ls.task == "first" else ls.task
     found: dict[str, Any] = {}
+    searched: dict[str, str] = {}  # method label -> the row its search ran on (per: method)
     for row in rows:
+        if ls.per == "method" and row.spec.display in searched:
+            first = found[searched[row.spec.display]]
+            found[row.label] = {**first, "searched_on": searched[row.spec.display]}
+            continue
+        searched[row.spec.display] = row.label
         base_lr = row.spec.lr if row.spec.lr is not None else cfg.training.lr
         trials = []
         for f in ls.factors:
@@ -386,23 +462,31 @@ def _study(cfg: RunConfig, *, force: bool, progress: bool, talk: bool, main: boo
     cells = _Cells(cfg, out, force=force, progress=progress, talk=talk, commit=commit, report_only=report_only,
                    protocol=protocol)
     lr = _lr_search(cfg, rows, cells, out, validate_first) if cfg.lr_search else None
-    results: dict[str, dict[Any, dict[str, Any]]] = {}
+    found: dict[tuple[str, int, int], dict[str, Any]] = {}
     n_orders = len(orders) if cfg.orders else 1
-    for row in rows:
-        chosen = lr["rows"][row.label]["chosen_lr"] if lr else None
-        if lr and chosen is None:  # trials missing (report of a study still in its search): no cell can be named
-            cells.missing += [_cell_name(row.label, o, s, n_orders) for o in range(n_orders) for s in seeds]
-            continue
-        for o in range(n_orders):
-            for seed in seeds:
+    # Replicate-major: every row's cell of (order 0, seed 0), then of the next replicate, so a study stopped part
+    # way holds complete replicates, i.e. paired comparisons across all rows, rather than some rows complete.
+    for o in range(n_orders):
+        for seed in seeds:
+            for row in rows:
                 name = _cell_name(row.label, o, seed, n_orders)
+                chosen = lr["rows"][row.label]["chosen_lr"] if lr else None
+                if lr and chosen is None:  # its trials are not all committed yet: the cell cannot be named
+                    cells.missing.append(name)
+                    continue
                 ccfg = _cell_config(cfg, row, orders[o] if cfg.orders else None, seed, chosen, out / name)
                 res = cells.get(name, ccfg, out / "base_eval.json", validate_first)
                 if res is not None:
                     res["_dir"] = name
-                    results.setdefault(row.label, {})[_cell_key(o, seed, n_orders)] = res
+                    found[row.label, o, seed] = res
+    results: dict[str, dict[Any, dict[str, Any]]] = {}
+    for row in rows:  # tables in row order, cells within a row in (order, seed) order
+        for o in range(n_orders):
+            for seed in seeds:
+                if (row.label, o, seed) in found:
+                    results.setdefault(row.label, {})[_cell_key(o, seed, n_orders)] = found[row.label, o, seed]
     return {"rows": rows, "cells": results, "lr_search": lr, "ran": cells.ran, "skipped": cells.skipped,
-            "missing": cells.missing, "protocol": protocol}
+            "missing": cells.missing, "busy": cells.busy, "protocol": protocol}
 
 
 def bench(
@@ -440,7 +524,12 @@ def bench(
     out = cfg.out_dir()
     t0 = time.perf_counter()
 
-    def validate_first() -> None:
+    validated: list[bool] = []
+
+    def validate_first() -> None:  # once per bench, however many passes a study worker makes
+        if validated:
+            return
+        validated.append(True)
         trainable = validate(_validation_config(cfg), progress=progress)
         _log(talk, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
              + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
@@ -448,6 +537,17 @@ def bench(
     if _is_study(cfg) or report:
         st = _study(cfg, force=force, progress=progress, talk=talk, main=main, commit=commit, report_only=report,
                     validate_first=validate_first)
+        ran = list(st["ran"])
+        # Other workers hold some cells: wait for them (their results may unblock rows still in their LR search),
+        # then take whatever is left, until nothing is held elsewhere.
+        while st.get("busy"):
+            _log(talk, f"bench {cfg.name}: {len(st['busy'])} cell(s) running in another worker "
+                       f"({', '.join(st['busy'][:3])}{' …' if len(st['busy']) > 3 else ''}); waiting")
+            time.sleep(_poll_s())
+            st = _study(cfg, force=force, progress=progress, talk=talk, main=main, commit=commit, report_only=report,
+                        validate_first=validate_first)
+            ran += st["ran"]
+        st["ran"] = ran
         cells, rows = st["cells"], st["rows"]
         if not cells:
             raise ConfigError(f"bench {cfg.name}: no finished cell to report" + (f" ({len(st['missing'])} missing)" if st["missing"] else ""))
@@ -547,7 +647,8 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
             target = equal_quality(cells, ref_rows[0], t.stage, step, t.metric)
     cpu = [r.get("cell_cpu_time_s") for r in any_res]
     lr = st.get("lr_search")
-    trial_cpu = [t.get("cpu_time_s") for row in (lr["rows"].values() if lr else ()) for t in row["trials"]]
+    trial_cpu = [t.get("cpu_time_s") for row in (lr["rows"].values() if lr else ()) if "searched_on" not in row
+                 for t in row["trials"]]
     expected = len(rows) * len(cfg.task_orders() if cfg.orders else [0]) * len(cfg.seed_list())
     return {
         "protocol": st.get("protocol"),
