@@ -68,6 +68,7 @@ def test_every_cell_and_trial_is_committed_as_json(ran):
         res = json.loads(p.read_text())
         assert res["protocol_fingerprint"] == json.loads((cells / "protocol.json").read_text())["fingerprint"]
         assert res["status"] == "complete" and res["cell_cpu_time_s"] > 0
+        assert res["cell_machine"]["device"] == "cpu" and res["cell_machine"]["torch_threads"] >= 1
     # the second order really runs the tasks in the other order
     r = json.loads((cells / "kappatune@43k" / "order-1" / "seed-0.json").read_text())
     assert r["tasks"] == ["b", "a"]

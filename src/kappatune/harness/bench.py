@@ -246,6 +246,23 @@ def _git_commit(paths: Sequence[Path], message: str) -> None:
             return
 
 
+def _machine() -> dict[str, Any]:
+    """Where a cell ran (provenance: a study's cells may come from several machines): the accelerator's name, or
+    the CPU's, and the number of CPU threads torch used."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"device": gpu or "cpu", "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
 class _Claim:
     """A worker's exclusive claim on one cell of a study, so that several ``kappatune bench`` processes on the same
     config share the work (each cell runs once) without any coordinator.
@@ -357,7 +374,7 @@ class _Cells:
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
             self.ran.append(name)
         if self.cells_dir is not None and os.environ.get("RANK", "0") == "0":
-            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall,
+            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall, "cell_machine": _machine() if cpu is not None else None,
                    "protocol_fingerprint": self.protocol["fingerprint"] if self.protocol else None}
             path = self.cells_dir / f"{name}.json"
             atomic_write_json(path, res)
