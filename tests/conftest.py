@@ -10,6 +10,15 @@ import pytest
 # the kappatune cache pytest was started with (None: the default, ~/.cache/kappatune), before any test isolates it
 _USER_CACHE = os.environ.get("KAPPATUNE_CACHE")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest process per core (pytest-xdist): each, and the CLI processes its tests start,
+    # uses one torch thread, so the processes do not fight over the cores (tiny ops with more threads than free
+    # cores are many times slower). A test that sets its own thread count still does.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(autouse=True)
 def _freeze_long_lived_objects():

@@ -125,3 +125,13 @@ def subprocess_env(fault: str | None = None) -> dict:
     if fault:
         env["KAPPATUNE_FAULT"] = fault
     return env
+
+
+def free_port() -> int:
+    """A TCP port free right now (the OS picks it), for a launched multi-process test: fixed ports collide when
+    test files run in parallel (pytest-xdist)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import types
-import warnings
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from kappatune.analysis import analyze_model, iter_weights, singular_values, spectrum_from_singular_values
 from kappatune.errors import ModelError
 from kappatune.models import build_tiny_llama, build_tiny_moe
+from run_helpers import free_port
 
 
 def matrix_with_kappa(m: int, n: int, kappa: float, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -237,7 +237,7 @@ def test_distributed_analysis_splits_work_and_matches_single_process(tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
         capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

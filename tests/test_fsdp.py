@@ -28,7 +28,7 @@ import yaml
 
 from kappatune.errors import ConfigError
 from kappatune.harness import bench, validate
-from run_helpers import make_corpora, tiny_run_config
+from run_helpers import free_port, make_corpora, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_YAML = REPO / "configs" / "accelerate" / "fsdp.yaml"
@@ -81,7 +81,7 @@ def _env() -> dict:
 
 def _launch(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file configs/accelerate/fsdp.yaml -m kappatune.cli ARGS`` on 2 CPU processes."""
-    port = str(29600 + (os.getpid() * 7 + len(args)) % 900)
+    port = str(free_port())
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_YAML), "--num_processes", "2",
            "--main_process_port", port, "-m", "kappatune.cli", *args]
     return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout)

@@ -6,7 +6,6 @@ Everything runs on tiny-llama (byte tokenizer) and small generated corpora, so t
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,9 +17,9 @@ import pytest
 import yaml
 
 from kappatune.config import config_from_dict, config_fingerprint, load_config
-from kappatune.errors import ConfigError, DataError, KappaTuneError
-from kappatune.harness import bench, compute_metrics, run, validate
-from run_helpers import make_corpora, tiny_run_config, subprocess_env as _env
+from kappatune.errors import ConfigError
+from kappatune.harness import bench, compute_metrics, run
+from run_helpers import free_port, make_corpora, tiny_run_config, subprocess_env as _env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -287,7 +286,7 @@ def test_two_process_gloo_matches_single_process(reference, corpora, tmp_path):
     path = _write_yaml(tmp_path / "c.yaml", _cfg(corpora, out, output__plots=True))
     env = _env()
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "kappatune.cli", "run", str(path), "-q"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

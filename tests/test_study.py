@@ -35,6 +35,7 @@ def _tiny(tmp: Path, methods: list[str] | None = None) -> dict:
         cfg["methods"] = [m for m in cfg["methods"] if m["label"] in methods]
     cfg["output"]["cells_dir"] = str(tmp / "study" / "cells")
     cfg["output_dir"] = str(tmp / "runs")
+    cfg["lr_search"]["per"] = "row"  # every row searched (per: method has its own test)
     return cfg
 
 
@@ -219,8 +220,8 @@ def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
 
     from run_helpers import subprocess_env
 
-    cfg = _tiny(tmp_path, ["full", "kappatune"])
-    cfg["lr_search"]["factors"] = [1.0]
+    cfg = _tiny(tmp_path, ["full"])
+    cfg["lr_search"]["factors"] = [0.5, 1.0]
     cfg["preregistered"]["reference"] = ["full"]
     cfg["progress"] = True  # the "== cell" lines say which worker ran what
     path = write_yaml(tmp_path / "c.yaml", cfg)
@@ -232,7 +233,7 @@ def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
     started = [ln.split()[1] for log in logs for ln in log.splitlines() if ln.startswith("== ")]
     cells = tmp_path / "study" / "cells"
     committed = sorted(str(p.relative_to(cells))[:-5] for p in cells.rglob("*.json") if p.name != "protocol.json")
-    assert sorted(started) == committed and len(committed) == 3 + 3 * 2  # 3 trials, 3 rows x 2 orders
+    assert sorted(started) == committed and len(committed) == 2 + 2  # 2 trials, 1 row x 2 orders
     assert os.path.isfile(tmp_path / "study" / "study.md")
 
 
