@@ -212,6 +212,33 @@ def test_a_cell_claimed_by_another_worker_is_waited_for_then_taken(tmp_path, mon
     assert summary["study"]["cells"]["present"] == 2
 
 
+def test_study_workers_validate_the_config_once_between_them(tmp_path, monkeypatch):
+    """Validation (every row's budget matching: minutes on a real model) runs once per config: a later worker on
+    the same study finds the marker the first one left and skips it; a bench of another config validates."""
+    import importlib
+
+    bench_mod = importlib.import_module("kappatune.harness.bench")
+    cfg = _tiny(tmp_path, ["full"])
+    cfg["lr_search"]["factors"] = [1.0]
+    cfg["preregistered"]["reference"] = ["full"]
+    bench(cfg)
+    out = config_from_dict(cfg).out_dir()
+    assert len(list((out / ".claims").glob("validated-*"))) == 1
+    (tmp_path / "study" / "cells" / "full" / "order-1" / "seed-0.json").unlink()
+    shutil.rmtree(out / "full" / "order-1" / "seed-0")
+    calls = []
+    real = bench_mod.validate
+    monkeypatch.setattr(bench_mod, "validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = bench(cfg)
+    assert summary["ran"] == ["full/order-1/seed-0"] and calls == []
+    other = json.loads(json.dumps(cfg))
+    other["output"]["cells_dir"] = str(tmp_path / "other" / "cells")
+    other["output_dir"] = str(tmp_path / "other" / "runs")
+    other["seeds"] = [1]
+    bench(other)
+    assert calls == [1]
+
+
 def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
     """Two ``kappatune bench`` processes on one study config: every trial and cell is committed once, none is run
     by both, and the report of the cells equals a single worker's."""

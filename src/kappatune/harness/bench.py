@@ -11,6 +11,7 @@ The learning-rate search (validation split only) runs first and is committed the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..config import MethodSpec, RunConfig, config_fingerprint
 from ..errors import CacheError, ConfigError
@@ -296,6 +297,19 @@ class _Claim:
             self._fh.close()  # closing releases the flock
             self._fh = None
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Wait for the claim (blocking), hold it for the ``with`` block."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield
+
 
 class _Cells:
     """Runs (or reads back) the cells of a bench: committed JSON first, then the run directory, then training."""
@@ -547,6 +561,21 @@ def bench(
         if validated:
             return
         validated.append(True)
+        if _is_study(cfg) and cfg.output.cells_dir:
+            # Study workers validate once per config between them (the budget matching of every row can take many
+            # minutes: OSF decomposes every layer): the first holds a lock while it validates and leaves a marker
+            # named by the config's fingerprint; the others wait for it and skip.
+            with _Claim(out, "validate").hold():
+                marker = out / ".claims" / f"validated-{config_fingerprint(_validation_config(cfg))}"
+                if marker.is_file():
+                    _log(talk, f"bench {cfg.name}: config already validated by another worker ({marker.name})")
+                    return
+                _validate()
+                marker.write_text(f"pid {os.getpid()}\n", encoding="utf-8")
+            return
+        _validate()
+
+    def _validate() -> None:
         trainable = validate(_validation_config(cfg), progress=progress)
         _log(talk, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
              + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
