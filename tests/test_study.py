@@ -145,6 +145,23 @@ def test_report_of_a_partial_study_lists_the_missing_cells(ran, tmp_path):
     assert "7 of 8 committed" in (tmp_path / "study.md").read_text()
 
 
+def test_report_of_a_study_still_in_its_lr_search_shows_the_search(ran, tmp_path):
+    tmp, cfg, _ = ran
+    part = tmp_path / "cells"
+    part.mkdir()
+    shutil.copy(tmp / "study" / "cells" / "protocol.json", part)
+    shutil.copytree(tmp / "study" / "cells" / "lr_search", part / "lr_search")
+    c = json.loads(json.dumps(cfg))
+    c["output"]["cells_dir"] = str(part)
+    rep = bench_report(c)
+    assert rep["study"]["cells"]["present"] == 0 and len(rep["study"]["cells"]["missing"]) == 8
+    md = (tmp_path / "study.md").read_text()
+    assert "0 of 8 committed" in md and "Learning-rate search" in md
+    shutil.rmtree(part / "lr_search")
+    with pytest.raises(ConfigError, match="no finished cell"):
+        bench_report(c)
+
+
 def test_commit_flag_git_commits_each_cell(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git not installed")

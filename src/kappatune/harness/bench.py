@@ -595,7 +595,8 @@ def bench(
             ran += st["ran"]
         st["ran"] = ran
         cells, rows = st["cells"], st["rows"]
-        if not cells:
+        if not cells and not (st.get("lr_search") and any(t["value"] is not None for r in st["lr_search"]["rows"].values()
+                                                          for t in r["trials"])):
             raise ConfigError(f"bench {cfg.name}: no finished cell to report" + (f" ({len(st['missing'])} missing)" if st["missing"] else ""))
     else:
         # Each cell: (directory, its run config, its state or None, complete with this config?), read once.
@@ -631,7 +632,9 @@ def bench(
         st = {"ran": ran, "skipped": skipped}
         rows = None
     agg = aggregate_bench(cells)
-    first = next(iter(next(iter(cells.values())).values()))
+    # (a study still in its LR search has trials but no cell yet: its report shows the protocol and the search)
+    first = next(iter(next(iter(cells.values())).values())) if cells else {
+        "tasks": [t.label for t in cfg.tasks], "control": [c.label for c in cfg.control_suite()]}
     summary = {
         "kappatune_bench": 1,
         "name": cfg.name, "model": cfg.model, "tasks": first["tasks"], "control": first["control"],
