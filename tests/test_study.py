@@ -64,7 +64,7 @@ def test_every_cell_and_trial_is_committed_as_json(ran):
     trials = sorted(cells.rglob("lr-*.json"))
     assert len(trials) == 4 * 2  # every row gets the same grid size
     for p in cells.rglob("*.json"):
-        if p.name == "protocol.json":
+        if p.name in ("protocol.json", "validated.json"):
             continue
         res = json.loads(p.read_text())
         assert res["protocol_fingerprint"] == json.loads((cells / "protocol.json").read_text())["fingerprint"]
@@ -178,7 +178,7 @@ def test_commit_flag_git_commits_each_cell(tmp_path):
     assert log.splitlines() == ["study2_tiny: cell full/order-1/seed-0", "study2_tiny: cell full/order-0/seed-0",
                                 "study2_tiny: cell lr_search/full/lr-0.003"]
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, check=True, capture_output=True, text=True).stdout.split()
-    assert "cells/protocol.json" in tracked and "cells/full/order-0/seed-0.json" in tracked
+    assert "cells/protocol.json" in tracked and "cells/validated.json" in tracked and "cells/full/order-0/seed-0.json" in tracked
 
 
 def test_per_method_lr_search_searches_each_method_once(tmp_path):
@@ -230,8 +230,9 @@ def test_a_cell_claimed_by_another_worker_is_waited_for_then_taken(tmp_path, mon
 
 
 def test_study_workers_validate_the_config_once_between_them(tmp_path, monkeypatch):
-    """Validation (every row's budget matching: minutes on a real model) runs once per config: a later worker on
-    the same study finds the marker the first one left and skips it; a bench of another config validates."""
+    """Validation (every row's budget matching: minutes on a real model) runs once per config and code: a later
+    worker on the same study finds the marker the first one left beside the cells and skips it; another config,
+    or the same on changed code, validates."""
     import importlib
 
     bench_mod = importlib.import_module("kappatune.harness.bench")
@@ -240,7 +241,8 @@ def test_study_workers_validate_the_config_once_between_them(tmp_path, monkeypat
     cfg["preregistered"]["reference"] = ["full"]
     bench(cfg)
     out = config_from_dict(cfg).out_dir()
-    assert len(list((out / ".claims").glob("validated-*"))) == 1
+    marker = json.loads((tmp_path / "study" / "cells" / "validated.json").read_text())
+    assert set(marker) == {"config_fingerprint", "code_fingerprint"}
     (tmp_path / "study" / "cells" / "full" / "order-1" / "seed-0.json").unlink()
     shutil.rmtree(out / "full" / "order-1" / "seed-0")
     calls = []
@@ -254,6 +256,12 @@ def test_study_workers_validate_the_config_once_between_them(tmp_path, monkeypat
     other["seeds"] = [1]
     bench(other)
     assert calls == [1]
+    # the same config on other code validates again
+    (tmp_path / "study" / "cells" / "full" / "order-1" / "seed-0.json").unlink()
+    shutil.rmtree(out / "full" / "order-1" / "seed-0")
+    monkeypatch.setattr(bench_mod, "_code_fingerprint", lambda: "changed")
+    bench(cfg)
+    assert calls == [1, 1]
 
 
 def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
@@ -276,7 +284,7 @@ def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs
     started = [ln.split()[1] for log in logs for ln in log.splitlines() if ln.startswith("== ")]
     cells = tmp_path / "study" / "cells"
-    committed = sorted(str(p.relative_to(cells))[:-5] for p in cells.rglob("*.json") if p.name != "protocol.json")
+    committed = sorted(str(p.relative_to(cells))[:-5] for p in cells.rglob("*.json") if p.name not in ("protocol.json", "validated.json"))
     assert sorted(started) == committed and len(committed) == 2 + 2  # 2 trials, 1 row x 2 orders
     assert os.path.isfile(tmp_path / "study" / "study.md")
 

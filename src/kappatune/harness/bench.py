@@ -247,6 +247,15 @@ def _git_commit(paths: Sequence[Path], message: str) -> None:
             return
 
 
+def _code_fingerprint() -> str:
+    """A hash of kappatune's own source files: a study's validation marker holds only for the code it ran on."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _machine() -> dict[str, Any]:
     """Where a cell ran (provenance: a study's cells may come from several machines): the accelerator's name, or
     the CPU's, and the number of CPU threads torch used."""
@@ -393,7 +402,8 @@ class _Cells:
             path = self.cells_dir / f"{name}.json"
             atomic_write_json(path, res)
             if self.commit:
-                _git_commit([self.cells_dir / "protocol.json", path] if self.protocol else [path],
+                extra = [p for p in (self.cells_dir / "protocol.json", self.cells_dir / "validated.json") if p.is_file()]
+                _git_commit([*extra, path] if self.protocol else [path],
                             f"{self.cfg.name}: cell {name}")
         return res
 
@@ -565,13 +575,20 @@ def bench(
             # Study workers validate once per config between them (the budget matching of every row can take many
             # minutes: OSF decomposes every layer): the first holds a lock while it validates and leaves a marker
             # named by the config's fingerprint; the others wait for it and skip.
+            # The marker sits beside the committed cells, so a later session on the same config and the same
+            # kappatune code starts training at once.
             with _Claim(out, "validate").hold():
-                marker = out / ".claims" / f"validated-{config_fingerprint(_validation_config(cfg))}"
-                if marker.is_file():
-                    _log(talk, f"bench {cfg.name}: config already validated by another worker ({marker.name})")
+                marker = Path(cfg.output.cells_dir) / "validated.json"
+                want = {"config_fingerprint": config_fingerprint(_validation_config(cfg)), "code_fingerprint": _code_fingerprint()}
+                try:
+                    seen = json.loads(marker.read_text("utf-8")) if marker.is_file() else None
+                except (OSError, ValueError):
+                    seen = None
+                if seen is not None and all(seen.get(k) == v for k, v in want.items()):
+                    _log(talk, f"bench {cfg.name}: this config was validated with this code already ({marker})")
                     return
                 _validate()
-                marker.write_text(f"pid {os.getpid()}\n", encoding="utf-8")
+                atomic_write_json(marker, want)
             return
         _validate()
 
