@@ -6,7 +6,9 @@ committed atomically as ``<cells_dir>/<row>/[order-<o>/]seed-<s>.json`` (and wit
 skips cells already committed, and :func:`bench_report` rebuilds every table from the committed cells alone.
 The learning-rate search (validation split only) runs first and is committed the same way under
 ``<cells_dir>/lr_search/``; the pre-registered block and the search protocol are fingerprinted into
-``<cells_dir>/protocol.json``, which a bench refuses to change once cells exist.
+``<cells_dir>/protocol.json``, which a bench refuses to change once cells exist. Any number of bench processes
+(workers) on one study share its cells through per-cell claims (:class:`_Claim`), so each cell runs once; cells run
+replicate-major, so a partial study holds complete (order, seed) replicates.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ __all__ = ["bench", "bench_report", "aggregate_bench", "paired_against", "study_
 
 logger = logging.getLogger("kappatune")
 
+
 def _poll_s() -> float:
     """A study worker's poll interval while other workers hold cells (``KAPPATUNE_STUDY_POLL_S``, default 30 s)."""
     return float(os.environ.get("KAPPATUNE_STUDY_POLL_S", "30"))
+
 
 _BENCH_METRICS = (
     "final_avg_task_ppl", "task_gain_pct", "learning_gain_pct", "bwt_ppl", "avg_forgetting_ppl", "control_ppl_final",
