@@ -156,7 +156,7 @@ def test_report_of_a_study_still_in_its_lr_search_shows_the_search(ran, tmp_path
     rep = bench_report(c)
     assert rep["study"]["cells"]["present"] == 0 and len(rep["study"]["cells"]["missing"]) == 8
     md = (tmp_path / "study.md").read_text()
-    assert "0 of 8 committed" in md and "Learning-rate search" in md
+    assert "0 of 8 committed" in md and "Learning-rate search" in md and "No cell is committed yet" in md
     shutil.rmtree(part / "lr_search")
     with pytest.raises(ConfigError, match="no finished cell"):
         bench_report(c)

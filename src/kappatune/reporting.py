@@ -310,6 +310,12 @@ def study_markdown(bench: dict[str, Any]) -> str:
         if reused:
             lines += ["Searched once per method, at its first budget; these rows use that lr: "
                       + ", ".join(f"{a} (from {b})" for a, b in reused.items()), ""]
+    if not bench["methods"]:  # still in its LR search: no cell to tabulate
+        lines += ["## Cells", "", "No cell is committed yet: the study is still in its learning-rate search.", ""]
+        cpu = st["cpu_time_s"]
+        lines += ["## Compute", "", f"- CPU time of the LR search so far: {fmt((cpu.get('lr_search') or 0.0) / 3600.0)} h "
+                  f"({cpu.get('lr_search_timed', 0)} of {cpu.get('lr_search_trials', 0)} trials timed)", ""]
+        return "\n".join(lines)
     by_label = {m["label"]: m for m in bench["methods"]}
     prim = st.get("primary_metrics") or []
     if prim:

@@ -685,7 +685,7 @@ def bench(
         where = Path(cfg.output.cells_dir).parent
         atomic_write_text(where / "study.md", reporting.study_markdown(summary))
         atomic_write_json(where / "study.json", _stable(summary))
-        if cfg.output.plots:
+        if cfg.output.plots and cells:  # (no plot while the study is still in its LR search)
             reporting.plot_pareto(summary, where / "pareto.png")
     _log(talk, reporting.bench_table(summary))
     return summary
