@@ -372,13 +372,11 @@ class _Cells:
             if not claim.acquire():
                 self.busy.append(name)
                 return None
-            committed = _read_cell(self.cells_dir / f"{name}.json")  # a worker may have finished it meanwhile
+            committed, st, done = self.status(name, cell_cfg)  # another worker may have finished it meanwhile
             if committed is not None:
                 claim.release()
                 self.skipped.append(name)
                 return committed
-            st = _read_state(Path(cell_cfg.output_dir or ""))
-            done = st is not None and st.get("config_fingerprint") == config_fingerprint(cell_cfg) and _finished(Path(cell_cfg.output_dir or ""), st)
         try:
             return self._run(name, cell_cfg, st, done, base_cache, validate_first)
         finally:
