@@ -145,6 +145,33 @@ def test_report_of_a_partial_study_lists_the_missing_cells(ran, tmp_path):
     assert "7 of 8 committed" in (tmp_path / "study.md").read_text()
 
 
+def test_time_and_memory_are_compared_only_between_cells_of_one_machine(ran, tmp_path):
+    """Cells from a GPU and a CPU in one study: quality metrics pair across machines, time and memory never do
+    (a GPU step is ~20x faster; averaging or pairing across machines would report the machine, not the method)."""
+    tmp, cfg, _ = ran
+    part = tmp_path / "cells"
+    shutil.copytree(tmp / "study" / "cells", part)
+    for f in part.rglob("order-1/seed-0.json"):  # order 1 "ran on a GPU", 10x faster
+        res = json.loads(f.read_text())
+        res["cell_machine"] = {**res["cell_machine"], "device": "Fake GPU"}
+        res["metrics"]["sec_per_step"] /= 10
+        f.write_text(json.dumps(res))
+    c = json.loads(json.dumps(cfg))
+    c["output"]["cells_dir"] = str(part)
+    st = bench_report(c)["study"]
+    assert set(st["cost_by_machine"]) == {"Fake GPU", next(k for k in st["cost_by_machine"] if k.startswith("CPU "))}
+    for mc, cost in st["cost_by_machine"].items():
+        assert cost["cells"] == 4
+        d = cost["paired"]["full"]["methods"]["kappatune@43k"]["sec_per_step"]
+        assert set(d["differences"]) == ({"o1-s0"} if mc == "Fake GPU" else {"o0-s0"})
+    quality = st["paired"]["full"]["methods"]["kappatune@43k"]
+    assert set(quality["acc"]["differences"]) == {"o0-s0", "o1-s0"} and "sec_per_step" not in quality
+    md = (tmp_path / "study.md").read_text()
+    exploratory = md.split("## Exploratory")[1].split("## Time and memory")[0]
+    assert "s / step" not in exploratory and "### Fake GPU (4 cells)" in md
+    assert "| Fake GPU | 4 |" in md.split("## Compute")[1]
+
+
 def test_report_of_a_study_still_in_its_lr_search_shows_the_search(ran, tmp_path):
     tmp, cfg, _ = ran
     part = tmp_path / "cells"

@@ -331,8 +331,13 @@ def study_markdown(bench: dict[str, Any]) -> str:
                       _md(rows, ["row", "paired with", *(METRIC_LABELS.get(k, (k,))[0] for k in prim)]), ""]
         if st.get("target"):
             lines += [equal_quality_markdown(st["target"], "Pre-registered equal-quality point"), ""]
-    lines += ["## Exploratory (not pre-registered)", "", "Every other metric, mean ± std over seeds × orders:", "",
-              bench_table(bench), ""]
+    cost_keys = ("train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb", "wall_time_s")
+    by_machine = st.get("cost_by_machine")
+    quality = [k for k in METRIC_LABELS if (by_machine is None or k not in cost_keys)
+               and any((m["metrics"].get(k) or {}).get("mean") is not None for m in bench["methods"])]
+    lines += ["## Exploratory (not pre-registered)", "", "Every other metric, mean ± std over seeds × orders"
+              + (" (time and memory: per machine, below)" if by_machine is not None else "") + ":", "",
+              bench_table(bench, quality), ""]
     for ref, pr in (st.get("paired") or {}).items():
         rows = []
         for lab, diffs in pr["methods"].items():
@@ -343,6 +348,19 @@ def study_markdown(bench: dict[str, Any]) -> str:
         if rows:
             lines += [f"Paired differences against `{ref}`, other metrics (exploratory):", "",
                       _md(rows, ["row", "metric", "difference [95% CI] p"]), ""]
+    if by_machine is not None:
+        lines += ["## Time and memory, per machine (exploratory)", "",
+                  "A cell's cost depends on the machine that ran it, so each machine class has its own table, and "
+                  "paired differences match cells on seed, order *and* machine.", ""]
+        for mc, c in by_machine.items():
+            rows = [[lab, r["cells"], *(_pm(r.get(k)) for k in cost_keys)] for lab, r in c["rows"].items()]
+            lines += [f"### {mc} ({c['cells']} cells)", "",
+                      _md(rows, ["row", "cells", *(METRIC_LABELS.get(k, ("wall time s",))[0] for k in cost_keys)]), ""]
+            for ref, pr in (c.get("paired") or {}).items():
+                prow = [[lab, METRIC_LABELS.get(k, ("wall time s",))[0], _diff_cell(d)]
+                        for lab, diffs in pr["methods"].items() for k, d in diffs.items() if d.get("mean") is not None]
+                if prow:
+                    lines += [f"Paired against `{ref}` on this machine:", "", _md(prow, ["row", "metric", "difference [95% CI] p"]), ""]
     cpu = st["cpu_time_s"]
     lines += ["## Compute", "",
               f"- CPU time (process time of the cells that ran in one piece): cells {fmt(cpu['cells'] / 3600.0)} h "
@@ -350,6 +368,12 @@ def study_markdown(bench: dict[str, Any]) -> str:
               f"({cpu.get('lr_search_timed', 0)} of {cpu.get('lr_search_trials', 0)} trials timed)",
               f"- recorded wall time of the cells (setup + training + evaluation): {fmt(st['wall_time_s_recorded'] / 3600.0)} h",
               ""]
+    machines = st.get("compute_by_machine")
+    if machines:
+        rows = [[mc, c["cells"], fmt(c["cells_cpu_s"] / 3600.0), fmt(c["cells_wall_s"] / 3600.0), c["trials"],
+                 fmt(c["trials_cpu_s"] / 3600.0)] for mc, c in machines.items()]
+        lines += ["Per machine (CPU time is the cell process's; on a GPU machine it is the host side's):", "",
+                  _md(rows, ["machine", "cells", "cells CPU h", "cells wall h", "LR trials", "LR trials CPU h"]), ""]
     return "\n".join(lines)
 
 

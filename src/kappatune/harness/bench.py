@@ -50,6 +50,24 @@ _BENCH_METRICS = (
 )
 
 
+# What a cell costs depends on the machine that ran it (a study's cells may come from a 2-core CPU and a GPU):
+# these are compared only between cells of the same machine class, never averaged across machines.
+COST_KEYS = ("train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb", "wall_time_s")
+
+
+def machine_class(res: dict[str, Any]) -> str:
+    """The machine class of a cell's ``cell_machine`` record: the accelerator's name, or the CPU model with its torch
+    thread count (a CPU cell's time depends on both); ``"unrecorded"`` for cells from before the record existed."""
+    m = res.get("cell_machine") or {}
+    dev = m.get("device")
+    if not dev:
+        return "unrecorded"
+    if dev != "cpu":
+        return str(dev)
+    n = m.get("torch_threads")
+    return f"CPU {m.get('cpu') or '?'} ({n} thread{'' if n == 1 else 's'})"
+
+
 def _metric_keys(res: list[dict[str, Any]]) -> list[str]:
     """The fixed bench metrics plus each control probe's change (``probe_<name>_<metric>_change``)."""
     probes = sorted({k for r in res for k in r["metrics"] if k.startswith("probe_") and k.endswith("_change")})
@@ -458,7 +476,8 @@ def _lr_search(cfg: RunConfig, rows: list[StudyRow], cells: _Cells, out: Path, v
                 stage = res["stages"][-1]
                 value = (stage.get("task_metrics") or {}).get(task, {}).get(ls.metric)
             trials.append({"factor": f, "lr": lr, "value": value, "cell": name,
-                           "cpu_time_s": res.get("cell_cpu_time_s") if res is not None else None})
+                           "cpu_time_s": res.get("cell_cpu_time_s") if res is not None else None,
+                           "machine": machine_class(res) if res is not None else None})
         scored = [t for t in trials if t["value"] is not None]
         chosen = min(scored, key=lambda t: (-t["value"], t["lr"])) if len(scored) == len(trials) else None
         found[row.label] = {"trials": trials, "chosen_lr": chosen["lr"] if chosen else None,
@@ -705,7 +724,18 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
     any_res = [r for by in cells.values() for r in by.values()]
     keys = _metric_keys(any_res)
     primary = _expand_primary(pr.primary, keys) if pr else []
-    paired = {ref: paired_against(cells, _reference_pairs(rows, ref)) for ref in refs}
+    quality_keys = [k for k in keys if k not in COST_KEYS]
+    paired = {ref: paired_against(cells, _reference_pairs(rows, ref), quality_keys) for ref in refs}
+    # Cost per machine class: means over that machine's cells, pairs only between cells that ran on the same one.
+    by_machine: dict[str, dict[str, dict[Any, dict[str, Any]]]] = {}
+    for label, by in cells.items():
+        for key, res in by.items():
+            by_machine.setdefault(machine_class(res), {}).setdefault(label, {})[key] = res
+    cost = {mc: {"cells": sum(len(v) for v in sub.values()),
+                 "rows": {label: {"cells": len(by), **{k: _stat([r["metrics"].get(k) for r in by.values()]) for k in COST_KEYS}}
+                          for label, by in sub.items()},
+                 "paired": {ref: paired_against(sub, _reference_pairs(rows, ref), COST_KEYS) for ref in refs}}
+            for mc, sub in sorted(by_machine.items())}
     target = None
     if pr and pr.target is not None:
         t = pr.target
@@ -715,8 +745,20 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
             target = equal_quality(cells, ref_rows[0], t.stage, step, t.metric)
     cpu = [r.get("cell_cpu_time_s") for r in any_res]
     lr = st.get("lr_search")
-    trial_cpu = [t.get("cpu_time_s") for row in (lr["rows"].values() if lr else ()) if "searched_on" not in row
-                 for t in row["trials"]]
+    trials = [t for row in (lr["rows"].values() if lr else ()) if "searched_on" not in row for t in row["trials"]]
+    trial_cpu = [t.get("cpu_time_s") for t in trials]
+    compute: dict[str, dict[str, float]] = {}
+    for r in any_res:
+        c = compute.setdefault(machine_class(r), {"cells": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
+        c["cells"] += 1
+        c["cells_cpu_s"] += r.get("cell_cpu_time_s") or 0.0
+        c["cells_wall_s"] += (r["metrics"].get("wall_time_s") or 0.0) + (r.get("setup_time_s") or 0.0)
+    for t in trials:
+        if t.get("value") is None:
+            continue
+        c = compute.setdefault(t.get("machine") or "unrecorded", {"cells": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
+        c["trials"] += 1
+        c["trials_cpu_s"] += t.get("cpu_time_s") or 0.0
     expected = len(rows) * len(cfg.task_orders() if cfg.orders else [0]) * len(cfg.seed_list())
     return {
         "protocol": st.get("protocol"),
@@ -731,6 +773,8 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
         "cpu_time_s": {"cells": sum(c for c in cpu if c is not None), "cells_timed": sum(c is not None for c in cpu),
                        "lr_search": sum(c for c in trial_cpu if c is not None),
                        "lr_search_timed": sum(c is not None for c in trial_cpu), "lr_search_trials": len(trial_cpu)},
+        "cost_by_machine": cost,
+        "compute_by_machine": dict(sorted(compute.items())),
         "wall_time_s_recorded": sum((r["metrics"].get("wall_time_s") or 0.0) + (r.get("setup_time_s") or 0.0) for r in any_res),
     }
 
