@@ -15,7 +15,7 @@ import yaml
 
 from kappatune.config import config_from_dict, load_config
 from kappatune.errors import ConfigError
-from kappatune.harness import bench, bench_report, study_rows
+from kappatune.harness import bench, bench_report, rerun_cell, study_rows
 from run_helpers import cli_error, make_corpora, write_sft, write_yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -170,6 +170,44 @@ def test_time_and_memory_are_compared_only_between_cells_of_one_machine(ran, tmp
     exploratory = md.split("## Exploratory")[1].split("## Time and memory")[0]
     assert "s / step" not in exploratory and "### Fake GPU (4 cells)" in md
     assert "| Fake GPU | 4 |" in md.split("## Compute")[1]
+
+
+def test_rerun_of_a_committed_cell_reproduces_it_without_touching_the_cells(ran, tmp_path):
+    tmp, cfg, _ = ran
+    cell = tmp / "study" / "cells" / "kappatune@43k" / "order-1" / "seed-0.json"
+    before = cell.read_bytes()
+    out = rerun_cell(cfg, "kappatune@43k/order-1/seed-0", tmp_path / "check", progress=False)
+    assert cell.read_bytes() == before
+    assert out["committed_machine"] == out["rerun_machine"]
+    m = out["metrics"]
+    assert {"acc", "bwt_acc", "control_change_pct"} <= set(m) and "sec_per_step" not in m
+    assert all(v["difference"] == 0.0 for v in m.values()), {k: v["difference"] for k, v in m.items()}  # same CPU: bitwise
+    assert m["acc"]["row_cells"] == 2
+    assert (tmp_path / "check" / "kappatune@43k" / "order-1" / "seed-0" / "rerun.md").is_file()
+    with pytest.raises(ConfigError, match=r"no committed cell 'kappatune@43k/order-9/seed-0'.*look like"):
+        rerun_cell(cfg, "kappatune@43k/order-9/seed-0", tmp_path / "check")
+    from kappatune.cli import main
+
+    assert main(["bench", str(write_yaml(tmp_path / "s.yaml", cfg)), "--rerun", "kappatune@43k/order-1/seed-0"]) == 2  # no -o
+
+
+def test_stop_after_starts_no_new_cell_and_still_writes_the_report(ran, tmp_path):
+    tmp, cfg, _ = ran
+    part = tmp_path / "cells"
+    shutil.copytree(tmp / "study" / "cells", part)
+    (part / "lora" / "order-1" / "seed-0.json").unlink()
+    c = json.loads(json.dumps(cfg))
+    c["output"]["cells_dir"] = str(part)
+    c["output_dir"] = str(tmp_path / "runs")
+    summary = bench(c, stop_after=1e-6)  # already past: the missing cell is left for a later run
+    assert summary["ran"] == [] and summary["study"]["cells"]["missing"] == ["lora/order-1/seed-0"]
+    assert not (part / "lora" / "order-1" / "seed-0.json").exists()
+    assert "7 of 8 committed" in (tmp_path / "study.md").read_text()
+    with pytest.raises(ConfigError, match="stop_after must be a positive"):
+        bench(c, stop_after=0)
+    with pytest.raises(SystemExit):
+        from kappatune.cli import main
+        main(["bench", str(CONFIGS / "study2_tiny.yaml"), "--stop-after", "soon"])
 
 
 def test_report_of_a_study_still_in_its_lr_search_shows_the_search(ran, tmp_path):

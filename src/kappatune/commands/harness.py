@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output-dir", metavar="DIR", help="output directory (overrides output_dir)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-stage lines")
     p.add_argument("--check", action="store_true", help="only validate config, model, corpora, methods and budgets; train nothing")
+
+
+def duration(text: str) -> float:
+    """``--stop-after`` values: seconds (``600``, ``600s``), minutes (``45m``), hours (``2h``, ``1h30m``)."""
+    import re
+
+    t = text.strip().lower()
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", t)
+    if not t or m is None or not any(m.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (examples: 600, 600s, 45m, 2h, 1h30m)")
+    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+    seconds = h * 3600 + mi * 60 + se
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the duration must be positive")
+    return seconds
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -54,6 +70,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         counts = harness.validate(args.config, overrides=_overrides(args), progress=not args.quiet, command="bench", only=only)
         print("config OK; trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         return 0
+    if args.rerun:
+        if not args.output_dir:
+            print("kappatune bench --rerun: name a directory for the re-run with -o DIR (the committed cells are "
+                  "never written)", file=sys.stderr)
+            return 2
+        summary = harness.rerun_cell(args.config, args.rerun, args.output_dir, overrides=list(args.overrides),
+                                     progress=False if args.quiet else None, force=args.force)
+        print(summary["markdown"])
+        print(f"wrote {summary['output_dir']}/rerun.json, rerun.md")
+        return 0
     if args.report:
         from .. import reporting
 
@@ -61,7 +87,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(reporting.study_markdown(summary) if "study" in summary else reporting.bench_table(summary))
         return 0
     summary = harness.bench(args.config, force=args.force, progress=False if args.quiet else None, overrides=_overrides(args),
-                            only=only, commit=args.commit)
+                            only=only, commit=args.commit, stop_after=args.stop_after)
     if args.quiet:
         from .. import reporting
 
@@ -95,4 +121,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true",
                    help="study: rebuild the tables (study.md, study.json) from the committed cells in output.cells_dir "
                         "alone; trains nothing")
+    p.add_argument("--stop-after", metavar="DURATION", type=duration,
+                   help="study: start no new cell after DURATION (600, 45m, 2h, 1h30m); the cells in progress "
+                        "finish and are committed, then the report is written (ending the process instead loses them)")
+    p.add_argument("--rerun", metavar="CELL",
+                   help="study: re-run one committed cell (e.g. kappatune@7.08M/order-0/seed-0) from its recorded "
+                        "config in -o DIR and compare it with the committed result, metric by metric")
     p.set_defaults(handler=cmd_bench)

@@ -26,7 +26,7 @@ same name are ``sys.modules["kappatune.harness.run"]`` (or ``importlib.import_mo
 
 from __future__ import annotations
 
-from .bench import _BENCH_METRICS, aggregate_bench, bench, bench_report, study_rows
+from .bench import _BENCH_METRICS, aggregate_bench, bench, bench_report, rerun_cell, study_rows
 from .compare import _reach, _stage_curve, bench_curves, equal_quality
 from .metrics import _mean, _stat, compute_metrics
 from .run import (
@@ -57,4 +57,4 @@ from .state import (
     load_results,
 )
 
-__all__ = ["run", "bench", "bench_report", "study_rows", "validate", "compute_metrics", "library_versions", "load_results", "aggregate_bench"]
+__all__ = ["run", "bench", "bench_report", "rerun_cell", "study_rows", "validate", "compute_metrics", "library_versions", "load_results", "aggregate_bench"]

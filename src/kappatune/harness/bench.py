@@ -346,8 +346,10 @@ class _Cells:
     """Runs (or reads back) the cells of a bench: committed JSON first, then the run directory, then training."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, force: bool, progress: bool, talk: bool, commit: bool,
-                 report_only: bool, protocol: dict[str, Any] | None):
+                 report_only: bool, protocol: dict[str, Any] | None, deadline: float | None = None):
         self.cfg, self.out, self.force, self.progress, self.talk = cfg, out, force, progress, talk
+        self.deadline = deadline  # time.time() after which no new cell starts (``stop_after``)
+        self.stopped = False  # a cell was left for a later run because the deadline had passed
         self.cells_dir = Path(cfg.output.cells_dir) if cfg.output.cells_dir else None
         self.commit, self.report_only, self.protocol = commit, report_only, protocol
         self.ran: list[str] = []
@@ -383,6 +385,10 @@ class _Cells:
             return committed
         if self.report_only:
             self.missing.append(name)
+            return None
+        if self.deadline is not None and time.time() >= self.deadline and not done:
+            self.missing.append(name)
+            self.stopped = True
             return None
         claim = _Claim(self.out, name)
         # Under a launcher every rank runs every cell together: only single-process benches share cells by claims.
@@ -507,7 +513,7 @@ def _expand_primary(primary: Sequence[str], keys: Sequence[str]) -> list[str]:
 
 
 def _study(cfg: RunConfig, *, force: bool, progress: bool, talk: bool, main: bool, commit: bool,
-           report_only: bool, validate_first: Callable[[], None]) -> dict[str, Any]:
+           report_only: bool, validate_first: Callable[[], None], deadline: float | None = None) -> dict[str, Any]:
     """Run (or, ``report_only``, read back) every cell of a study and summarise them (see :func:`bench`)."""
     out = cfg.out_dir()
     rows = study_rows(cfg)
@@ -522,7 +528,7 @@ def _study(cfg: RunConfig, *, force: bool, progress: bool, talk: bool, main: boo
     elif report_only:
         raise ConfigError("--report rebuilds the tables from committed cells: set output.cells_dir in the config")
     cells = _Cells(cfg, out, force=force, progress=progress, talk=talk, commit=commit, report_only=report_only,
-                   protocol=protocol)
+                   protocol=protocol, deadline=deadline)
     lr = _lr_search(cfg, rows, cells, out, validate_first) if cfg.lr_search else None
     found: dict[tuple[str, int, int], dict[str, Any]] = {}
     n_orders = len(orders) if cfg.orders else 1
@@ -548,7 +554,7 @@ def _study(cfg: RunConfig, *, force: bool, progress: bool, talk: bool, main: boo
                 if (row.label, o, seed) in found:
                     results.setdefault(row.label, {})[_cell_key(o, seed, n_orders)] = found[row.label, o, seed]
     return {"rows": rows, "cells": results, "lr_search": lr, "ran": cells.ran, "skipped": cells.skipped,
-            "missing": cells.missing, "busy": cells.busy, "protocol": protocol}
+            "missing": cells.missing, "busy": cells.busy, "protocol": protocol, "stopped": cells.stopped}
 
 
 def bench(
@@ -560,6 +566,7 @@ def bench(
     only: Sequence[str] | None = None,
     commit: bool = False,
     report: bool = False,
+    stop_after: float | None = None,
 ) -> dict[str, Any]:
     """Run every method × seed of the config (each cell resumable, finished cells skipped) and compare them.
 
@@ -574,6 +581,10 @@ def bench(
     cell to ``output.cells_dir`` (``commit=True``: also ``git commit`` each one as it lands) and writes
     ``study.md`` / ``study.json`` next to the cells directory. ``report=True`` trains nothing: it is
     :func:`bench_report`.
+
+    ``stop_after`` (seconds): a study worker starts no new cell or LR trial after this long; the ones in progress
+    finish and are committed, then it writes the report and returns. For time-limited machines (a session's end,
+    a lent GPU): ending the process instead loses the cells in progress.
     """
     from .. import reporting
 
@@ -585,6 +596,9 @@ def bench(
     specs, seeds = cfg.method_specs(), cfg.seed_list()
     out = cfg.out_dir()
     t0 = time.perf_counter()
+    if stop_after is not None and not stop_after > 0:
+        raise ConfigError(f"stop_after must be a positive number of seconds, got {stop_after!r}")
+    deadline = time.time() + stop_after if stop_after is not None else None
 
     validated: list[bool] = []
 
@@ -618,20 +632,25 @@ def bench(
         _log(talk, f"bench {cfg.name}: {len(specs)} methods x {len(seeds)} seeds validated; trainable params: "
              + ", ".join(f"{k} {v:,}" for k, v in trainable.items() if v is not None))
 
+    if deadline is not None and not _is_study(cfg):
+        raise ConfigError("stop_after is for study workers (a config with output.cells_dir, budgets, orders or lr_search)")
     if _is_study(cfg) or report:
         st = _study(cfg, force=force, progress=progress, talk=talk, main=main, commit=commit, report_only=report,
-                    validate_first=validate_first)
+                    validate_first=validate_first, deadline=deadline)
         ran = list(st["ran"])
         # Other workers hold some cells: wait for them (their results may unblock rows still in their LR search),
         # then take whatever is left, until nothing is held elsewhere.
-        while st.get("busy"):
+        while st.get("busy") and not (deadline is not None and time.time() >= deadline):
             _log(talk, f"bench {cfg.name}: {len(st['busy'])} cell(s) running in another worker "
                        f"({', '.join(st['busy'][:3])}{' …' if len(st['busy']) > 3 else ''}); waiting")
             time.sleep(_poll_s())
             st = _study(cfg, force=force, progress=progress, talk=talk, main=main, commit=commit, report_only=report,
-                        validate_first=validate_first)
+                        validate_first=validate_first, deadline=deadline)
             ran += st["ran"]
         st["ran"] = ran
+        if st.get("stopped") or (deadline is not None and st.get("busy") and time.time() >= deadline):
+            _log(talk, f"bench {cfg.name}: stop_after reached: no new cell started; {len(st['missing'])} cell(s) "
+                       "left for a later run")
         cells, rows = st["cells"], st["rows"]
         if not cells and not (st.get("lr_search") and any(t["value"] is not None for r in st["lr_search"]["rows"].values()
                                                           for t in r["trials"])):
@@ -784,3 +803,67 @@ def bench_report(config: RunConfig | str | os.PathLike | dict, *, overrides: Seq
     training. Writes ``study.md`` / ``study.json`` (and ``pareto.png``) next to the cells directory; cells not yet
     committed are listed as missing."""
     return bench(config, overrides=overrides, report=True, progress=False)
+
+
+def rerun_cell(config: RunConfig | str | os.PathLike | dict, cell: str, output_dir: str | os.PathLike, *,
+               overrides: Sequence[str] = (), progress: bool | None = None, force: bool = False) -> dict[str, Any]:
+    """Re-run one committed cell of a study (``<row>/order-<o>/seed-<s>`` or an LR trial) and compare it with the
+    committed result: the reproducibility check of a published row.
+
+    The cell runs from the config it recorded (refused if that config no longer gives its recorded fingerprint),
+    in ``output_dir/<cell>``, never touching the committed cells. Every quality metric is listed committed vs
+    re-run with the difference, next to the seed-to-seed std of the cell's row (its other committed cells): a
+    difference well inside that std reproduces the row. Time and memory are left out (they depend on the machine;
+    both machines are named). Writes ``rerun.json`` and ``rerun.md`` in ``output_dir/<cell>``.
+    """
+    from .. import reporting
+    from ..config import config_from_dict
+
+    cfg = _as_config(config, overrides)
+    if not cfg.output.cells_dir:
+        raise ConfigError("rerun re-runs a committed cell of a study: the config sets no output.cells_dir")
+    cells_dir = Path(cfg.output.cells_dir)
+    cell = str(cell).strip().strip("/").removesuffix(".json")
+    path = cells_dir / f"{cell}.json"
+    committed = _read_cell(path)
+    if committed is None or "config" not in committed:
+        some = sorted(str(p.relative_to(cells_dir).with_suffix("")) for p in cells_dir.rglob("seed-*.json"))[:4]
+        raise ConfigError(f"rerun: no committed cell {cell!r} in {cells_dir}"
+                          + (f" (committed cells look like: {', '.join(some)})" if some else " (it holds no cell yet)"))
+    ccfg = config_from_dict(committed["config"])
+    if config_fingerprint(ccfg) != committed.get("config_fingerprint"):
+        raise ConfigError(f"committed cell {path}: its recorded config no longer gives its recorded fingerprint "
+                          f"({config_fingerprint(ccfg)} vs {committed.get('config_fingerprint')}), so this code cannot "
+                          "re-run it faithfully")
+    out = Path(output_dir) / cell
+    ccfg = dataclasses.replace(ccfg, output_dir=str(out), output=dataclasses.replace(ccfg.output, cells_dir=None))
+    c0, w0 = time.process_time(), time.perf_counter()
+    res = run(ccfg, resume=_read_state(out) is not None, force=force, progress=progress,
+              base_eval_cache=Path(output_dir) / "base_eval.json")
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+
+    row = cell.split("/order-")[0].split("/seed-")[0]
+    siblings = [r for p in sorted((cells_dir / row).rglob("seed-*.json")) if (r := _read_cell(p)) is not None] \
+        if not cell.startswith("lr_search/") else [committed]
+    keys = [k for k in _metric_keys([committed, res]) if k not in COST_KEYS and k != "trainable_params"]
+    metrics = {}
+    for k in keys:
+        a, b = committed["metrics"].get(k), res["metrics"].get(k)
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            continue
+        spread = _stat([s["metrics"].get(k) for s in siblings])
+        metrics[k] = {"committed": a, "rerun": b, "difference": b - a, "row_std": spread["std"], "row_cells": spread["n"]}
+    summary = {"cell": cell, "committed_machine": machine_class(committed), "rerun_machine": machine_class({"cell_machine": _machine()}),
+               "config_fingerprint": committed["config_fingerprint"], "rerun_cpu_time_s": cpu, "rerun_wall_time_s": wall,
+               "metrics": metrics, "output_dir": str(out)}
+    rows = [[reporting.METRIC_LABELS.get(k, (k,))[0], reporting.fmt(m["committed"]), reporting.fmt(m["rerun"]),
+             reporting.fmt(m["difference"]), reporting.fmt(m["row_std"]), m["row_cells"]] for k, m in metrics.items()]
+    md = "\n".join([f"# Re-run of `{cell}`", "",
+                    f"- committed on: {summary['committed_machine']}; re-run on: {summary['rerun_machine']} "
+                    f"({reporting.fmt(wall / 60.0)} min wall, {reporting.fmt(cpu / 60.0)} min CPU)",
+                    f"- config fingerprint `{summary['config_fingerprint']}` (the cell's recorded config)", "",
+                    reporting._md(rows, ["metric", "committed", "re-run", "difference", "row's seed-to-seed std", "row cells"]), ""])
+    atomic_write_json(out / "rerun.json", summary)
+    atomic_write_text(out / "rerun.md", md)
+    summary["markdown"] = md
+    return summary
