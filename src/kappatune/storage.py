@@ -214,41 +214,64 @@ class DirectoryLock:
     """An exclusive, advisory lock on a directory that one kappatune process writes (a run or bench directory).
 
     ``fcntl.flock`` on ``$KAPPATUNE_CACHE/locks/<hash of the directory's real path>.lock`` (outside the directory,
-    which stays exactly as the run leaves it; created if needed and never deleted, so that it cannot race): the
-    kernel drops the lock when the holder exits, however it exits (even ``SIGKILL``), so a stale lock never
-    blocks a resume. A second process gets one clear :class:`KappaTuneError` naming the holder's pid. On systems
-    without ``fcntl`` (Windows) the lock is a no-op.
+    which stays exactly as the run leaves it; created if needed and never deleted, so that it cannot race), or on
+    ``lock_file`` where given: the kernel drops the lock when the holder exits, however it exits (even
+    ``SIGKILL``), so a stale lock never blocks a resume. As a context manager a second process gets one clear
+    :class:`KappaTuneError` naming the holder's pid; :meth:`acquire` / :meth:`release` are the non-raising form
+    (a study worker's claim on a cell). On systems without ``fcntl`` (Windows) the lock is a no-op.
     """
 
-    def __init__(self, directory: str | os.PathLike, what: str = "run"):
+    def __init__(self, directory: str | os.PathLike, what: str = "run", lock_file: str | os.PathLike | None = None):
         self.directory, self.what = Path(directory), what
+        self.lock_file = Path(lock_file) if lock_file is not None else None
         self._fh: Any = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def acquire(self, blocking: bool = False) -> bool:
+        """Take the lock (``blocking``: wait for it); False if another process holds it."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
-            return self
-        key = hashlib.sha256(os.path.realpath(self.directory).encode()).hexdigest()[:32]
-        fh = open(cache_dir("locks") / f"{key}.lock", "a+", encoding="utf-8")
+            return True
+        if self.lock_file is not None:
+            self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+            path = self.lock_file
+        else:
+            key = hashlib.sha256(os.path.realpath(self.directory).encode()).hexdigest()[:32]
+            path = cache_dir("locks") / f"{key}.lock"
+        fh = open(path, "a+", encoding="utf-8")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
             fh.close()
-            raise KappaTuneError(
-                f"{self.directory} is in use by another kappatune process ({holder}); wait for it to finish, "
-                f"or choose another output_dir (two writers would overwrite each other's {self.what})"
-            ) from None
+            return False
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
         self._fh = fh
-        return self
+        return True
 
-    def __exit__(self, *exc: Any) -> None:
+    def release(self) -> None:
         if self._fh is not None:
             self._fh.close()  # closing releases the flock
             self._fh = None
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it (``pid N``), or ``unknown``."""
+        path = self.lock_file or cache_dir("locks") / (
+            hashlib.sha256(os.path.realpath(self.directory).encode()).hexdigest()[:32] + ".lock")
+        try:
+            return path.read_text("utf-8").strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def __enter__(self) -> "DirectoryLock":
+        if not self.acquire():
+            raise KappaTuneError(
+                f"{self.directory} is in use by another kappatune process ({self.holder()}); wait for it to finish, "
+                f"or choose another output_dir (two writers would overwrite each other's {self.what})"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..config import MethodSpec, RunConfig, config_fingerprint
 from ..errors import CacheError, ConfigError
-from ..storage import atomic_write_json, atomic_write_text
+from ..storage import DirectoryLock, atomic_write_json, atomic_write_text
 from .compare import bench_curves, equal_quality
 from .metrics import _stat
 from .run import _as_config, _log, run, validate
@@ -295,51 +295,27 @@ def _machine() -> dict[str, Any]:
     return {"device": gpu or "cpu", "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
-class _Claim:
+class _Claim(DirectoryLock):
     """A worker's exclusive claim on one cell of a study, so that several ``kappatune bench`` processes on the same
     config share the work (each cell runs once) without any coordinator.
 
-    ``fcntl.flock`` on ``<bench output dir>/.claims/<cell>.lock``: the kernel drops it when the holder exits, however
-    it exits, so a killed worker's cell is simply claimed (and resumed from its run directory) by the next pass of
-    any worker. Without ``fcntl`` (Windows) every claim succeeds: run one worker there.
+    A :class:`~kappatune.storage.DirectoryLock` on ``<bench output dir>/.claims/<cell>.lock`` (beside the run
+    directories, which ``run`` locks itself): the kernel drops it when the holder exits, however it exits, so a
+    killed worker's cell is simply claimed (and resumed from its run directory) by the next pass of any worker.
+    Without ``fcntl`` (Windows) every claim succeeds: run one worker there.
     """
 
     def __init__(self, out: Path, name: str):
-        self.path = out / ".claims" / (name.replace("/", "__") + ".lock")
-        self._fh: Any = None
-
-    def acquire(self) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            return False
-        self._fh = fh
-        return True
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing releases the flock
-            self._fh = None
+        super().__init__(out / name, what="cell", lock_file=out / ".claims" / (name.replace("/", "__") + ".lock"))
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Wait for the claim (blocking), hold it for the ``with`` block."""
+        self.acquire(blocking=True)
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
             yield
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            yield
+        finally:
+            self.release()
 
 
 class _Cells:
