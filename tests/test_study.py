@@ -39,6 +39,17 @@ def _tiny(tmp: Path, methods: list[str] | None = None) -> dict:
     return cfg
 
 
+def _copied(tmp: Path, cfg: dict, dest: Path, drop: str | None = None) -> dict:
+    """The config on a copy of the committed cells in ``dest/cells`` (less the cell ``drop``)."""
+    part = dest / "cells"
+    shutil.copytree(tmp / "study" / "cells", part)
+    if drop:
+        (part / f"{drop}.json").unlink()
+    c = json.loads(json.dumps(cfg))
+    c["output"]["cells_dir"] = str(part)
+    return c
+
+
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
@@ -135,11 +146,7 @@ def test_a_committed_cell_from_another_config_is_refused(ran):
 
 def test_report_of_a_partial_study_lists_the_missing_cells(ran, tmp_path):
     tmp, cfg, _ = ran
-    part = tmp_path / "cells"
-    shutil.copytree(tmp / "study" / "cells", part)
-    (part / "kappatune@86k" / "order-1" / "seed-0.json").unlink()
-    c = json.loads(json.dumps(cfg))
-    c["output"]["cells_dir"] = str(part)
+    c = _copied(tmp, cfg, tmp_path, drop="kappatune@86k/order-1/seed-0")
     rep = bench_report(c)
     assert rep["study"]["cells"]["missing"] == ["kappatune@86k/order-1/seed-0"]
     assert "7 of 8 committed" in (tmp_path / "study.md").read_text()
@@ -149,15 +156,13 @@ def test_time_and_memory_are_compared_only_between_cells_of_one_machine(ran, tmp
     """Cells from a GPU and a CPU in one study: quality metrics pair across machines, time and memory never do
     (a GPU step is ~20x faster; averaging or pairing across machines would report the machine, not the method)."""
     tmp, cfg, _ = ran
+    c = _copied(tmp, cfg, tmp_path)
     part = tmp_path / "cells"
-    shutil.copytree(tmp / "study" / "cells", part)
     for f in part.rglob("order-1/seed-0.json"):  # order 1 "ran on a GPU", 10x faster
         res = json.loads(f.read_text())
         res["cell_machine"] = {**res["cell_machine"], "device": "Fake GPU"}
         res["metrics"]["sec_per_step"] /= 10
         f.write_text(json.dumps(res))
-    c = json.loads(json.dumps(cfg))
-    c["output"]["cells_dir"] = str(part)
     st = bench_report(c)["study"]
     assert set(st["cost_by_machine"]) == {"Fake GPU", next(k for k in st["cost_by_machine"] if k.startswith("CPU "))}
     for mc, cost in st["cost_by_machine"].items():
@@ -193,11 +198,8 @@ def test_rerun_of_a_committed_cell_reproduces_it_without_touching_the_cells(ran,
 
 def test_stop_after_starts_no_new_cell_and_still_writes_the_report(ran, tmp_path):
     tmp, cfg, _ = ran
+    c = _copied(tmp, cfg, tmp_path, drop="lora/order-1/seed-0")
     part = tmp_path / "cells"
-    shutil.copytree(tmp / "study" / "cells", part)
-    (part / "lora" / "order-1" / "seed-0.json").unlink()
-    c = json.loads(json.dumps(cfg))
-    c["output"]["cells_dir"] = str(part)
     c["output_dir"] = str(tmp_path / "runs")
     summary = bench(c, stop_after=1e-6)  # already past: the missing cell is left for a later run
     assert summary["ran"] == [] and summary["study"]["cells"]["missing"] == ["lora/order-1/seed-0"]
