@@ -122,6 +122,14 @@ def test_resume_skips_committed_cells_and_report_rebuilds_identical_tables(ran):
     assert paired["baselines"]["kappatune@86k"] == "lora"
     d = paired["methods"]["kappatune@43k"]["acc"]
     assert set(d["differences"]) == {"o0-s0", "o1-s0"}
+    # the accuracy matrix summary: per order, each task before → right after learning it → at the end
+    assert "Accuracy matrix, order a → b" in study_md and "Accuracy matrix, order b → a" in study_md
+    cell = json.loads((tmp / "study" / "cells" / "full" / "order-1" / "seed-0.json").read_text())
+    acc = cell["matrix"]["accuracy"]  # order 1 trains b, then a
+    mat = rep["study"]["accuracy_matrix"][1]
+    assert mat["order"] == ["b", "a"] and mat["rows"]["full"]["cells"] == 1
+    got = mat["rows"]["full"]["tasks"]["b"]
+    assert [got[k]["mean"] for k in ("base", "learned", "final")] == pytest.approx([100 * acc[0][0], 100 * acc[1][0], 100 * acc[2][0]])
 
 
 def test_changing_the_preregistered_block_is_refused_once_cells_exist(ran):

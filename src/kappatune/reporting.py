@@ -207,6 +207,13 @@ def run_markdown(results: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- bench tables
+def _pm_points(stat: dict[str, Any] | None) -> str:
+    """Accuracy points to one decimal: ``52.2 ± 3.1`` (``52.2`` for one value, ``–`` for none)."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.1f}" if stat.get("n", 1) <= 1 or stat.get("std") is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
 def _pm(stat: dict[str, Any] | None) -> str:
     if not stat:
         return "–"
@@ -348,6 +355,15 @@ def study_markdown(bench: dict[str, Any]) -> str:
         if rows:
             lines += [f"Paired differences against `{ref}`, other metrics (exploratory):", "",
                       _md(rows, ["row", "metric", "difference [95% CI] p"]), ""]
+    for block in st.get("accuracy_matrix") or []:
+        if not block["rows"]:
+            continue
+        order = block["order"]
+        rows = [[lab, r["cells"], *(" → ".join(_pm_points(r["tasks"][t][k]) for k in ("base", "learned", "final")) for t in order)]
+                for lab, r in block["rows"].items()]
+        lines += [f"Accuracy matrix, order {' → '.join(order)} (points, mean ± std over seeds; each task before "
+                  "training → right after it was learned → at the end):", "",
+                  _md(rows, ["row", "cells", *order]), ""]
     if by_machine is not None:
         lines += ["## Time and memory, per machine (exploratory)", "",
                   "A cell's cost depends on the machine that ran it, so each machine class has its own table, and "

@@ -768,10 +768,32 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
         "cpu_time_s": {"cells": sum(c for c in cpu if c is not None), "cells_timed": sum(c is not None for c in cpu),
                        "lr_search": sum(c for c in trial_cpu if c is not None),
                        "lr_search_timed": sum(c is not None for c in trial_cpu), "lr_search_trials": len(trial_cpu)},
+        "accuracy_matrix": _accuracy_matrix_summary(cfg, cells),
         "cost_by_machine": cost,
         "compute_by_machine": dict(sorted(compute.items())),
         "wall_time_s_recorded": sum((r["metrics"].get("wall_time_s") or 0.0) + (r.get("setup_time_s") or 0.0) for r in any_res),
     }
+
+
+def _accuracy_matrix_summary(cfg: RunConfig, cells: dict[str, dict[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per task order, per row, per task (in training order): its accuracy before training, right after it was
+    learned and at the end (mean ± std over seeds, in points): the accuracy matrix that ACC, BWT and FWT summarise."""
+    orders = [list(o) for o in cfg.task_orders()]
+    out = []
+    for order in orders:
+        rows: dict[str, dict[str, dict[str, Any]]] = {}
+        for label, by in cells.items():
+            runs = [r for r in by.values() if list(r.get("tasks") or []) == order and (r.get("matrix") or {}).get("accuracy")]
+            if not runs:
+                continue
+            per_task = {}
+            for j, task in enumerate(order):
+                pick = {"base": lambda a, j=j: a[0][j], "learned": lambda a, j=j: a[j + 1][j], "final": lambda a, j=j: a[-1][j]}
+                per_task[task] = {k: _stat([100.0 * f(r["matrix"]["accuracy"]) for r in runs if f(r["matrix"]["accuracy"]) is not None])
+                                  for k, f in pick.items()}
+            rows[label] = {"cells": len(runs), "tasks": per_task}
+        out.append({"order": order, "rows": rows})
+    return out
 
 
 def bench_report(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
