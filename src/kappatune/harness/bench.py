@@ -841,8 +841,9 @@ def rerun_cell(config: RunConfig | str | os.PathLike | dict, cell: str, output_d
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
 
     row = cell.split("/order-")[0].split("/seed-")[0]
-    siblings = [r for p in sorted((cells_dir / row).rglob("seed-*.json")) if (r := _read_cell(p)) is not None] \
-        if not cell.startswith("lr_search/") else [committed]
+    # the row's committed cells give its seed-to-seed spread (an LR trial has no replicates: no spread)
+    siblings = [] if cell.startswith("lr_search/") else [
+        r for p in sorted((cells_dir / row).rglob("seed-*.json")) if (r := _read_cell(p)) is not None]
     keys = [k for k in _metric_keys([committed, res]) if k not in COST_KEYS and k != "trainable_params"]
     metrics = {}
     for k in keys:
