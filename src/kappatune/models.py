@@ -126,6 +126,49 @@ def check_gguf_header(gguf_path: str | os.PathLike) -> Path:
     return gguf_path
 
 
+# The GGUF metadata keys of the special tokens, by the tokenizer attribute each one sets.
+_GGUF_SPECIAL_TOKENS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                        "pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+
+
+def gguf_special_token_ids(gguf_path: str | os.PathLike) -> dict[str, int]:
+    """The special-token ids that a GGUF file's metadata declares (``{"eos_token": 2, ...}``; absent keys left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    out = {}
+    for attr, key in _GGUF_SPECIAL_TOKENS.items():
+        f = fields.get(key)
+        if f is not None and len(f.data):
+            out[attr] = int(f.parts[f.data[0]][0])
+    return out
+
+
+def apply_special_token_ids(tokenizer: Any, ids: dict[str, int], source: str = "the GGUF file") -> list[str]:
+    """Set the tokenizer's special tokens to ``ids`` (from :func:`gguf_special_token_ids`); returns the changes.
+
+    Why: transformers versions convert a GGUF tokenizer differently. 5.17 gives SmolLM2-135M-Instruct eos
+    ``<|im_start|>`` and no pad token. 5.24, and the file itself, say ``<|im_end|>`` for both. The end token is
+    appended to every sft response, so a version change would silently change what the model is trained to
+    emit. The file's own metadata is the authority.
+    """
+    changed = []
+    for attr, tid in ids.items():
+        try:
+            tok = tokenizer.convert_ids_to_tokens(tid)
+        except Exception:  # an id outside the vocabulary: leave the tokenizer's own choice
+            tok = None
+        if tok is None:
+            continue
+        if getattr(tokenizer, attr, None) != tok:
+            changed.append(f"{attr}: {getattr(tokenizer, attr, None)!r} -> {tok!r}")
+            setattr(tokenizer, attr, tok)
+    if changed:
+        logger.warning("kappatune: special tokens set from %s (this transformers version converted them "
+                       "differently): %s", source, "; ".join(changed))
+    return changed
+
+
 def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """Load a GGUF checkpoint with transformers (de-quantized to float32) plus its tokenizer.
 
@@ -143,6 +186,7 @@ def load_gguf(gguf_path: str | os.PathLike) -> tuple[nn.Module, Any]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelError(f"{gguf_path} cannot be loaded as a GGUF model ({type(exc).__name__}: {first}); "
                          "the file is damaged, truncated or not a supported model: download or convert it again") from exc
+    apply_special_token_ids(tokenizer, gguf_special_token_ids(gguf_path), str(gguf_path))
     return model.eval(), tokenizer
 
 
