@@ -220,6 +220,32 @@ def test_stop_after_starts_no_new_cell_and_still_writes_the_report(ran, tmp_path
         main(["bench", str(CONFIGS / "study2_tiny.yaml"), "--stop-after", "soon"])
 
 
+def test_cells_tokenized_differently_are_never_mixed(ran, tmp_path):
+    """Every cell records its tokenizer's fingerprint; a study refuses to mix cells that disagree (a library version
+    once changed SmolLM2's end token), and a machine whose tokenizer disagrees with the committed cells runs none."""
+    tmp, cfg, _ = ran
+    c = _copied(tmp, cfg, tmp_path, drop="lora/order-1/seed-0")
+    part = tmp_path / "cells"
+    c["output_dir"] = str(tmp_path / "runs")
+    cells = sorted(part.rglob("seed-*.json")) + sorted(part.rglob("lr-*.json"))
+    assert all(json.loads(f.read_text())["tokenizer_fingerprint"] for f in cells)
+
+    def set_fp(files, fp):
+        for f in files:
+            res = json.loads(f.read_text())
+            res["tokenizer_fingerprint"] = fp
+            f.write_text(json.dumps(res))
+
+    set_fp(cells[:1], "0" * 16)
+    with pytest.raises(ConfigError, match="were tokenized differently"):
+        bench_report(c)
+    set_fp(cells, "0" * 16)  # all agree, but not with this machine: the missing cell must not run here
+    assert bench_report(c)["study"]["cells"]["present"] == 7
+    with pytest.raises(ConfigError, match="behaves differently from the one the committed cells used"):
+        bench(c)
+    assert not (part / "lora" / "order-1" / "seed-0.json").exists()
+
+
 def test_report_of_a_study_still_in_its_lr_search_shows_the_search(ran, tmp_path):
     tmp, cfg, _ = ran
     part = tmp_path / "cells"

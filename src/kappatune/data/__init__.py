@@ -61,7 +61,7 @@ from .tasks import (
     task_summary,
     tokenize_sft,
 )
-from .tokenizers import ByteTokenizer, _eos_id, get_tokenizer, tokenizer_id
+from .tokenizers import ByteTokenizer, _eos_id, get_tokenizer, tokenizer_fingerprint, tokenizer_id
 
 __all__ = [
     "Corpus",
@@ -73,6 +73,7 @@ __all__ = [
     "make_corpus",
     "fetch_pypi_file",
     "get_tokenizer",
+    "tokenizer_fingerprint",
     "tokenizer_id",
     "split_documents",
     "tokenize_corpus",

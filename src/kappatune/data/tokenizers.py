@@ -14,7 +14,7 @@ import torch
 
 from ..errors import DataError, ModelError
 
-__all__ = ["ByteTokenizer", "get_tokenizer", "tokenizer_id"]
+__all__ = ["ByteTokenizer", "get_tokenizer", "tokenizer_fingerprint", "tokenizer_id"]
 
 
 class ByteTokenizer:
@@ -102,6 +102,43 @@ def tokenizer_id(tokenizer: Any) -> str:
         h.update(f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}".encode())
     h.update(f"|eos={_eos_id(tokenizer)}".encode())
     return f"{type(tokenizer).__name__}-{h.hexdigest()}"
+
+
+# Strings whose encodings, with the special tokens, pin down how a tokenizer turns examples into training ids.
+_PROBES = (
+    {"prompt": "What part of speech is the word defined here?\n\nEntry: Stride: a long step.", "response": "noun"},
+    {"prompt": "def f(x):\n    return x ** 2  # café, naïve, 東京, 3.14159", "response": " 42\n"},
+)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What a tokenizer *does* to examples, as a short hash: its special-token ids, vocabulary size, chat template,
+    and the exact ids (prompt, response, end token) of a few probe examples in the plain and the chat format.
+
+    Unlike :func:`tokenizer_id` (which hashes the serialized tokenizer, a cache key), this depends only on
+    behaviour, so the same tokenizer saved by two library versions agrees. A study records it in every cell and
+    refuses to mix cells that disagree. That happened once: transformers 5.17 converted SmolLM2's GGUF tokenizer
+    with another end token, so every response was trained to end differently.
+    """
+    from .tasks import encode_example
+
+    parts: list[Any] = [type(tokenizer).__name__ if isinstance(tokenizer, ByteTokenizer) else "hf"]
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        parts.append(getattr(tokenizer, attr, None))
+    try:
+        parts.append(len(tokenizer))
+    except TypeError:
+        parts.append(getattr(tokenizer, "vocab_size", None))
+    parts.append(getattr(tokenizer, "chat_template", None))
+    for ex in _PROBES:
+        for chat in (False, True):
+            try:
+                parts.append(encode_example(tokenizer, ex, chat_template=chat))
+            except Exception as exc:  # e.g. no chat template: the failure is itself part of the behaviour
+                parts.append(type(exc).__name__)
+    import json
+
+    return hashlib.sha256(json.dumps(parts, default=str).encode("utf-8")).hexdigest()[:16]
 
 
 def _eos_id(tokenizer: Any) -> int:

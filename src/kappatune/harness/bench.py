@@ -333,6 +333,31 @@ class _Cells:
         self.missing: list[str] = []
         self.busy: list[str] = []  # cells another worker is running right now (claimed)
         self.validated = False
+        self._tokenizer_fp: str | None = None
+        self.tokenizer_fps: dict[str, str] = {}  # tokenizer fingerprint -> the first committed cell that has it
+
+    def tokenizer_fp(self) -> str:
+        """This machine's tokenizer fingerprint for the study's model (loaded once, only when a cell runs)."""
+        if self._tokenizer_fp is None:
+            from ..data import get_tokenizer, tokenizer_fingerprint
+
+            self._tokenizer_fp = tokenizer_fingerprint(get_tokenizer(self.cfg.model))
+        return self._tokenizer_fp
+
+    def _check_tokenizer(self, name: str, committed: dict[str, Any]) -> None:
+        """Refuse to mix cells whose tokenizers behave differently (an end token changed by a library version
+        trains another target); cells from before the fingerprint was recorded are not checked."""
+        fp = committed.get("tokenizer_fingerprint")
+        if fp is None:
+            return
+        first = self.tokenizer_fps.setdefault(fp, name)
+        other = next((c for f, c in self.tokenizer_fps.items() if f != fp), None)
+        if other is not None:
+            raise ConfigError(
+                f"committed cells {other} and {first} were tokenized differently (tokenizer fingerprints "
+                f"{next(f for f in self.tokenizer_fps if f != fp)} and {fp}): another transformers/tokenizers version "
+                "converted the tokenizer with other special tokens, so they trained on other ids; move the cells of "
+                "one kind out of the cells directory (see cell['libraries'] for the versions)")
 
     def status(self, name: str, cell_cfg: RunConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
         """(committed results or None, run-directory state or None, run directory complete?)."""
@@ -346,6 +371,7 @@ class _Cells:
                     "the cell to run it again")
             if self.protocol and committed.get("protocol_fingerprint") != self.protocol["fingerprint"]:
                 raise ConfigError(f"committed cell {name} was run under another pre-registered protocol")
+            self._check_tokenizer(name, committed)
             return committed, None, True
         if self.report_only:
             return None, None, False
@@ -362,6 +388,13 @@ class _Cells:
         if self.report_only:
             self.missing.append(name)
             return None
+        if self.tokenizer_fps and self.tokenizer_fp() not in self.tokenizer_fps:
+            have = next(iter(self.tokenizer_fps.values()))
+            raise ConfigError(
+                f"this machine's tokenizer for {self.cfg.model} behaves differently from the one the committed cells "
+                f"used (fingerprint {self.tokenizer_fp()}, cell {have} has {next(iter(self.tokenizer_fps))}): its "
+                "cells would train on other ids; use the same transformers/tokenizers versions as the committed cells "
+                "(cell['libraries'])")
         if self.deadline is not None and time.time() >= self.deadline and not done:
             self.missing.append(name)
             self.stopped = True
@@ -400,6 +433,7 @@ class _Cells:
             self.ran.append(name)
         if self.cells_dir is not None and os.environ.get("RANK", "0") == "0":
             res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall, "cell_machine": _machine() if cpu is not None else None,
+                   "tokenizer_fingerprint": self.tokenizer_fp(),
                    "protocol_fingerprint": self.protocol["fingerprint"] if self.protocol else None}
             path = self.cells_dir / f"{name}.json"
             atomic_write_json(path, res)
@@ -833,6 +867,13 @@ def rerun_cell(config: RunConfig | str | os.PathLike | dict, cell: str, output_d
         raise ConfigError(f"committed cell {path}: its recorded config no longer gives its recorded fingerprint "
                           f"({config_fingerprint(ccfg)} vs {committed.get('config_fingerprint')}), so this code cannot "
                           "re-run it faithfully")
+    from ..data import get_tokenizer, tokenizer_fingerprint
+
+    tok_fp = tokenizer_fingerprint(get_tokenizer(ccfg.model))
+    if committed.get("tokenizer_fingerprint") not in (None, tok_fp):
+        raise ConfigError(f"committed cell {cell} was tokenized differently from this machine (tokenizer fingerprint "
+                          f"{committed['tokenizer_fingerprint']}, here {tok_fp}): a re-run here would train on other "
+                          "ids; use the library versions in the cell's 'libraries'")
     out = Path(output_dir) / cell
     ccfg = dataclasses.replace(ccfg, output_dir=str(out), output=dataclasses.replace(ccfg.output, cells_dir=None))
     c0, w0 = time.process_time(), time.perf_counter()
@@ -853,7 +894,7 @@ def rerun_cell(config: RunConfig | str | os.PathLike | dict, cell: str, output_d
         spread = _stat([s["metrics"].get(k) for s in siblings])
         metrics[k] = {"committed": a, "rerun": b, "difference": b - a, "row_std": spread["std"], "row_cells": spread["n"]}
     summary = {"cell": cell, "committed_machine": machine_class(committed), "rerun_machine": machine_class({"cell_machine": _machine()}),
-               "config_fingerprint": committed["config_fingerprint"], "rerun_cpu_time_s": cpu, "rerun_wall_time_s": wall,
+               "config_fingerprint": committed["config_fingerprint"], "tokenizer_fingerprint": tok_fp, "rerun_cpu_time_s": cpu, "rerun_wall_time_s": wall,
                "metrics": metrics, "output_dir": str(out)}
     rows = [[reporting.METRIC_LABELS.get(k, (k,))[0], reporting.fmt(m["committed"]), reporting.fmt(m["rerun"]),
              reporting.fmt(m["difference"]), reporting.fmt(m["row_std"]), m["row_cells"]] for k, m in metrics.items()]
