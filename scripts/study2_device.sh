@@ -15,6 +15,8 @@
 # starts. Everything it writes back is under $OUT.
 # Measured 2026-11-26 on an H100 (run 480, 12 workers): 75 s of setup, then 13 LR trials (35-80 s each) and 23
 # cells (2.1-4.1 min each) in 8 minutes; each worker was bound by its host CPU thread (CPU time = wall time).
+# That run's results were excluded (its transformers 5.17 set another end token: benchmarks/results/study2/
+# excluded_gpu_run); the conversion now takes the special tokens from the GGUF, and model_identity.py checks them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/study2.yaml}
