@@ -101,6 +101,12 @@ def test_lr_search_reads_validation_only_and_sets_the_cells_lr(ran):
         cell = json.loads((cells / label / "order-0" / "seed-0.json").read_text())
         assert cell["config"]["method"]["lr"] == row["chosen_lr"]
         assert cell["config"]["eval"]["split"] == "test"
+    # a choice at either end of the grid is flagged in the report (the best lr may lie outside the grid)
+    factors = cfg["lr_search"]["factors"]
+    edge = [lab for lab, r in lr["rows"].items() if r["chosen_factor"] in (min(factors), max(factors))]
+    md = (tmp / "study" / "study.md").read_text()
+    assert ("Chosen at an edge of the grid" in md) == bool(edge)
+    assert all(f"{lab} (" in md.split("Chosen at an edge of the grid")[-1] for lab in edge)
 
 
 def test_resume_skips_committed_cells_and_report_rebuilds_identical_tables(ran):

@@ -317,6 +317,13 @@ def study_markdown(bench: dict[str, Any]) -> str:
         if reused:
             lines += ["Searched once per method, at its first budget; these rows use that lr: "
                       + ", ".join(f"{a} (from {b})" for a, b in reused.items()), ""]
+        factors = lr.get("factors") or []
+        edge = [f"{label} ({fmt(r['chosen_factor'])}×)" for label, r in lr["rows"].items()
+                if label not in reused and r.get("chosen_factor") is not None and len(factors) > 1
+                and r["chosen_factor"] in (min(factors), max(factors))]
+        if edge:
+            lines += ["Chosen at an edge of the grid (the best lr may lie outside it; the grid was fixed before the "
+                      "run, so the choice stands): " + ", ".join(edge), ""]
     if not bench["methods"]:  # still in its LR search: no cell to tabulate
         lines += ["## Cells", "", "No cell is committed yet: the study is still in its learning-rate search.", ""]
         cpu = st["cpu_time_s"]
