@@ -9,6 +9,8 @@
 #            run(command="bash scripts/study2_device.sh run 480", carry=[".devcarry2"], timeout_s=600)  # within 30 s
 #   (a carried path that the next call does not carry is removed there, so `keep` copies part 1 to /tmp/kt)
 #   here:    scripts/study2_device.sh unpack FILES_AT/cells.tar.gz   # new cells into the cells dir, then commit
+#   RERUN=lr_search/full/lr-0.0001 (env of `run`): also re-run these committed CPU cells there, one process each,
+#            and bring back rerun-N.md/json (the cross-machine difference next to the row's seed-to-seed spread)
 #
 # `run SECONDS [WORKERS]`: the workers start no new cell in the last 4 minutes and are stopped at the deadline
 # (SIGINT; a cell still in progress is lost, finished ones are kept); default 12 workers, under CUDA MPS where it
@@ -77,10 +79,19 @@ run)
   pack() { find $CELLS -name '*.json' -newer /tmp/t0 | tar -czf /tmp/cells.tar.gz -T - && mv /tmp/cells.tar.gz "$OUT/cells.tar.gz"; }
   (while sleep 20; do pack; done) &
   packer=$!
+  # RERUN=cell[,cell]: re-run committed cells (from this CPU) here too, to measure the cross-machine noise.
+  n=0
+  for cell in $(echo "${RERUN:-}" | tr ',' ' '); do
+    n=$((n + 1))
+    (timeout -s INT "$deadline" python3 -m kappatune.cli bench "$CONFIG" --rerun "$cell" -o /tmp/rerun -q \
+      >"/tmp/rerun-$n.log" 2>&1; cp /tmp/rerun/"$cell"/rerun.md "$OUT/rerun-$n.md" 2>/dev/null; \
+      cp /tmp/rerun/"$cell"/rerun.json "$OUT/rerun-$n.json" 2>/dev/null) &
+    pids+=($!)
+  done
   for p in "${pids[@]}"; do wait "$p" || true; done
   kill "$packer" 2>/dev/null || true
   pack
-  tar -czf "$OUT/logs.tar.gz" -C /tmp $(cd /tmp && ls worker-*.log)
+  tar -czf "$OUT/logs.tar.gz" -C /tmp $(cd /tmp && ls worker-*.log rerun-*.log 2>/dev/null)
   echo "new cells: $(tar -tzf "$OUT/cells.tar.gz" | grep -c 'seed-\|lr-' || true)"
   tail -n 3 /tmp/worker-*.log
   ;;
