@@ -13,8 +13,9 @@
 #            and bring back rerun-N.md/json (the cross-machine difference next to the row's seed-to-seed spread)
 #
 # `run SECONDS [WORKERS]`: the workers start no new cell in the last 4 minutes and are stopped at the deadline
-# (SIGINT; a cell still in progress is lost, finished ones are kept); default 12 workers, under CUDA MPS where it
-# starts. Everything it writes back is under $OUT.
+# (SIGINT; a cell still in progress is lost, finished ones are kept). Default 14 workers, under CUDA MPS where it
+# starts: 12 were measured, each bound by its host CPU thread, on a 16-core machine. Everything it writes back is
+# under $OUT.
 # Measured 2026-11-26 on an H100 (run 480, 12 workers): 75 s of setup, then 13 LR trials (35-80 s each) and 23
 # cells (2.1-4.1 min each) in 8 minutes; each worker was bound by its host CPU thread (CPU time = wall time).
 # That run's results were excluded (its transformers 5.17 set another end token: benchmarks/results/study2/
@@ -49,7 +50,7 @@ keep)
   ;;
 run)
   deadline=${2:-450}
-  workers=${3:-12}
+  workers=${3:-14}
   : "${OUT:?run is for the device machine (OUT unset)}"
   part1=.devcarry1/wheel.part1
   [ -f "$part1" ] || part1=/tmp/kt/wheel.part1
