@@ -345,7 +345,7 @@ def study_markdown(bench: dict[str, Any]) -> str:
                       _md(rows, ["row", "paired with", *(METRIC_LABELS.get(k, (k,))[0] for k in prim)]), ""]
         if st.get("target"):
             lines += [equal_quality_markdown(st["target"], "Pre-registered equal-quality point"), ""]
-    cost_keys = ("train_time_s", "sec_per_step", "peak_rss_mb", "peak_gpu_mb", "wall_time_s")
+    from .harness.bench import COST_KEYS as cost_keys  # (here, not at import: the harness imports this module)
     by_machine = st.get("cost_by_machine")
     quality = [k for k in METRIC_LABELS if (by_machine is None or k not in cost_keys)
                and any((m["metrics"].get(k) or {}).get("mean") is not None for m in bench["methods"])]

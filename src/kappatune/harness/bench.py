@@ -13,6 +13,7 @@ replicate-major, so a partial study holds complete (order, seed) replicates.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -776,16 +777,17 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
     lr = st.get("lr_search")
     trials = [t for row in (lr["rows"].values() if lr else ()) if "searched_on" not in row for t in row["trials"]]
     trial_cpu = [t.get("cpu_time_s") for t in trials]
-    compute: dict[str, dict[str, float]] = {}
+    compute: dict[str, dict[str, float]] = collections.defaultdict(
+        lambda: {"cells": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
     for r in any_res:
-        c = compute.setdefault(machine_class(r), {"cells": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
+        c = compute[machine_class(r)]
         c["cells"] += 1
         c["cells_cpu_s"] += r.get("cell_cpu_time_s") or 0.0
         c["cells_wall_s"] += (r["metrics"].get("wall_time_s") or 0.0) + (r.get("setup_time_s") or 0.0)
     for t in trials:
         if t.get("value") is None:
             continue
-        c = compute.setdefault(t.get("machine") or "unrecorded", {"cells": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
+        c = compute[t.get("machine") or "unrecorded"]
         c["trials"] += 1
         c["trials_cpu_s"] += t.get("cpu_time_s") or 0.0
     expected = len(rows) * len(cfg.task_orders() if cfg.orders else [0]) * len(cfg.seed_list())
