@@ -204,3 +204,96 @@ def test_a_model_without_a_usable_cache_falls_back_to_full_passes(monkeypatch):
     assert got["forward_tokens"] == want["forward_tokens"]
     for a, b in zip(got["scores"], want["scores"]):
         _assert_scores_match(a, b, tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy and ppl from one pass over the prompts (choice_accuracy's with_response_nll, used by evaluate_sft)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _count_prompt_tokens(model):
+    fed = []
+    h = model.register_forward_pre_hook(lambda mod, a, kw: fed.append(int(kw["input_ids"].numel())), with_kwargs=True)
+    return fed, h
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_fused_ppl_equals_the_separate_full_pass_and_accuracy_is_bitwise_unchanged(bpe, chat_template):
+    from kappatune.evaluation import evaluate_sft, response_nll
+
+    model = build_tiny_llama(seed=5, vocab_size=len(bpe), pad_token_id=bpe.pad_token_id, bos_token_id=1, eos_token_id=2)
+    exs = _examples(7, ["games", "network", "gamesmanship of the net", "a"])
+    alone = choice_accuracy(model, bpe, exs, chat_template=chat_template, batch_size=3, progress=False, return_scores=True)
+    both = choice_accuracy(model, bpe, exs, chat_template=chat_template, batch_size=3, progress=False, return_scores=True,
+                           with_response_nll=True)
+    assert both["scores"] == alone["scores"]  # bitwise: the extra pass runs after the choices' passes
+    assert both["forward_tokens"] == alone["forward_tokens"]
+    mean, n = response_nll(model, bpe, exs, chat_template=chat_template, batch_size=3, progress=False)
+    assert both["response_tokens"] == n
+    assert both["response_nll"] == pytest.approx(mean, rel=1e-5)
+    # evaluate_sft: the same metrics as measuring each alone, with the prompts fed once instead of twice
+    fed, h = _count_prompt_tokens(model)
+    fused = evaluate_sft(model, bpe, exs, ["ppl", "accuracy"], chat_template=chat_template, batch_size=3, progress=False)
+    h.remove()
+    fed_fused = sum(fed)
+    fed.clear()
+    fed, h = _count_prompt_tokens(model)
+    separate = {**evaluate_sft(model, bpe, exs, ["ppl"], chat_template=chat_template, batch_size=3, progress=False),
+                **evaluate_sft(model, bpe, exs, ["accuracy"], chat_template=chat_template, batch_size=3, progress=False)}
+    h.remove()
+    assert list(fused) == ["ppl", "accuracy", "accuracy_norm"]
+    assert (fused["accuracy"], fused["accuracy_norm"]) == (separate["accuracy"], separate["accuracy_norm"])
+    assert fused["ppl"] == pytest.approx(separate["ppl"], rel=1e-5)
+    assert fed_fused < 0.75 * sum(fed)
+
+
+def test_fused_ppl_falls_back_per_example_where_the_prompt_is_cut_differently_or_there_is_no_cache(monkeypatch):
+    from kappatune.evaluation import response_nll
+
+    from kappatune.evaluation import _score_choices_and_extras
+
+    model = build_tiny_llama(seed=6)
+    for choices, max_length in ((["no", "a rather long answer here"], 40), (["no", "ok"], 46)):
+        exs = _examples(5, choices)
+        # the ppl row (response + EOS) is one token longer, so its prompt is cut differently from the choices'
+        # rows in some examples (and in the first case the choices' own prompts differ): those fall back
+        per_example, extras = [], []
+        for ex in exs:
+            enc = [encode_example(BYTES, ex, chat_template=False, add_eos=False, max_length=max_length, response=c)
+                   for c in ex["choices"]]
+            per_example.append([(p + c, len(p)) for p, c in enc])
+            p, r = encode_example(BYTES, ex, chat_template=False, max_length=max_length)
+            extras.append((p + r, len(p)))
+        shared = [x is not None for x in _score_choices_and_extras(model, per_example, 0, batch_size=2, progress=False,
+                                                                   extras=extras)[2]]
+        assert not all(shared) and (any(shared) or max_length == 40)
+        mean, n = response_nll(model, BYTES, exs, chat_template=False, max_length=max_length, progress=False)
+        got = choice_accuracy(model, BYTES, exs, chat_template=False, max_length=max_length, batch_size=2, progress=False,
+                              with_response_nll=True)
+        assert got["response_tokens"] == n and got["response_nll"] == pytest.approx(mean, rel=1e-5)
+    # no KV cache: every example through response_nll's full pass, the same numbers
+    forward = model.forward
+
+    def no_cache(*a, **kw):
+        out = forward(*a, **kw)
+        out["cache"] = None
+        return out
+
+    monkeypatch.setattr(model, "forward", no_cache)
+    got = choice_accuracy(model, BYTES, exs, chat_template=False, progress=False, with_response_nll=True)
+    mean, n = response_nll(model, BYTES, exs, chat_template=False, progress=False)
+    assert got["response_tokens"] == n and got["response_nll"] == pytest.approx(mean, rel=1e-6)
+
+
+def test_fused_ppl_is_read_from_the_prompt_cache_even_when_each_choice_is_one_token():
+    """Single-token choices need no choice pass; the ppl rows (response + EOS, two tokens) still get theirs."""
+    from kappatune.evaluation import response_nll
+
+    model = build_tiny_llama(seed=2)
+    exs = [{"prompt": f"item {i} is ", "response": "xyz"[i % 3], "choices": list("xyz")} for i in range(6)]
+    calls = []
+    h = model.register_forward_pre_hook(lambda mod, a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    got = choice_accuracy(model, BYTES, exs, chat_template=False, batch_size=6, progress=False, with_response_nll=True)
+    h.remove()
+    assert len(calls) == 2 and calls[1] == (6, 1)  # the prompts, then each response's token (its EOS is predicted)
+    mean, n = response_nll(model, BYTES, exs, chat_template=False, progress=False)
+    assert got["response_tokens"] == n == 12 and got["response_nll"] == pytest.approx(mean, rel=1e-5)

@@ -360,19 +360,30 @@ def _scores_full(model: nn.Module, examples: Sequence[Choices], pad: int, batch_
 
 
 def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: int, batch_size: int, progress: bool,
-                          cache_kw: str) -> tuple[list[list[float]], int]:
+                          cache_kw: str, extras: Sequence[tuple[Sequence[int], int] | None] | None = None,
+                          ) -> tuple[list[list[float]], int, list[float | None]]:
     """The same scores as :func:`_scores_full` at a fraction of the cost (lm-evaluation-harness's idea, done with
     the KV cache): per batch of examples, one pass over each example's shared prefix (the prompt) keeps the KV
     cache and computes the vocabulary projection only at the positions that predict a choice token
     (``logits_to_keep``); the cache is then repeated once per choice and a second pass runs only the choices'
     tokens. Both passes are right padded with explicit ``position_ids``, so each real token sees exactly the
-    positions and context it has in the full pass (padding is masked out)."""
+    positions and context it has in the full pass (padding is masked out).
+
+    ``extras`` (optional, one per example or None): one more ``(sequence, start)`` per example, scored from the
+    same prefix cache in a pass of its own after the choices' pass -- how :func:`evaluate_sft` gets the response
+    perplexity (prompt + response + EOS) without a second pass over every prompt. The choices' passes are exactly
+    the ones run without extras, so their scores are bitwise the same. An extra that does not continue its
+    example's shared prefix (a prompt cut differently by ``max_length``) is left as None for the caller to score.
+    Returns ``(scores, tokens fed for the choices, extra scores)``."""
+    import copy
+
     from tqdm.auto import tqdm
 
     device = _device_of(model)
     keep_kw = _takes_logits_to_keep(model)
     order = sorted(range(len(examples)), key=lambda i: (-max(len(s) for s, _ in examples[i]), i))
     scores = [[0.0] * len(c) for c in examples]
+    extra_scores: list[float | None] = [None] * len(examples)
     fed = 0
     with _EvalMode(model):
         for b0 in tqdm(range(0, len(order), batch_size), desc="accuracy", unit="batch", disable=not progress, leave=False):
@@ -401,13 +412,30 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
             col = {q: j for j, q in enumerate(keep)}
             # the continuation rows: one per choice with tokens past the prefix to feed (all but its last token)
             rows = [(b, k) for b, ss in enumerate(seqs) for k, s in enumerate(ss) if len(s) - 1 > plen[b]]
+            # the extras scored here: those that continue the example's shared prefix and need no prefix logits
+            # beyond the kept ones (so the passes above are unchanged by them)
+            xs: dict[int, tuple[list[int], int]] = {}
+            for b, e in enumerate(chunk):
+                x = extras[e] if extras is not None else None
+                if x is None:
+                    continue
+                xseq, xa = list(x[0]), int(x[1])
+                n = plen[b]
+                if (1 <= xa < len(xseq) and len(xseq) - 1 > n and xseq[:n] == seqs[b][0][:n]
+                        and all(q in col for q in range(xa - 1, min(len(xseq) - 1, n)))):
+                    xs[b] = (xseq, xa)
             lp_cont = None
-            if rows:
+            cache = cache_x = None
+            if rows or xs:
                 cache = getattr(out, "cache", None)
                 if cache is None:
                     cache = getattr(out, "past_key_values", None)
                 if not callable(getattr(cache, "batch_select_indices", None)):
                     raise _NoPrefixCache  # a legacy tuple cache or one that cannot repeat rows
+                if xs:  # the choices' pass below extends the cache in place: the extras start from a copy
+                    cache_x = copy.deepcopy(cache)
+            if rows:
+                assert cache is not None
                 cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=device))
                 cw = max(len(seqs[b][k]) - 1 - plen[b] for b, k in rows)
                 cids = torch.full((len(rows), cw), pad, dtype=torch.long)
@@ -436,7 +464,31 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
                             assert lp_cont is not None
                             total += float(lp_cont[row_of[(b, k)], q - plen[b], s[i]])
                     scores[e][k] = total
-    return scores, fed
+            if xs:
+                assert cache_x is not None
+                xb = sorted(xs)
+                cache_x.batch_select_indices(torch.tensor(xb, device=device))
+                cw = max(len(xs[b][0]) - 1 - plen[b] for b in xb)
+                cids = torch.full((len(xb), cw), pad, dtype=torch.long)
+                cmask = torch.zeros((len(xb), cw), dtype=torch.long)
+                pos = torch.zeros((len(xb), cw), dtype=torch.long)
+                for r, b in enumerate(xb):
+                    part = xs[b][0][plen[b]:-1]
+                    cids[r, :len(part)] = torch.tensor(part)
+                    cmask[r, :len(part)] = 1
+                    pos[r] = plen[b] + torch.arange(cw)
+                out3 = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[xb], cmask], dim=1).to(device),
+                             position_ids=pos.to(device), **{cache_kw: cache_x, "use_cache": True})
+                lp_x = torch.log_softmax(out3.logits.float(), -1).cpu()
+                del cache_x, out3
+                for r, b in enumerate(xb):
+                    xseq, xa = xs[b]
+                    total = 0.0
+                    for i in range(xa, len(xseq)):
+                        q = i - 1
+                        total += float(lp_prefix[b, col[q], xseq[i]] if q < plen[b] else lp_x[r, q - plen[b], xseq[i]])
+                    extra_scores[chunk[b]] = total
+    return scores, fed, extra_scores
 
 
 class _NoPrefixCache(Exception):
@@ -445,35 +497,57 @@ class _NoPrefixCache(Exception):
 
 def _score_choices(model: nn.Module, examples: Sequence[Choices], pad: int, *, batch_size: int = 8, progress: bool = True,
                    reuse_prefix: bool = True) -> tuple[list[list[float]], int]:
-    """``(scores, tokens fed to the model)``. Scores: per example, per choice: the summed log-probability (float64 sum of float32 values) of the choice's tokens
-    ``seq[start:]`` given the tokens before them. ``reuse_prefix`` (default) computes each example's prompt once
-    and only the choice tokens after it (:func:`_scores_shared_prefix`); models without a KV cache, and
-    ``reuse_prefix=False``, take the full pass per choice. Both give the same numbers to float tolerance."""
+    """``(scores, tokens fed to the model)``. Scores: per example, per choice: the summed log-probability (float64
+    sum of float32 values) of the choice's tokens ``seq[start:]`` given the tokens before them. ``reuse_prefix``
+    (default) computes each example's prompt once and only the choice tokens after it
+    (:func:`_scores_shared_prefix`); models without a KV cache, and ``reuse_prefix=False``, take the full pass per
+    choice. Both give the same numbers to float tolerance."""
+    scores, fed, _ = _score_choices_and_extras(model, examples, pad, batch_size=batch_size, progress=progress,
+                                               reuse_prefix=reuse_prefix)
+    return scores, fed
+
+
+@torch.no_grad()
+def _score_choices_and_extras(model: nn.Module, examples: Sequence[Choices], pad: int, *, batch_size: int = 8,
+                              progress: bool = True, reuse_prefix: bool = True,
+                              extras: Sequence[tuple[Sequence[int], int] | None] | None = None,
+                              ) -> tuple[list[list[float]], int, list[float | None]]:
+    """:func:`_score_choices`, plus the score of one extra ``(sequence, start)`` per example where it can be read
+    from the example's prefix cache (see :func:`_scores_shared_prefix`); None where it cannot (no cache, or a
+    prompt cut differently): the caller scores those another way."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     for e, choices in enumerate(examples):
         for s, st in choices:
             if not 1 <= st < len(s):
                 raise DataError(f"example {e + 1}: a choice has no tokens to score or no prompt before it")
+    none: list[float | None] = [None] * len(examples)
     cache_kw = _prefix_cache_kwarg(model) if reuse_prefix else None
     if cache_kw is None:
-        return _scores_full(model, examples, pad, batch_size, progress)
+        return (*_scores_full(model, examples, pad, batch_size, progress), none)
     # an example whose choices share no first token (prompts cut differently by max_length) has no prefix to
-    # share: each of its choices is scored as an example of its own
+    # share: each of its choices is scored as an example of its own (and its extra is left to the caller)
     units: list[Choices] = []
+    unit_extras: list[tuple[Sequence[int], int] | None] = []
     where: list[list[tuple[int, int]]] = []
-    for choices in examples:
+    extra_unit: list[int | None] = []
+    for e, choices in enumerate(examples):
         if _common_prefix([s for s, _ in choices]) > 0:
             where.append([(len(units), k) for k in range(len(choices))])
+            extra_unit.append(len(units))
             units.append(choices)
+            unit_extras.append(extras[e] if extras is not None else None)
         else:
             where.append([(len(units) + k, 0) for k in range(len(choices))])
+            extra_unit.append(None)
             units.extend([c] for c in choices)
+            unit_extras.extend([None] * len(choices))
     try:
-        scores, fed = _scores_shared_prefix(model, units, pad, batch_size, progress, cache_kw)
+        scores, fed, xscores = _scores_shared_prefix(model, units, pad, batch_size, progress, cache_kw,
+                                                     extras=unit_extras if extras is not None else None)
     except _NoPrefixCache:
-        return _scores_full(model, examples, pad, batch_size, progress)
-    return [[scores[u][k] for u, k in w] for w in where], fed
+        return (*_scores_full(model, examples, pad, batch_size, progress), none)
+    return [[scores[u][k] for u, k in w] for w in where], fed, [None if u is None else xscores[u] for u in extra_unit]
 
 
 def _check_examples(examples: Sequence[Any], what: str) -> list[dict[str, Any]]:
@@ -495,6 +569,7 @@ def choice_accuracy(
     progress: bool = True,
     reuse_prefix: bool = True,
     return_scores: bool = False,
+    with_response_nll: bool = False,
 ) -> dict[str, Any]:
     """``accuracy`` and ``accuracy_norm`` (fractions in [0, 1]) of examples with ``choices`` (module docstring).
 
@@ -504,6 +579,11 @@ def choice_accuracy(
     choice -- the same scores, several times the cost (kept as the reference and for models without a cache).
     Also returns ``n`` and ``forward_tokens`` (token positions fed to the model, padding excluded), and with
     ``return_scores`` each example's per-choice log-likelihoods (``scores``, the raw ones ``accuracy`` ranks).
+    ``with_response_nll`` also returns ``response_nll`` / ``response_tokens``: the mean NLL (nats) of the
+    responses + EOS given their prompts and its token count, what :func:`response_nll` computes, here read from
+    the prompts' KV cache of the accuracy pass (one more short pass per batch instead of a second full pass over
+    every prompt: the ``ppl`` of an sft task at a fraction of its cost, equal to :func:`response_nll` to float
+    tolerance; examples that cannot share the pass are scored by :func:`response_nll`).
     """
     from .data import get_tokenizer
     from .data.tasks import encode_example
@@ -520,8 +600,14 @@ def choice_accuracy(
         enc = [encode_example(tokenizer, ex, chat_template=chat_template, add_eos=False, max_length=max_length, response=c)
                for c in ex["choices"]]
         per_example.append([(p + c, len(p)) for p, c in enc])
-    scores, fed = _score_choices(model, per_example, _pad_of(tokenizer), batch_size=batch_size, progress=progress,
-                                 reuse_prefix=reuse_prefix)
+    extras = None
+    if with_response_nll:  # the ppl rows: prompt + response + EOS, exactly as response_nll encodes them
+        extras = []
+        for ex in exs:
+            p, r = encode_example(tokenizer, ex, chat_template=chat_template, max_length=max_length)
+            extras.append((p + r, len(p)))
+    scores, fed, xscores = _score_choices_and_extras(model, per_example, _pad_of(tokenizer), batch_size=batch_size,
+                                                     progress=progress, reuse_prefix=reuse_prefix, extras=extras)
     correct = correct_norm = 0
     for e, ex in enumerate(exs):
         gold = ex["choices"].index(ex["response"])
@@ -533,6 +619,15 @@ def choice_accuracy(
                            "forward_tokens": fed}
     if return_scores:
         res["scores"] = scores
+    if extras is not None:
+        nll = -sum(float(x) for x in xscores if x is not None)
+        tokens = sum(len(x[0]) - x[1] for x, sc in zip(extras, xscores) if sc is not None)
+        rest = [ex for ex, sc in zip(exs, xscores) if sc is None]
+        if rest:  # no shared pass for these (no KV cache, or a prompt cut differently): the full pass
+            mean, n = response_nll(model, tokenizer, rest, chat_template=chat_template, batch_size=batch_size,
+                                   max_length=max_length, progress=progress)
+            nll, tokens = nll + mean * n, tokens + n
+        res["response_nll"], res["response_tokens"] = nll / tokens, tokens
     return res
 
 
@@ -673,10 +768,17 @@ def evaluate_sft(
         raise DataError(f"unknown metric {unknown[0]!r}; choose from {', '.join(SFT_METRICS)}")
     out: dict[str, float] = {}
     common = dict(chat_template=chat_template, batch_size=batch_size, max_length=max_length, progress=progress)
+    # accuracy and ppl together: both read from one pass over the prompts (choice_accuracy's with_response_nll)
+    fused = "accuracy" in metrics and "ppl" in metrics
+    acc: dict[str, Any] | None = None
     for m in metrics:
-        if m == "accuracy":
-            r = choice_accuracy(model, tokenizer, examples, **common)
-            out.update(accuracy=r["accuracy"], accuracy_norm=r["accuracy_norm"])
+        if m == "accuracy" or (m == "ppl" and fused):
+            if acc is None:
+                acc = choice_accuracy(model, tokenizer, examples, with_response_nll=fused, **common)
+            if m == "accuracy":
+                out.update(accuracy=acc["accuracy"], accuracy_norm=acc["accuracy_norm"])
+            else:
+                out["ppl"] = _ppl(acc["response_nll"])
         elif m == "exact_match":
             out["exact_match"] = exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens, stop=stop, **common)["exact_match"]
         else:
