@@ -226,6 +226,36 @@ def test_stop_after_starts_no_new_cell_and_still_writes_the_report(ran, tmp_path
         main(["bench", str(CONFIGS / "study2_tiny.yaml"), "--stop-after", "soon"])
 
 
+def test_a_killed_workers_cell_resumes_exactly_and_is_recorded_as_untimed(ran, tmp_path):
+    """A worker killed mid-cell (SIGKILL at the cell's second evaluation: after its first stage trained) leaves
+    the cell's run directory; the next worker resumes it with exactly the committed metrics of an uninterrupted
+    run, and records it as resumed and untimed (the killed part's time is unknown) rather than with a partial
+    time. A cell run in one go keeps its times."""
+    import os
+    import sys
+
+    tmp, cfg, _ = ran
+    name = "kappatune@43k/order-0/seed-0"
+    c = _copied(tmp, cfg, tmp_path, drop=name)
+    c["output_dir"] = str(tmp_path / "runs")
+    env = {**os.environ, "KAPPATUNE_FAULT": "eval:2", "PYTHONPATH": str(Path(bench.__code__.co_filename).parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "kappatune.cli", "bench", write_yaml(tmp_path / "s.yaml", c), "-q"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # killed by the fault point
+    assert (tmp_path / "runs" / name / "state.json").is_file() and not (tmp_path / "cells" / f"{name}.json").exists()
+    bench(c, progress=False)
+    got = json.loads((tmp_path / "cells" / f"{name}.json").read_text())
+    want = json.loads((tmp / "study" / "cells" / f"{name}.json").read_text())
+    assert got["cell_resumed"] is True and got["cell_cpu_time_s"] is None and got["cell_wall_time_s"] is None
+    assert got["cell_machine"] is not None
+    assert want["cell_cpu_time_s"] > 0 and not want["cell_resumed"]
+    for k in ("acc", "bwt_acc", "control_change_pct", "final_avg_task_ppl"):
+        assert got["metrics"][k] == want["metrics"][k], k
+    md = (tmp_path / "study.md").read_text()
+    assert "(7 timed)" in md.split("## Compute")[1].splitlines()[2]  # the total counts the timed cells
+    assert "| 8 | " in md and " (7 timed) |" in md  # so does the per-machine table
+
+
 def test_cells_tokenized_differently_are_never_mixed(ran, tmp_path):
     """Every cell records its tokenizer's fingerprint; a study refuses to mix cells that disagree (a library version
     once changed SmolLM2's end token), and a machine whose tokenizer disagrees with the committed cells runs none."""

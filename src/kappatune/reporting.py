@@ -393,8 +393,9 @@ def study_markdown(bench: dict[str, Any]) -> str:
               ""]
     machines = st.get("compute_by_machine")
     if machines:
-        rows = [[mc, c["cells"], fmt(c["cells_cpu_s"] / 3600.0), fmt(c["cells_wall_s"] / 3600.0), c["trials"],
-                 fmt(c["trials_cpu_s"] / 3600.0)] for mc, c in machines.items()]
+        rows = [[mc, c["cells"], fmt(c["cells_cpu_s"] / 3600.0) + ("" if c.get("cells_timed", c["cells"]) == c["cells"]
+                                                                   else f" ({c['cells_timed']} timed)"),
+                 fmt(c["cells_wall_s"] / 3600.0), c["trials"], fmt(c["trials_cpu_s"] / 3600.0)] for mc, c in machines.items()]
         lines += ["Per machine (CPU time is the cell process's; on a GPU machine it is the host side's):", "",
                   _md(rows, ["machine", "cells", "cells CPU h", "cells wall h", "LR trials", "LR trials CPU h"]), ""]
     return "\n".join(lines)

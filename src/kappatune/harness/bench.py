@@ -420,6 +420,7 @@ class _Cells:
              validate_first: Callable[[], None]) -> dict[str, Any]:
         cell_dir = Path(cell_cfg.output_dir or "")
         cpu = wall = None
+        ran = resumed = False
         if done:
             res = load_results(cell_dir)
             self.skipped.append(name)
@@ -430,10 +431,15 @@ class _Cells:
             _log(self.talk, f"== {name} -> {cell_dir}")
             c0, w0 = time.process_time(), time.perf_counter()
             res = run(cell_cfg, resume=st is not None, force=self.force, progress=self.progress, base_eval_cache=base_cache)
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            ran, resumed = True, st is not None
+            # a resumed cell's earlier part ran in a process that was killed: its time is unknown, so the cell is
+            # recorded as untimed (the report counts timed cells) rather than with the resumed part alone
+            if not resumed:
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
             self.ran.append(name)
         if self.cells_dir is not None and os.environ.get("RANK", "0") == "0":
-            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall, "cell_machine": _machine() if cpu is not None else None,
+            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall, "cell_machine": _machine() if ran else None,
+                   "cell_resumed": resumed,
                    "tokenizer_fingerprint": self.tokenizer_fp(),
                    "protocol_fingerprint": self.protocol["fingerprint"] if self.protocol else None}
             path = self.cells_dir / f"{name}.json"
@@ -778,10 +784,11 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
     trials = [t for row in (lr["rows"].values() if lr else ()) if "searched_on" not in row for t in row["trials"]]
     trial_cpu = [t.get("cpu_time_s") for t in trials]
     compute: dict[str, dict[str, float]] = collections.defaultdict(
-        lambda: {"cells": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
+        lambda: {"cells": 0, "cells_timed": 0, "cells_cpu_s": 0.0, "cells_wall_s": 0.0, "trials": 0, "trials_cpu_s": 0.0})
     for r in any_res:
         c = compute[machine_class(r)]
         c["cells"] += 1
+        c["cells_timed"] += r.get("cell_cpu_time_s") is not None  # a resumed cell is untimed (its killed part is unknown)
         c["cells_cpu_s"] += r.get("cell_cpu_time_s") or 0.0
         c["cells_wall_s"] += (r["metrics"].get("wall_time_s") or 0.0) + (r.get("setup_time_s") or 0.0)
     for t in trials:
