@@ -436,22 +436,10 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
                     cache_x = copy.deepcopy(cache)
             if rows:
                 assert cache is not None
-                cache.batch_select_indices(torch.tensor([b for b, _ in rows], device=device))
-                cw = max(len(seqs[b][k]) - 1 - plen[b] for b, k in rows)
-                cids = torch.full((len(rows), cw), pad, dtype=torch.long)
-                cmask = torch.zeros((len(rows), cw), dtype=torch.long)
-                pos = torch.zeros((len(rows), cw), dtype=torch.long)
-                for r, (b, k) in enumerate(rows):
-                    part = seqs[b][k][plen[b]:-1]
-                    cids[r, :len(part)] = torch.tensor(part)
-                    cmask[r, :len(part)] = 1
-                    pos[r] = plen[b] + torch.arange(cw)  # padding's positions are never read
-                fed += int(cmask.sum())
-                full_mask = torch.cat([mask[[b for b, _ in rows]], cmask], dim=1)
-                out2 = model(input_ids=cids.to(device), attention_mask=full_mask.to(device), position_ids=pos.to(device),
-                             **{cache_kw: cache, "use_cache": True})
-                lp_cont = torch.log_softmax(out2.logits.float(), -1).cpu()
-                del cache, out2
+                lp_cont, n_fed = _continue_prefix(model, cache, cache_kw, mask, [b for b, _ in rows],
+                                                  [seqs[b][k][plen[b]:-1] for b, k in rows], plen, pad, device)
+                fed += n_fed
+                del cache
             row_of = {bk: r for r, bk in enumerate(rows)}
             for b, e in enumerate(chunk):
                 for k, (s, a) in enumerate(zip(seqs[b], starts[b])):
@@ -467,20 +455,9 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
             if xs:
                 assert cache_x is not None
                 xb = sorted(xs)
-                cache_x.batch_select_indices(torch.tensor(xb, device=device))
-                cw = max(len(xs[b][0]) - 1 - plen[b] for b in xb)
-                cids = torch.full((len(xb), cw), pad, dtype=torch.long)
-                cmask = torch.zeros((len(xb), cw), dtype=torch.long)
-                pos = torch.zeros((len(xb), cw), dtype=torch.long)
-                for r, b in enumerate(xb):
-                    part = xs[b][0][plen[b]:-1]
-                    cids[r, :len(part)] = torch.tensor(part)
-                    cmask[r, :len(part)] = 1
-                    pos[r] = plen[b] + torch.arange(cw)
-                out3 = model(input_ids=cids.to(device), attention_mask=torch.cat([mask[xb], cmask], dim=1).to(device),
-                             position_ids=pos.to(device), **{cache_kw: cache_x, "use_cache": True})
-                lp_x = torch.log_softmax(out3.logits.float(), -1).cpu()
-                del cache_x, out3
+                lp_x, _ = _continue_prefix(model, cache_x, cache_kw, mask, xb, [xs[b][0][plen[b]:-1] for b in xb], plen,
+                                           pad, device)
+                del cache_x
                 for r, b in enumerate(xb):
                     xseq, xa = xs[b]
                     total = 0.0
@@ -489,6 +466,26 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
                         total += float(lp_prefix[b, col[q], xseq[i]] if q < plen[b] else lp_x[r, q - plen[b], xseq[i]])
                     extra_scores[chunk[b]] = total
     return scores, fed, extra_scores
+
+
+def _continue_prefix(model: nn.Module, cache: Any, cache_kw: str, prefix_mask: torch.Tensor, prefix_rows: list[int],
+                     parts: list[list[int]], plen: list[int], pad: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """One pass feeding ``parts[r]`` after prefix row ``prefix_rows[r]`` of ``cache`` (repeated/reordered to
+    those rows, in place): ``(log-probabilities [rows, width, vocab] on CPU, real tokens fed)``. Right padded,
+    with explicit positions continuing each prefix; padding's positions are never read."""
+    cache.batch_select_indices(torch.tensor(prefix_rows, device=device))
+    cw = max(len(p) for p in parts)
+    cids = torch.full((len(parts), cw), pad, dtype=torch.long)
+    cmask = torch.zeros((len(parts), cw), dtype=torch.long)
+    pos = torch.zeros((len(parts), cw), dtype=torch.long)
+    for r, (b, part) in enumerate(zip(prefix_rows, parts)):
+        cids[r, :len(part)] = torch.tensor(part)
+        cmask[r, :len(part)] = 1
+        pos[r] = plen[b] + torch.arange(cw)
+    full_mask = torch.cat([prefix_mask[prefix_rows], cmask], dim=1)
+    out = model(input_ids=cids.to(device), attention_mask=full_mask.to(device), position_ids=pos.to(device),
+                **{cache_kw: cache, "use_cache": True})
+    return torch.log_softmax(out.logits.float(), -1).cpu(), int(cmask.sum())
 
 
 class _NoPrefixCache(Exception):
