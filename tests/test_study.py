@@ -401,6 +401,30 @@ def test_study_workers_validate_the_config_once_between_them(tmp_path, monkeypat
     assert calls == [1, 1]
 
 
+def test_validation_runs_at_the_configured_thread_count(tmp_path, monkeypatch):
+    """A study worker's validation (minutes of SVDs on a real model) runs at ``num_threads`` like its cells, not at
+    torch's default, which on a CPU shared by one worker per core oversubscribes the cores."""
+    import importlib
+
+    import torch
+
+    from kappatune.harness import validate
+
+    run_mod = importlib.import_module("kappatune.harness.run")
+    cfg = _tiny(tmp_path, ["full", "lora"])
+    cfg["num_threads"] = 1
+    seen = []
+    real = run_mod._load
+    monkeypatch.setattr(run_mod, "_load", lambda c: seen.append(torch.get_num_threads()) or real(c))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        validate(cfg, command="bench")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
 def test_two_worker_processes_run_every_cell_exactly_once(tmp_path):
     """Two ``kappatune bench`` processes on one study config: every trial and cell is committed once, none is run
     by both, and the report of the cells equals a single worker's."""

@@ -350,6 +350,10 @@ def validate(config: RunConfig | str | os.PathLike | dict, *, overrides: Sequenc
         cfg = _validation_config(_select_only(cfg, only))
     elif command is not None:
         raise ConfigError(f"validate: command must be 'run', 'bench' or None, got {command!r}")
+    if cfg.num_threads is not None:
+        # as run() does: a study worker's checks (OSF decomposes every layer of the model) would otherwise take
+        # torch's default threads on cores the other workers use, which oversubscribes them many times over
+        torch.set_num_threads(cfg.num_threads)
     model, tokenizer = _load(cfg)
     data = _load_data(cfg, tokenizer, progress, model)
     steps = cfg.steps_per_stage()
