@@ -563,3 +563,29 @@ def test_equal_quality_target_at_a_reference_step():
     assert slow["steps_to_target"]["mean"] == 10 and slow["control_change_pct_at_target"]["mean"] == pytest.approx(4.0)
     with pytest.raises(ConfigError, match=r"compare\.step 7: the reference run ref/seed-0 has no learning-curve point"):
         equal_quality(cells, "ref", 1, step=7)
+
+
+def test_equal_quality_flags_a_target_no_better_than_the_untrained_model():
+    """study2's first full-FT cell: validation accuracy 0.428 at step 0, 0.423 at step 75 (the pre-registered
+    target), 0.567 at 150. Every run starts at the same untrained model, so each reaches that target at step 0:
+    the point compares nothing for that seed, and the report says so instead of printing a tie."""
+    from kappatune.harness import equal_quality
+    from kappatune.reporting import equal_quality_markdown
+
+    def res(accs, task="a"):
+        return {"base": {"task_ppl": {task: 10.0}, "control_ppl": 50.0},
+                "stages": [{"stage": 1, "task": task, "curve": [
+                    {"step": s, "task_accuracy": a, "control_ppl": 50.0 + s} for s, a in zip((0, 75, 150), accs)]}]}
+
+    # keys as in a study with two task orders: order 1 learns another task first
+    cells = {"full": {0: res([0.428, 0.423, 0.567]), 1: res([0.428, 0.50, 0.60], "b")},
+             "other": {0: res([0.428, 0.40, 0.45]), 1: res([0.428, 0.45, 0.55], "b")}}
+    eq = equal_quality(cells, "full", 1, step=75, metric="task_accuracy")
+    assert eq["target_at_base"] == [0]  # seed 1's target (0.50) lies above the start
+    assert eq["task"] == "a / b"  # the title names the stage's task of every order
+    other = eq["methods"][1]
+    assert other["reached"] == 2 and other["steps_to_target"]["mean"] == pytest.approx((0.0 + 112.5) / 2)  # seed 0 at step 0
+    md = equal_quality_markdown(eq)
+    assert "Degenerate for 1 of 2 reference cells** (0)" in md
+    eq_end = equal_quality(cells, "full", 1, metric="task_accuracy")
+    assert eq_end["target_at_base"] == [] and "Degenerate" not in equal_quality_markdown(eq_end)

@@ -422,7 +422,18 @@ def equal_quality_markdown(eq: dict[str, Any], title: str = "Equal task quality"
         "",
         _md(rows, ["method", "reached", "steps to target", "control ppl at target", "control Δ% at target",
                    f"best {what}"]),
+        *_target_at_base_note(eq),
     ])
+
+
+def _target_at_base_note(eq: dict[str, Any]) -> list[str]:
+    """A warning when the target is no better than the untrained model for some of the reference's cells."""
+    at_base, n = eq.get("target_at_base") or [], len(eq.get("target_task_ppl") or {})
+    if not at_base:
+        return []
+    return ["", f"**Degenerate for {len(at_base)} of {n} reference cells** ({', '.join(map(str, at_base))}): there "
+            f"the target is no better than the untrained model's own {eq.get('metric', 'task_ppl').replace('task_', 'task ')} "
+            "(the curve's step 0), so every run reaches it at step 0 and the point compares nothing for those cells."]
 
 
 # ---------------------------------------------------------------------------------------------------------- plots

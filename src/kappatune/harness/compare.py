@@ -63,12 +63,15 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
     constant learning rate that is what "train until the task perplexity reaches the target" would give, at the
     curve's resolution. A run that never reaches the target is counted in ``not_reached`` with its best task ppl.
     ``metric``: the curve key the target is read in (``task_ppl``; ``task_accuracy`` for sft tasks, higher is
-    better); ``best_task_ppl`` then holds the best value of that metric.
+    better); ``best_task_ppl`` then holds the best value of that metric. ``target_at_base`` lists the reference's
+    seeds whose target is no better than the untrained model's value (the curve's step 0): every run reaches it at
+    step 0 there, so the point is degenerate for them (the report says so).
     """
     ref = cells.get(reference)
     if not ref:
         raise ConfigError(f"compare.reference {reference!r} has no finished runs")
     targets: dict[int, float] = {}
+    trivial: list[Any] = []
     for seed, res in ref.items():
         cur = _stage_curve(res, stage)
         if cur is None:
@@ -81,9 +84,14 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
         if points[-1].get(metric) is None:
             raise ConfigError(f"compare: the reference run {reference}/seed-{seed} has no {metric!r} on its learning curve")
         targets[seed] = points[-1][metric]
+        # the curve's first point is the untrained model: a target no better than it is reached at step 0 by every
+        # run of that seed (they all start there), so the point compares nothing for it
+        first = cur[1][0]
+        if first.get("step") == 0 and first.get(metric) is not None and _reach([first], targets[seed], metric) is not None:
+            trivial.append(seed)
     mean_target = _mean(list(targets.values()))
     rows = []
-    task = None
+    tasks: list[str] = []  # the stage's task of every cell (a study with several task orders has one per order)
     for label, by_seed in cells.items():
         steps, ctrl, change, best, missing = [], [], [], [], []
         for seed, res in by_seed.items():
@@ -92,6 +100,8 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
                 missing.append(seed)
                 continue
             task, points = cur
+            if task not in tasks:
+                tasks.append(task)
             hit = _reach(points, targets.get(seed, mean_target), metric)
             vals = [p[metric] for p in points if p.get(metric) is not None]
             best.append((max if _higher_is_better(metric) else min)(vals) if vals else None)
@@ -107,8 +117,8 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
             "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
             "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
         })
-    return {"reference": reference, "stage": stage, "step": step, "task": task, "metric": metric, "target_task_ppl": targets,
-            "mean_target_task_ppl": mean_target, "methods": rows}
+    return {"reference": reference, "stage": stage, "step": step, "task": " / ".join(tasks) or None, "metric": metric, "target_task_ppl": targets,
+            "mean_target_task_ppl": mean_target, "target_at_base": trivial, "methods": rows}
 
 
 def bench_curves(cells: dict[str, dict[int, dict[str, Any]]], stage: int = 1) -> dict[str, Any]:
