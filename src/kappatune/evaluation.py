@@ -432,8 +432,8 @@ def _scores_shared_prefix(model: nn.Module, examples: Sequence[Choices], pad: in
                     cache = getattr(out, "past_key_values", None)
                 if not callable(getattr(cache, "batch_select_indices", None)):
                     raise _NoPrefixCache  # a legacy tuple cache or one that cannot repeat rows
-                if xs:  # the choices' pass below extends the cache in place: the extras start from a copy
-                    cache_x = copy.deepcopy(cache)
+                if xs:  # a choices' pass below extends the cache in place: then the extras start from a copy
+                    cache_x = copy.deepcopy(cache) if rows else cache
             if rows:
                 assert cache is not None
                 lp_cont, n_fed = _continue_prefix(model, cache, cache_kw, mask, [b for b, _ in rows],

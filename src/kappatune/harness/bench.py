@@ -420,7 +420,7 @@ class _Cells:
              validate_first: Callable[[], None]) -> dict[str, Any]:
         cell_dir = Path(cell_cfg.output_dir or "")
         cpu = wall = None
-        ran = resumed = False
+        resumed = False
         if done:
             res = load_results(cell_dir)
             self.skipped.append(name)
@@ -431,14 +431,14 @@ class _Cells:
             _log(self.talk, f"== {name} -> {cell_dir}")
             c0, w0 = time.process_time(), time.perf_counter()
             res = run(cell_cfg, resume=st is not None, force=self.force, progress=self.progress, base_eval_cache=base_cache)
-            ran, resumed = True, st is not None
+            resumed = st is not None
             # a resumed cell's earlier part ran in a process that was killed: its time is unknown, so the cell is
             # recorded as untimed (the report counts timed cells) rather than with the resumed part alone
             if not resumed:
                 cpu, wall = time.process_time() - c0, time.perf_counter() - w0
             self.ran.append(name)
         if self.cells_dir is not None and os.environ.get("RANK", "0") == "0":
-            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall, "cell_machine": _machine() if ran else None,
+            res = {**res, "cell": name, "cell_cpu_time_s": cpu, "cell_wall_time_s": wall, "cell_machine": None if done else _machine(),
                    "cell_resumed": resumed,
                    "tokenizer_fingerprint": self.tokenizer_fp(),
                    "protocol_fingerprint": self.protocol["fingerprint"] if self.protocol else None}
