@@ -16,3 +16,24 @@ def test_learning_curve_plot_with_paired_differences_and_a_target(tmp_path):
     }
     out = plot_learning_curves(bench, tmp_path / "curves.png")
     assert out.exists() and out.stat().st_size > 1000
+
+
+def test_pareto_front_respects_each_axis_direction():
+    from kappatune.reporting import _pareto_front
+
+    pts = [(1.0, 5.0), (2.0, 6.0), (3.0, 4.0)]
+    # x lower is better (control ppl change): (3, 4) is beaten by (1, 5); the other two trade off
+    assert _pareto_front(pts, x_lower=True) == [(1.0, 5.0), (2.0, 6.0)]
+    # x higher is better (BWT): (2, 6) beats (1, 5); (3, 4) is the best on x
+    assert _pareto_front(pts, x_lower=False) == [(2.0, 6.0), (3.0, 4.0)]
+
+
+def test_study_plots_what_it_preregistered():
+    from kappatune.reporting import metric_label, pareto_panels
+
+    study = {"study": {"primary_metrics": ["acc", "bwt_acc", "probe_control_ppl_change"]}}
+    assert pareto_panels(study) == [("probe_control_ppl_change", "acc"), ("bwt_acc", "acc")]
+    # a perplexity bench (no pre-registered accuracy) keeps the perplexity axes
+    assert pareto_panels({"seeds": [0]}) == [("control_change_pct", "task_gain_pct")]
+    assert metric_label("probe_control_ppl_change") == ("control suite: ppl Δ%", "lower")
+    assert metric_label("probe_arc_accuracy_change") == ("control suite arc: accuracy Δ (pts)", "higher")

@@ -166,6 +166,18 @@ def test_report_of_a_partial_study_lists_the_missing_cells(ran, tmp_path):
     assert "7 of 8 committed" in (tmp_path / "study.md").read_text()
 
 
+def test_report_plots_accuracy_against_the_preregistered_forgetting_measures(ran, tmp_path):
+    tmp, cfg, _ = ran
+    c = _copied(tmp, cfg, tmp_path)
+    c["output"]["plots"] = True
+    rep = bench_report(c)
+    # ACC (the pre-registered learning measure) against each pre-registered forgetting measure, not task ppl gain
+    assert rep["study"]["plot"]["panels"] == [("probe_ctrl_ppl_change", "acc"), ("bwt_acc", "acc")]
+    png = tmp_path / "pareto.png"
+    assert png.is_file() and png.stat().st_size > 1000
+    assert "![learning vs forgetting](pareto.png)" in (tmp_path / "study.md").read_text()
+
+
 def test_time_and_memory_are_compared_only_between_cells_of_one_machine(ran, tmp_path):
     """Cells from a GPU and a CPU in one study: quality metrics pair across machines, time and memory never do
     (a GPU step is ~20x faster; averaging or pairing across machines would report the machine, not the method)."""

@@ -27,6 +27,7 @@ __all__ = [
     "plot_spectrum",
     "plot_pareto",
     "METRIC_LABELS",
+    "metric_label",
 ]
 
 # metric key -> (label, better direction) ; "lower"/"higher"/"" (informational)
@@ -53,6 +54,21 @@ METRIC_LABELS: dict[str, tuple[str, str]] = {
     "peak_rss_mb": ("peak RSS MiB", "lower"),
     "peak_gpu_mb": ("peak GPU MiB", "lower"),
 }
+
+
+def metric_label(key: str) -> tuple[str, str]:
+    """(label, better direction) of a metric key: the fixed metrics' from :data:`METRIC_LABELS`, and a readable one
+    for each control probe's change (``probe_<probe>_<metric>_change``: % for perplexity, points for the rest)."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    if key.startswith("probe_") and key.endswith("_change"):
+        inner = key[len("probe_"):-len("_change")]
+        probe, metric = (inner[:-4], "ppl") if inner.endswith("_ppl") else inner.rpartition("_")[::2]
+        suite = "control suite" + ("" if probe in ("", "control") else f" {probe}")
+        if metric == "ppl":
+            return f"{suite}: ppl Δ%", "lower"
+        return f"{suite}: {metric} Δ (pts)", "higher"
+    return key, ""
 
 
 def _plt():
@@ -260,7 +276,7 @@ def bench_markdown(bench: dict[str, Any]) -> str:
                 if d.get("mean") is None or k not in METRIC_LABELS and not k.startswith("probe_"):
                     continue
                 ci = d.get("ci")
-                rows.append([label, METRIC_LABELS.get(k, (k, ""))[0], fmt(d["mean"]),
+                rows.append([label, metric_label(k)[0], fmt(d["mean"]),
                              f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "–", d["n"], "yes" if d.get("significant") else "no"])
         lines += [f"## Paired per-seed differences against {pr['baseline']} (method − {pr['baseline']}, 95% t interval)", "",
                   _md(rows, ["method", "metric", "mean difference", "95% interval", "seeds", "interval excludes 0"]), ""]
@@ -335,14 +351,19 @@ def study_markdown(bench: dict[str, Any]) -> str:
     if prim:
         rows = [[lab, len(m.get("seeds", [])), *(_pm(m["metrics"].get(k)) for k in prim)] for lab, m in by_label.items()]
         lines += ["## Pre-registered comparisons (primary)", "",
-                  "Mean ± std over seeds × orders:", "", _md(rows, ["row", "cells", *(METRIC_LABELS.get(k, (k,))[0] for k in prim)]), ""]
+                  "Mean ± std over seeds × orders:", "", _md(rows, ["row", "cells", *(metric_label(k)[0] for k in prim)]), ""]
         for ref, pr in (st.get("paired") or {}).items():
             rows = []
             for lab, diffs in pr["methods"].items():
                 rows.append([lab, pr["baselines"].get(lab), *(_diff_cell(diffs.get(k) or {}) for k in prim)])
             lines += [f"Paired differences against `{ref}` (row − {ref} at the same budget, matched on seed and order; "
                       "95% t interval, two-sided p; **significant** = the interval excludes 0):", "",
-                      _md(rows, ["row", "paired with", *(METRIC_LABELS.get(k, (k,))[0] for k in prim)]), ""]
+                      _md(rows, ["row", "paired with", *(metric_label(k)[0] for k in prim)]), ""]
+        if st.get("plot"):
+            pairs = "; ".join(f"{metric_label(y)[0]} against {metric_label(x)[0]}" for x, y in st["plot"]["panels"])
+            lines += [f"![learning vs forgetting]({st['plot']['file']})", "",
+                      f"Learning vs forgetting ({pairs}): one point per row, mean ± std over its cells; the dashed "
+                      "line joins the rows no other row beats on both axes.", ""]
         if st.get("target"):
             lines += [equal_quality_markdown(st["target"], "Pre-registered equal-quality point"), ""]
     from .harness.bench import COST_KEYS as cost_keys  # (here, not at import: the harness imports this module)
@@ -358,7 +379,7 @@ def study_markdown(bench: dict[str, Any]) -> str:
             for k, d in diffs.items():
                 if k in prim or d.get("mean") is None or (k not in METRIC_LABELS and not k.startswith("probe_")):
                     continue
-                rows.append([lab, METRIC_LABELS.get(k, (k,))[0], _diff_cell(d)])
+                rows.append([lab, metric_label(k)[0], _diff_cell(d)])
         if rows:
             lines += [f"Paired differences against `{ref}`, other metrics (exploratory):", "",
                       _md(rows, ["row", "metric", "difference [95% CI] p"]), ""]
@@ -525,28 +546,56 @@ def plot_spectrum(spectrum: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_pareto(bench: dict[str, Any], path: str | Path) -> Path:
-    """Task gain (%) vs control degradation (%), one point per method with error bars (std over seeds)."""
+def pareto_panels(bench: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (x, y) metric pairs of the learning-vs-forgetting plot.
+
+    A study with pre-registered primary metrics plots what it compares: final average accuracy (ACC) against each
+    forgetting measure among its primary metrics (the control suite's change, then BWT). Otherwise, task perplexity
+    gain against control perplexity change, as every perplexity bench reports them.
+    """
+    prim = (bench.get("study") or {}).get("primary_metrics") or []
+    learn = next((k for k in ("acc", "em") if k in prim), None)
+    if learn is not None:
+        forget = [k for k in prim if k.startswith("probe_")] + [k for k in prim if k.startswith("bwt_")]
+        if forget:
+            return [(k, learn) for k in forget]
+    return [("control_change_pct", "task_gain_pct")]
+
+
+def _pareto_front(pts: list[tuple[float, float]], x_lower: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (y higher is better; x lower or higher, as ``x_lower`` says)."""
+    def beats(q: tuple[float, float], p: tuple[float, float]) -> bool:
+        return q != p and q[1] >= p[1] and (q[0] <= p[0] if x_lower else q[0] >= p[0])
+    return sorted(p for p in pts if not any(beats(q, p) for q in pts))
+
+
+def plot_pareto(bench: dict[str, Any], path: str | Path, panels: Sequence[tuple[str, str]] | None = None) -> Path:
+    """Learning against forgetting, one point per method (mean, error bars = std over its cells), one panel per
+    (x, y) metric pair (default :func:`pareto_panels`), with each panel's Pareto front dashed."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    pts = []
-    for m in bench["methods"]:
-        x, y = m["metrics"].get("control_change_pct"), m["metrics"].get("task_gain_pct")
-        if not x or not y or x.get("mean") is None or y.get("mean") is None:
-            continue
-        pts.append((x["mean"], y["mean"]))
-        ax.errorbar(x["mean"], y["mean"], xerr=x.get("std") or 0, yerr=y.get("std") or 0, fmt="o", capsize=4, label=m["label"])
-        ax.annotate(m["label"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    # Pareto front: no other point has lower control degradation AND higher task gain.
-    front = sorted(p for p in pts if not any((q[0] <= p[0] and q[1] >= p[1]) and q != p for q in pts))
-    if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
-    ax.axvline(0, color="black", lw=0.5)
-    ax.set_xlabel("control perplexity change % (lower = less forgetting)")
-    ax.set_ylabel("task perplexity gain % (higher = learned more)")
-    ax.set_title(f"Learning vs forgetting, mean ± std over seeds {bench.get('seeds')}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = list(panels or pareto_panels(bench))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (xk, yk) in zip(axes[0], panels):
+        (xlabel, xbetter), (ylabel, _) = metric_label(xk), metric_label(yk)
+        pts = []
+        for m in bench["methods"]:
+            x, y = m["metrics"].get(xk), m["metrics"].get(yk)
+            if not x or not y or x.get("mean") is None or y.get("mean") is None:
+                continue
+            pts.append((x["mean"], y["mean"]))
+            ax.errorbar(x["mean"], y["mean"], xerr=x.get("std") or 0, yerr=y.get("std") or 0, fmt="o", capsize=4,
+                        label=m["label"])
+            ax.annotate(m["label"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        front = _pareto_front(pts, x_lower=xbetter != "higher")
+        if len(front) > 1:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
+        ax.axvline(0, color="black", lw=0.5)
+        ax.set_xlabel(f"{xlabel} ({'higher' if xbetter == 'higher' else 'lower'} = less forgetting)")
+        ax.set_ylabel(f"{ylabel} (higher = learned more)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    over = "seeds × orders" if bench.get("study") else f"seeds {bench.get('seeds')}"
+    fig.suptitle(f"Learning vs forgetting, mean ± std over {over}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

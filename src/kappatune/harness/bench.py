@@ -736,10 +736,11 @@ def bench(
         atomic_write_json(out / "bench.json", summary)
     if rows is not None and cfg.output.cells_dir:
         where = Path(cfg.output.cells_dir).parent
-        atomic_write_text(where / "study.md", reporting.study_markdown(summary))
-        atomic_write_json(where / "study.json", _stable(summary))
         if cfg.output.plots and cells:  # (no plot while the study is still in its LR search)
             reporting.plot_pareto(summary, where / "pareto.png")
+            summary["study"]["plot"] = {"file": "pareto.png", "panels": reporting.pareto_panels(summary)}
+        atomic_write_text(where / "study.md", reporting.study_markdown(summary))
+        atomic_write_json(where / "study.json", _stable(summary))
     _log(talk, reporting.bench_table(summary))
     return summary
 
@@ -905,7 +906,7 @@ def rerun_cell(config: RunConfig | str | os.PathLike | dict, cell: str, output_d
     summary = {"cell": cell, "committed_machine": machine_class(committed), "rerun_machine": machine_class({"cell_machine": _machine()}),
                "config_fingerprint": committed["config_fingerprint"], "tokenizer_fingerprint": tok_fp, "rerun_cpu_time_s": cpu, "rerun_wall_time_s": wall,
                "metrics": metrics, "output_dir": str(out)}
-    rows = [[reporting.METRIC_LABELS.get(k, (k,))[0], reporting.fmt(m["committed"]), reporting.fmt(m["rerun"]),
+    rows = [[reporting.metric_label(k)[0], reporting.fmt(m["committed"]), reporting.fmt(m["rerun"]),
              reporting.fmt(m["difference"]), reporting.fmt(m["row_std"]), m["row_cells"]] for k, m in metrics.items()]
     md = "\n".join([f"# Re-run of `{cell}`", "",
                     f"- committed on: {summary['committed_machine']}; re-run on: {summary['rerun_machine']} "
