@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats as st
 
-from kappatune.stats import paired_difference, summarize, welch_test
+from kappatune.stats import holm_adjust, paired_difference, summarize, welch_test
 
 
 def test_paired_difference_matches_ttest_rel_and_pairs_by_key():
@@ -62,3 +62,13 @@ def test_binomial_interval_is_the_exact_clopper_pearson_interval():
     assert st.binom.cdf(29, 100, hi) == pytest.approx(0.025) and st.binom.sf(28, 100, lo) == pytest.approx(0.025)
     with pytest.raises(ValueError):
         binomial_interval(5, 3)
+
+
+def test_holm_adjusted_p_values():
+    # Holm (1979) step-down: sorted p (0.01, 0.02, 0.03, 0.5) x (4, 3, 2, 1), made monotone, capped at 1
+    got = holm_adjust({"a": 0.03, "b": 0.01, "c": 0.5, "d": 0.02})
+    assert got == pytest.approx({"b": 0.04, "d": 0.06, "a": 0.06, "c": 0.5})
+    # rejections at α = 0.05 are exactly Holm's: only the smallest here (0.01 < 0.05/4; 0.02 ≥ 0.05/3 stops it)
+    assert [k for k, p in got.items() if p < 0.05] == ["b"]
+    assert holm_adjust({"x": 0.9, "y": 0.8}) == pytest.approx({"y": 1.0, "x": 1.0})
+    assert holm_adjust({}) == {}

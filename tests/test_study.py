@@ -138,6 +138,23 @@ def test_resume_skips_committed_cells_and_report_rebuilds_identical_tables(ran):
     assert [got[k]["mean"] for k in ("base", "learned", "final")] == pytest.approx([100 * acc[0][0], 100 * acc[1][0], 100 * acc[2][0]])
 
 
+def test_primary_tests_are_corrected_for_multiplicity_over_the_whole_family(ran):
+    tmp, cfg, summary = ran
+    st = summary["study"]
+    prim, paired = st["primary_metrics"], st["paired"]
+    # the family: every (pair of rows, primary metric) once; full − lora and lora − full are one test
+    pairs = {frozenset((lab, pr["baselines"][lab])) for pr in paired.values() for lab in pr["methods"]}
+    assert st["multiplicity"]["method"] == "holm" and st["multiplicity"]["tests"] == len(pairs) * len(prim)
+    for pr in paired.values():
+        for lab, diffs in pr["methods"].items():
+            for k in prim:
+                d = diffs[k]
+                assert (d["p"] is None or d["p_holm"] >= d["p"]) and d["significant_holm"] <= d["significant"]
+            assert all("p_holm" not in d for k, d in diffs.items() if k not in prim)  # exploratory: uncorrected
+    assert paired["full"]["methods"]["lora"]["acc"]["p_holm"] == paired["lora"]["methods"]["full"]["acc"]["p_holm"]
+    assert "Holm's correction over the" in (tmp / "study" / "study.md").read_text()
+
+
 def test_changing_the_preregistered_block_is_refused_once_cells_exist(ran):
     tmp, cfg, _ = ran
     changed = json.loads(json.dumps(cfg))

@@ -296,6 +296,11 @@ def _diff_cell(d: dict[str, Any]) -> str:
     p = d.get("p")
     txt = fmt(d["mean"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
     txt += f" p={p:.3f}" if p is not None else ""
+    if "p_holm" in d:  # a primary test: bold only what holds for the whole family (Holm)
+        txt += f", Holm p={d['p_holm']:.3f}"
+        if d.get("significant_holm"):
+            return txt + " **significant**"
+        return txt + (" nominal only" if d.get("significant") else " n.s.")
     return txt + (" **significant**" if d.get("significant") else " n.s.")
 
 
@@ -348,6 +353,10 @@ def study_markdown(bench: dict[str, Any]) -> str:
         return "\n".join(lines)
     by_label = {m["label"]: m for m in bench["methods"]}
     prim = st.get("primary_metrics") or []
+    fam = st.get("multiplicity") or {}
+    holm_note = ("**significant** = the interval excludes 0 and Holm's correction over the "
+                 f"{fam.get('tests', 0)} primary tests keeps p < {fam.get('alpha', 0.05)}; nominal only = the "
+                 "interval excludes 0 but not after the correction") if fam else "**significant** = the interval excludes 0"
     if prim:
         rows = [[lab, len(m.get("seeds", [])), *(_pm(m["metrics"].get(k)) for k in prim)] for lab, m in by_label.items()]
         lines += ["## Pre-registered comparisons (primary)", "",
@@ -357,7 +366,7 @@ def study_markdown(bench: dict[str, Any]) -> str:
             for lab, diffs in pr["methods"].items():
                 rows.append([lab, pr["baselines"].get(lab), *(_diff_cell(diffs.get(k) or {}) for k in prim)])
             lines += [f"Paired differences against `{ref}` (row − {ref} at the same budget, matched on seed and order; "
-                      "95% t interval, two-sided p; **significant** = the interval excludes 0):", "",
+                      "95% t interval, two-sided p; " + holm_note + "):", "",
                       _md(rows, ["row", "paired with", *(metric_label(k)[0] for k in prim)]), ""]
         if st.get("plot"):
             pairs = "; ".join(f"{metric_label(y)[0]} against {metric_label(x)[0]}" for x, y in st["plot"]["panels"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["summarize", "paired_difference", "welch_test", "binomial_interval"]
+__all__ = ["summarize", "paired_difference", "welch_test", "binomial_interval", "holm_adjust"]
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, Any]:
@@ -79,3 +79,19 @@ def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float
     lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
     hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
     return lo, hi
+
+
+def holm_adjust(p_values: Mapping[Any, float]) -> dict[Any, float]:
+    """Holm–Bonferroni step-down adjusted p-values of one family of tests (same keys).
+
+    A test whose adjusted p is below α is significant with the family-wise error rate held at α, whatever the
+    dependence between the tests. (``scipy.stats.false_discovery_control`` controls the false-discovery rate
+    instead, and statsmodels, which has ``multipletests(method="holm")``, is not a dependency; this is a few lines.)
+    """
+    order = sorted(p_values, key=lambda k: p_values[k])
+    m, out, running = len(order), {}, 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (m - i) * float(p_values[k])))
+        out[k] = running
+    return out
+

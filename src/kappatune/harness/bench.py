@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .. import stats
 from ..config import MethodSpec, RunConfig, config_fingerprint
 from ..errors import CacheError, ConfigError
 from ..storage import DirectoryLock, atomic_write_json, atomic_write_text
@@ -753,6 +754,33 @@ def _stable(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _holm_over_primary(paired: dict[str, Any], primary: Sequence[str], alpha: float = 0.05) -> dict[str, Any]:
+    """Holm's correction over the whole primary family: every (row, reference, primary metric) paired test, a pair
+    that appears under both references (lora − full and full − lora) counted once. Sets ``p_holm`` and
+    ``significant_holm`` on each primary difference in ``paired`` (in place) and returns the family's size.
+
+    Dozens of primary tests at 95% each would let a few "significant" differences appear by chance; the report
+    shows each interval's own verdict and, beside it, whether it holds for the family at ``alpha``."""
+    tests: dict[tuple[frozenset[str], str], float] = {}
+    where: dict[tuple[frozenset[str], str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for pr in paired.values():
+        for label, diffs in pr["methods"].items():
+            for k in primary:
+                d = diffs.get(k)
+                if not d or d.get("n", 0) < 2:
+                    continue
+                key = (frozenset((label, pr["baselines"][label])), k)
+                where[key].append(d)
+                # identical non-zero differences in every pair: certain sign, no t statistic; p taken as 0
+                tests[key] = d["p"] if d.get("p") is not None else (0.0 if d.get("significant") else 1.0)
+    adjusted = stats.holm_adjust(tests)
+    for key, p in adjusted.items():
+        for d in where[key]:
+            d["p_holm"], d["significant_holm"] = p, bool(d.get("significant")) and p < alpha
+    return {"method": "holm", "alpha": alpha, "tests": len(tests),
+            "significant": sum(bool(where[k][0]["significant_holm"]) for k in adjusted)}
+
+
 def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[Any, dict[str, Any]]],
                    st: dict[str, Any]) -> dict[str, Any]:
     """The study's own view: protocol, LR search, pre-registered comparisons, exploratory pairs, cells and time."""
@@ -763,6 +791,7 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
     primary = _expand_primary(pr.primary, keys) if pr else []
     quality_keys = [k for k in keys if k not in COST_KEYS]
     paired = {ref: paired_against(cells, _reference_pairs(rows, ref), quality_keys) for ref in refs}
+    family = _holm_over_primary(paired, primary)
     # Cost per machine class: means over that machine's cells, pairs only between cells that ran on the same one.
     by_machine: dict[str, dict[str, dict[Any, dict[str, Any]]]] = {}
     for label, by in cells.items():
@@ -807,6 +836,7 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
         "primary_metrics": primary,
         "references": refs,
         "paired": paired,
+        "multiplicity": family,
         "target": target,
         "cells": {"expected": expected, "present": sum(len(v) for v in cells.values()), "missing": st.get("missing", [])},
         "cpu_time_s": {"cells": sum(c for c in cpu if c is not None), "cells_timed": sum(c is not None for c in cpu),
