@@ -37,3 +37,17 @@ def test_study_plots_what_it_preregistered():
     assert pareto_panels({"seeds": [0]}) == [("control_change_pct", "task_gain_pct")]
     assert metric_label("probe_control_ppl_change") == ("control suite: ppl Δ%", "lower")
     assert metric_label("probe_arc_accuracy_change") == ("control suite arc: accuracy Δ (pts)", "higher")
+
+
+def test_paired_cell_verdicts_follow_the_statistics():
+    from kappatune.reporting import _diff_cell
+    from kappatune.stats import paired_difference
+
+    # one pair: a difference but no test, so no verdict at all (not "n.s.", which would claim a test was made)
+    one = paired_difference({0: 3.0}, {0: 1.0})
+    assert _diff_cell(one) == "2.00 (n=1, no test)"
+    # three pairs far from 0: significant on its own, but a primary test is bold only if it survives Holm
+    many = paired_difference({0: 3.0, 1: 3.1, 2: 2.9}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert many["significant"] and _diff_cell(many).endswith("**significant**")
+    assert _diff_cell({**many, "p_holm": 0.2, "significant_holm": False}).endswith("nominal only")
+    assert _diff_cell({**many, "p_holm": 0.01, "significant_holm": True}).endswith("**significant**")

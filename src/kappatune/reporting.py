@@ -296,6 +296,8 @@ def _diff_cell(d: dict[str, Any]) -> str:
     p = d.get("p")
     txt = fmt(d["mean"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
     txt += f" p={p:.3f}" if p is not None else ""
+    if p is None and not ci:  # one pair (or none with a spread): there is nothing to test yet
+        return txt + f" (n={d.get('n', 1)}, no test)"
     if "p_holm" in d:  # a primary test: bold only what holds for the whole family (Holm)
         txt += f", Holm p={d['p_holm']:.3f}"
         if d.get("significant_holm"):
@@ -354,9 +356,12 @@ def study_markdown(bench: dict[str, Any]) -> str:
     by_label = {m["label"]: m for m in bench["methods"]}
     prim = st.get("primary_metrics") or []
     fam = st.get("multiplicity") or {}
-    holm_note = ("**significant** = the interval excludes 0 and Holm's correction over the "
-                 f"{fam.get('tests', 0)} primary tests keeps p < {fam.get('alpha', 0.05)}; nominal only = the "
-                 "interval excludes 0 but not after the correction") if fam else "**significant** = the interval excludes 0"
+    n_tests = fam.get("tests", 0)
+    family = (f"the {n_tests} primary tests" if n_tests else
+              "the primary tests (none yet: a test needs a row and its reference in 2 or more matching cells)")
+    holm_note = (f"**significant** = the interval excludes 0 and Holm's correction over {family} keeps "
+                 f"p < {fam.get('alpha', 0.05)}; nominal only = the interval excludes 0 but not after the correction"
+                 ) if fam else "**significant** = the interval excludes 0"
     if prim:
         rows = [[lab, len(m.get("seeds", [])), *(_pm(m["metrics"].get(k)) for k in prim)] for lab, m in by_label.items()]
         lines += ["## Pre-registered comparisons (primary)", "",
