@@ -296,8 +296,8 @@ def _diff_cell(d: dict[str, Any]) -> str:
     p = d.get("p")
     txt = fmt(d["mean"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
     txt += f" p={p:.3f}" if p is not None else ""
-    if p is None and not ci:  # one pair (or none with a spread): there is nothing to test yet
-        return txt + f" (n={d.get('n', 1)}, no test)"
+    if d.get("n", 0) < 2:  # one pair: no interval, nothing to test (the rule paired_difference and Holm use)
+        return txt + f" (n={d.get('n', 0)}, no test)"
     if "p_holm" in d:  # a primary test: bold only what holds for the whole family (Holm)
         txt += f", Holm p={d['p_holm']:.3f}"
         if d.get("significant_holm"):
