@@ -42,6 +42,8 @@ def _train(method, model, steps: int = 3) -> None:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_method_lifecycle_on_cuda(name, tmp_path):
+    if name == "eigentune":
+        pytest.importorskip("eigentune")  # its reference package (a kappatune dependency, absent from bare images)
     model = build_tiny_llama().cuda()
     x = _tokens(1)
     with torch.no_grad():
@@ -73,6 +75,7 @@ def test_method_lifecycle_on_cuda(name, tmp_path):
 @pytest.mark.parametrize("method", [{"name": "osf"}, {"name": "selective", "options": {"policy": "kappa", "top_p": 0.5}}])
 def test_two_task_sft_run_on_cuda(method, tmp_path):
     """The harness end to end on the GPU (accelerate places the model): both stages, evaluation, next_task."""
+    pytest.importorskip("datasets")  # reads the jsonl files (a kappatune dependency, absent from bare images)
     from kappatune.harness import run
     from run_helpers import make_corpora, tiny_sft_config, write_sft
 
