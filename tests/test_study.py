@@ -529,3 +529,32 @@ def test_study2_tiny_runs_as_shipped_on_the_labelled_tasks(tmp_path):
     shutil.rmtree(tmp_path / "runs")
     bench_report(CONFIGS / "study2_tiny.yaml", overrides=ov)
     assert (tmp_path / "study.md").read_text() == before
+
+
+def test_a_worker_restricted_to_some_rows_keeps_the_whole_studys_validation_marker(tmp_path, monkeypatch):
+    """`bench --only ROW` on a study: the marker left by validating every row covers the restricted worker (no
+    second validation), and a restricted worker that must validate (other code) does not replace the whole
+    study's marker with one for its own rows."""
+    import importlib
+
+    bench_mod = importlib.import_module("kappatune.harness.bench")
+    cfg = _tiny(tmp_path, ["full", "kappatune"])
+    cfg["lr_search"]["factors"] = [1.0]
+    cfg["preregistered"]["reference"] = ["full"]
+    cfg["orders"] = cfg["orders"][:1]
+    bench(cfg)
+    marker_path = tmp_path / "study" / "cells" / "validated.json"
+    marker = marker_path.read_text()
+    out = config_from_dict(cfg).out_dir()
+    (tmp_path / "study" / "cells" / "kappatune@43k" / "seed-0.json").unlink()
+    shutil.rmtree(out / "kappatune@43k" / "seed-0")
+    calls = []
+    real = bench_mod.validate
+    monkeypatch.setattr(bench_mod, "validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = bench(cfg, only=["kappatune"])
+    assert summary["ran"] == ["kappatune@43k/seed-0"] and calls == []
+    (tmp_path / "study" / "cells" / "kappatune@43k" / "seed-0.json").unlink()
+    shutil.rmtree(out / "kappatune@43k" / "seed-0")
+    monkeypatch.setattr(bench_mod, "_code_fingerprint", lambda: "changed")
+    bench(cfg, only=["kappatune"])
+    assert calls == [1] and marker_path.read_text() == marker

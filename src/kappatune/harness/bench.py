@@ -606,7 +606,8 @@ def bench(
     """
     from .. import reporting
 
-    cfg = _select_only(_as_config(config, overrides), only)
+    full_cfg = _as_config(config, overrides)
+    cfg = _select_only(full_cfg, only)
     progress = cfg.progress if progress is None else progress
     # Under a launcher every process runs the bench (the cells' training is collective); one prints and writes.
     main = os.environ.get("RANK", "0") == "0"
@@ -629,19 +630,24 @@ def bench(
             # minutes: OSF decomposes every layer): the first holds a lock while it validates and leaves a marker
             # named by the config's fingerprint; the others wait for it and skip.
             # The marker sits beside the committed cells, so a later session on the same config and the same
-            # kappatune code starts training at once.
+            # kappatune code starts training at once. It is always the whole study's: a worker restricted with
+            # ``only`` accepts it (validating every row covers its rows) and, when it has to validate its own rows,
+            # leaves it alone (a marker for some rows would make the next full worker validate all of them again).
             with _Claim(out, "validate").hold():
                 marker = Path(cfg.output.cells_dir) / "validated.json"
-                want = {"config_fingerprint": config_fingerprint(_validation_config(cfg)), "code_fingerprint": _code_fingerprint()}
+                code = _code_fingerprint()
+                want = [{"config_fingerprint": config_fingerprint(_validation_config(c)), "code_fingerprint": code}
+                        for c in ((full_cfg, cfg) if only else (cfg,))]
                 try:
                     seen = json.loads(marker.read_text("utf-8")) if marker.is_file() else None
                 except (OSError, ValueError):
                     seen = None
-                if seen is not None and all(seen.get(k) == v for k, v in want.items()):
+                if seen is not None and any(all(seen.get(k) == v for k, v in w.items()) for w in want):
                     _log(talk, f"bench {cfg.name}: this config was validated with this code already ({marker})")
                     return
                 _validate()
-                atomic_write_json(marker, want)
+                if not only:
+                    atomic_write_json(marker, want[0])
             return
         _validate()
 

@@ -206,8 +206,11 @@ def _extend_basis(P: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 def _energy_rank(s: torch.Tensor, energy: float) -> int:
-    """Smallest k whose top-k squared singular values carry ``energy`` of the total (0 for a zero matrix)."""
-    e = s.double().pow(2)
+    """Smallest k whose top-k squared singular values carry ``energy`` of the total (0 for a zero matrix).
+
+    Computed on the CPU: ``s`` is a short vector, and the singular values of a CUDA layer are on the GPU, where a
+    CPU ``energy`` tensor would not mix with them (the first GPU study run failed here)."""
+    e = s.detach().double().cpu().pow(2)
     total = float(e.sum())
     if total <= 0:
         return 0
