@@ -40,6 +40,15 @@ def _train(method, model, steps: int = 3) -> None:
     model.eval()
 
 
+def _prepared(name: str, model):
+    """The method ``name`` set up on ``model`` (OSF with its calibration ids, which may come from the CPU data
+    pipeline), and the prepared model."""
+    m = get_method(name, CONFIGS[name])
+    if name == "osf":
+        m.set_calibration(_tokens(2, (4, 24)).cpu())
+    return m, m.prepare(model, None if name == "full" else TARGETS)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_method_lifecycle_on_cuda(name, tmp_path):
     if name == "eigentune":
@@ -48,10 +57,7 @@ def test_method_lifecycle_on_cuda(name, tmp_path):
     x = _tokens(1)
     with torch.no_grad():
         before = model(input_ids=x).logits.clone()
-    m = get_method(name, CONFIGS[name])
-    if name == "osf":
-        m.set_calibration(_tokens(2, (4, 24)).cpu())  # calibration ids may come from the CPU data pipeline
-    pm = m.prepare(model, None if name == "full" else TARGETS)
+    m, pm = _prepared(name, model)
     assert all(p.device.type == "cuda" for p in pm.parameters())
     _train(m, pm)
     if hasattr(m, "next_task"):
@@ -63,10 +69,7 @@ def test_method_lifecycle_on_cuda(name, tmp_path):
         after = pm(input_ids=x).logits
     assert torch.isfinite(after).all() and not torch.equal(after, before)
     path = m.save(tmp_path / "adapter.safetensors")
-    m2 = get_method(name, CONFIGS[name])
-    if name == "osf":
-        m2.set_calibration(_tokens(2, (4, 24)).cpu())
-    pm2 = m2.prepare(build_tiny_llama().cuda(), None if name == "full" else TARGETS)
+    m2, pm2 = _prepared(name, build_tiny_llama().cuda())
     m2.load(path)
     with torch.no_grad():
         assert torch.allclose(pm2(input_ids=x).logits, after, atol=1e-4)
