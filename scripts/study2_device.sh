@@ -10,6 +10,8 @@
 #   (a carried path that the next call does not carry is removed there, so `keep` copies part 1 to /tmp/kt)
 #   here:    scripts/study2_device.sh unpack FILES_AT/cells.tar.gz   # new cells into the cells dir, then commit
 #   GPU_TESTS=tests/test_cuda.py (env of `run`): run these tests there too, beside the cells (gpu_tests.txt)
+#   ONLY=osf,lora (env of `run`): the GPU workers run only these rows' cells (`bench --only`), e.g. to leave the
+#            cells that CPU workers here are running (or resuming) to them
 #   RERUN=lr_search/full/lr-0.0001 (env of `run`): also re-run these committed CPU cells there, one process each,
 #            and bring back rerun-N.md/json (the cross-machine difference next to the row's seed-to-seed spread)
 #
@@ -76,7 +78,7 @@ run)
   pids=()
   for i in $(seq 1 "$workers"); do
     KAPPATUNE_STUDY_POLL_S=5 timeout -s INT "$deadline" python3 -m kappatune.cli bench "$CONFIG" \
-      --stop-after "$stop" >"/tmp/worker-$i.log" 2>&1 &
+      --stop-after "$stop" ${ONLY:+--only "$ONLY"} >"/tmp/worker-$i.log" 2>&1 &
     pids+=($!)
     sleep 2
   done
