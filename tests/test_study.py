@@ -155,6 +155,67 @@ def test_primary_tests_are_corrected_for_multiplicity_over_the_whole_family(ran)
     assert "Holm's correction over the" in (tmp / "study" / "study.md").read_text()
 
 
+def test_contrasts_are_a_separate_exploratory_family_and_leave_the_preregistered_one_alone(ran, tmp_path):
+    tmp, cfg, _ = ran
+    plain = bench_report(_copied(tmp, cfg, tmp_path / "plain"))["study"]
+    c = _copied(tmp, cfg, tmp_path / "with")
+    c["compare"] = {"contrasts": ["kappatune:lora", "lora:full"]}
+    st = bench_report(c)["study"]  # report-only key: the committed cells are accepted as they are
+    prim = st["primary_metrics"]
+    assert st["paired"] == plain["paired"] and st["multiplicity"] == plain["multiplicity"]  # p_holm values included
+    con = st["contrasts"]
+    assert set(con["kappatune:lora"]["methods"]) == {"kappatune@43k", "kappatune@86k"}
+    assert set(con["lora:full"]["methods"]) == {"lora"}
+    # the same pairs as the reference tables, recomputed from the cell files: per (order, seed) row − control
+    cells = tmp / "study" / "cells"
+    for o in (0, 1):
+        a = json.loads((cells / "kappatune@86k" / f"order-{o}" / "seed-0.json").read_text())["metrics"]["acc"]
+        b = json.loads((cells / "lora" / f"order-{o}" / "seed-0.json").read_text())["metrics"]["acc"]
+        assert con["kappatune:lora"]["methods"]["kappatune@86k"]["acc"]["differences"][f"o{o}-s0"] == pytest.approx(a - b)
+    # Holm over the contrasts alone: 3 pairs of rows x the primary metrics
+    assert st["contrast_multiplicity"]["tests"] == 3 * len(prim)
+    for pr in con.values():
+        for diffs in pr["methods"].values():
+            assert set(diffs) == set(prim)
+            for d in diffs.values():
+                assert d["p"] is None or d["p_holm"] >= d["p"]
+    md = (tmp_path / "with" / "study.md").read_text()
+    assert "## Contrasts (exploratory, `compare.contrasts`)" in md and f"over these {3 * len(prim)} contrast tests" in md
+    assert "## Contrasts" not in (tmp_path / "plain" / "study.md").read_text()
+
+
+@pytest.mark.parametrize("contrasts, match", [
+    (["kappatune-lora"], "must be 'ROW:CONTROL'"),
+    (["kappatune:kappatune"], "two different method labels"),
+    (["kappatune:lorra"], "'lorra' is not a method label.*did you mean 'lora'"),
+    (["kappatune:lora", "kappatune:lora"], "lists a pair twice"),
+])
+def test_bad_contrasts_are_refused_by_name(tmp_path, contrasts, match):
+    cfg = _tiny(tmp_path, ["full", "lora", "kappatune"])
+    cfg["compare"] = {"contrasts": contrasts}
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(cfg)
+
+
+def test_a_worker_restricted_to_some_rows_keeps_only_the_contrasts_among_them(tmp_path):
+    import importlib
+
+    cfg = _tiny(tmp_path, ["full", "lora", "kappatune"])
+    cfg["compare"] = {"contrasts": ["kappatune:lora", "lora:full"]}
+    only = importlib.import_module("kappatune.harness.bench")._select_only(config_from_dict(cfg), ["kappatune", "lora"])
+    assert only.compare.contrasts == ["kappatune:lora"]
+
+
+def test_contrasts_need_a_study(tmp_path):
+    cfg = _tiny(tmp_path, ["full", "lora", "kappatune"])
+    for k in ("budgets", "orders", "lr_search", "preregistered"):
+        cfg.pop(k, None)
+    cfg["output"].pop("cells_dir", None)
+    cfg["compare"] = {"contrasts": ["kappatune:lora"]}
+    with pytest.raises(ConfigError, match="compare.contrasts is for studies"):
+        config_from_dict(cfg)
+
+
 def test_changing_the_preregistered_block_is_refused_once_cells_exist(ran):
     tmp, cfg, _ = ran
     changed = json.loads(json.dumps(cfg))

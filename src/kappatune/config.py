@@ -230,6 +230,10 @@ class CompareConfig:
     stage: int = 1
     step: int | None = None
     baseline: str | None = None  # method label: every other method's paired per-seed differences against it
+    # Study only: extra paired comparisons "ROW:CONTROL" (method labels; each row of ROW against CONTROL's row at
+    # the same budget), e.g. "kappatune:random-type". Reported apart from the pre-registered family, as
+    # exploratory, with Holm's correction over these contrasts alone; the pre-registered tables are unchanged.
+    contrasts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -673,11 +677,36 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     _positive(e.max_examples, "eval.max_examples")
     _positive(e.max_new_tokens, "eval.max_new_tokens", allow_none=False)
     _check_study(cfg, disp)
+    _check_contrasts(cfg, disp)
     if c.baseline is not None and c.baseline not in disp:
         hint = difflib.get_close_matches(c.baseline, disp, n=1)
         raise ConfigError(f"config: compare.baseline {c.baseline!r} is not a method label of this config"
                           + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
     return cfg
+
+
+def _check_contrasts(cfg: RunConfig, disp: list[str]) -> None:
+    """``compare.contrasts``: "ROW:CONTROL" pairs of two different method labels, in a study (its rows pair by budget)."""
+    contrasts = cfg.compare.contrasts
+    if not contrasts:
+        return
+    if not isinstance(contrasts, list) or not all(isinstance(x, str) for x in contrasts):
+        raise ConfigError(f"config: compare.contrasts must be a list of 'ROW:CONTROL' strings, got {contrasts!r}")
+    if cfg.budgets is None and cfg.orders is None and cfg.preregistered is None:
+        raise ConfigError("config: compare.contrasts is for studies (budgets, orders or preregistered set); "
+                          "a plain bench pairs every method with compare.baseline")
+    for x in contrasts:
+        parts = x.split(":")
+        if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+            raise ConfigError(f"config: compare.contrasts entry {x!r} must be 'ROW:CONTROL', two different method "
+                              "labels, e.g. 'kappatune:random-type'")
+        for lab in parts:
+            if lab not in disp:
+                hint = difflib.get_close_matches(lab, disp, n=1)
+                raise ConfigError(f"config: compare.contrasts entry {x!r}: {lab!r} is not a method label of this config"
+                                  + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
+    if len(set(contrasts)) != len(contrasts):
+        raise ConfigError(f"config: compare.contrasts lists a pair twice: {contrasts!r}")
 
 
 def _check_study(cfg: RunConfig, disp: list[str]) -> None:

@@ -380,6 +380,19 @@ def study_markdown(bench: dict[str, Any]) -> str:
                       "line joins the rows no other row beats on both axes.", ""]
         if st.get("target"):
             lines += [equal_quality_markdown(st["target"], "Pre-registered equal-quality point"), ""]
+    if st.get("contrasts"):
+        keys = prim or sorted({k for pr in st["contrasts"].values() for d in pr["methods"].values() for k in d})
+        cf = st.get("contrast_multiplicity") or {}
+        rows = [[lab, pr["baselines"].get(lab), *(_diff_cell(diffs.get(k) or {}) for k in keys)]
+                for pr in st["contrasts"].values() for lab, diffs in pr["methods"].items()]
+        lines += ["## Contrasts (exploratory, `compare.contrasts`)", "",
+                  "Not part of the pre-registered family, whose tests and correction above are unchanged: each row of "
+                  "the first method paired with the second method's row at the same budget, matched on seed and "
+                  "order; 95% t interval, two-sided p; **significant** = the interval excludes 0 and Holm's correction "
+                  f"over these {cf.get('tests', 0)} contrast tests keeps p < {cf.get('alpha', 0.05)}; nominal only = "
+                  "the interval excludes 0 but not after the correction.", "",
+                  _md(rows, ["row", "paired with", *(metric_label(k)[0] for k in keys)]) if rows else
+                  "No contrast has cells of both rows yet.", ""]
     from .harness.bench import COST_KEYS as cost_keys  # (here, not at import: the harness imports this module)
     by_machine = st.get("cost_by_machine")
     quality = [k for k in METRIC_LABELS if (by_machine is None or k not in cost_keys)

@@ -134,6 +134,7 @@ def _select_only(cfg: RunConfig, only: Sequence[str] | None) -> RunConfig:
         raise ConfigError(f"--only: no method labelled {unknown[0]!r} in this config; labels: {', '.join(labels)}")
     keep = [s for s in cfg.method_specs() if s.display in only]
     compare = cfg.compare if cfg.compare.reference in only else CompareConfig()
+    compare = dataclasses.replace(compare, contrasts=[x for x in cfg.compare.contrasts if all(p in only for p in x.split(":"))])
     return dataclasses.replace(cfg, method=None, methods=keep, compare=compare)
 
 
@@ -787,6 +788,20 @@ def _holm_over_primary(paired: dict[str, Any], primary: Sequence[str], alpha: fl
             "significant": sum(bool(where[k][0]["significant_holm"]) for k in adjusted)}
 
 
+def _contrasts(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[Any, dict[str, Any]]],
+               keys: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``compare.contrasts`` ("ROW:CONTROL"): each row of method ROW paired (per order and seed) with CONTROL's row at
+    the same budget, on ``keys``, and Holm's correction over these contrasts alone: a family of its own, kept
+    apart from the pre-registered one (whose tests and corrections it leaves unchanged)."""
+    out: dict[str, Any] = {}
+    for x in cfg.compare.contrasts:
+        row, control = x.split(":")
+        mine = {r.label for r in rows if r.spec.display == row}
+        pairs = {lab: ctl for lab, ctl in _reference_pairs(rows, control).items() if lab in mine}
+        out[x] = paired_against(cells, pairs, keys)
+    return out, (_holm_over_primary(out, keys) if out else None)
+
+
 def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[Any, dict[str, Any]]],
                    st: dict[str, Any]) -> dict[str, Any]:
     """The study's own view: protocol, LR search, pre-registered comparisons, exploratory pairs, cells and time."""
@@ -798,6 +813,7 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
     quality_keys = [k for k in keys if k not in COST_KEYS]
     paired = {ref: paired_against(cells, _reference_pairs(rows, ref), quality_keys) for ref in refs}
     family = _holm_over_primary(paired, primary)
+    contrasts, contrast_family = _contrasts(cfg, rows, cells, primary or quality_keys)
     # Cost per machine class: means over that machine's cells, pairs only between cells that ran on the same one.
     by_machine: dict[str, dict[str, dict[Any, dict[str, Any]]]] = {}
     for label, by in cells.items():
@@ -843,6 +859,8 @@ def _study_summary(cfg: RunConfig, rows: list[StudyRow], cells: dict[str, dict[A
         "references": refs,
         "paired": paired,
         "multiplicity": family,
+        "contrasts": contrasts,
+        "contrast_multiplicity": contrast_family,
         "target": target,
         "cells": {"expected": expected, "present": sum(len(v) for v in cells.values()), "missing": st.get("missing", [])},
         "cpu_time_s": {"cells": sum(c for c in cpu if c is not None), "cells_timed": sum(c is not None for c in cpu),
