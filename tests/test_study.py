@@ -619,3 +619,55 @@ def test_a_worker_restricted_to_some_rows_keeps_the_whole_studys_validation_mark
     monkeypatch.setattr(bench_mod, "_code_fingerprint", lambda: "changed")
     bench(cfg, only=["kappatune"])
     assert calls == [1] and marker_path.read_text() == marker
+
+
+def _study2_readme():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study2_readme", CONFIGS.parent / "benchmarks" / "study2_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_study2_summary_is_what_its_committed_cells_give(tmp_path):
+    """benchmarks/results/study2/study.json (the README tables' source) is exactly what `--report` rebuilds from the
+    committed cells: a cell added or changed without re-running the report fails here."""
+    committed = CONFIGS.parent / "benchmarks" / "results" / "study2"
+    shutil.copytree(committed / "cells", tmp_path / "cells")
+    bench_report(CONFIGS / "study2.yaml", overrides=[f"output.cells_dir={tmp_path / 'cells'}"])
+    rebuilt = json.loads((tmp_path / "study.json").read_text())
+    want = json.loads((committed / "study.json").read_text())
+    rebuilt["config"]["output"]["cells_dir"] = want["config"]["output"]["cells_dir"]
+    assert rebuilt == want
+
+
+def test_study2_readme_tables_come_from_the_summary_and_a_stale_block_is_caught(tmp_path, capsys):
+    gen = _study2_readme()
+    summary = json.loads((CONFIGS.parent / "benchmarks" / "results" / "study2" / "study.json").read_text())
+    block = gen.tables(summary)
+    st = summary["study"]
+    # every row, and a pre-registered difference as the report computed it (one decimal), with its Holm mark
+    for m in summary["methods"]:
+        assert f"\n| {m['label']} | {len(m['seeds'])} | " in block
+    d = st["paired"]["full"]["methods"]["kappatune@7.08M"]["acc"]
+    cell = f"{d['mean']:.1f} [{d['ci'][0]:.1f}, {d['ci'][1]:.1f}]"
+    assert (f"**{cell}**" if d["significant_holm"] else cell) in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{gen.BEGIN}\nold numbers\n{gen.END}\n\ntail\n")
+    assert gen.main(["--check", str(readme)]) == 1
+    assert gen.main(["--write", str(readme)]) == 0
+    assert gen.main(["--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n") and text.endswith("\n\ntail\n") and "old numbers" not in text and block in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs the two markers"):
+        gen.main(["--check", str(readme)])
+
+
+def test_readme_study2_tables_match_the_committed_summary():
+    gen = _study2_readme()
+    readme = CONFIGS.parent / "README.md"
+    if gen.BEGIN not in readme.read_text():
+        pytest.skip("the README has no study2 tables yet (they go in when the study's cells are complete)")
+    assert gen.main(["--check", str(readme)]) == 0
