@@ -103,6 +103,18 @@ def tables(summary: dict[str, Any]) -> str:
                 f"{degenerate} of the reference's cells the target is no better than the untrained model's accuracy, "
                 "so those cells compare nothing (every run reaches it at step 0).", ""]
         out += _table(trow, ["row", "reached", "steps to target", "control Δ% at target"]) + [""]
+    for block in st.get("accuracy_matrix") or []:
+        if not block["rows"]:
+            continue
+        order = block["order"]
+        base = {t: next(iter(block["rows"].values()))["tasks"][t]["base"] for t in order}
+        arow = [[lab, r["cells"], *(f"{_num(r['tasks'][t]['learned'].get('mean'))} → {_num(r['tasks'][t]['final'].get('mean'))}"
+                                    for t in order)] for lab, r in block["rows"].items()]
+        out += [f"<details><summary>Accuracy matrix, order {' → '.join(order)} (exploratory summary)</summary>", "",
+                "Test accuracy (points, mean over the cells) of each task right after it was learned → at the end of "
+                "the sequence. The untrained model: " + ", ".join(f"{t} {_num(base[t].get('mean'))}" for t in order)
+                + ". `study.md` has the stds and the base row.", ""]
+        out += _table(arow, ["row", "cells", *order]) + ["", "</details>", ""]
     machines = st.get("cost_by_machine") or {}
     if machines:
         mrow = []
@@ -118,9 +130,10 @@ def tables(summary: dict[str, Any]) -> str:
             short = mc.replace("NVIDIA ", "").replace(" 80GB HBM3", "")
             mem = "peak GPU MiB" if "CPU" not in mc else "peak RSS MiB"
             head += [f"{short}: cells", "s / step", mem]
-        out += ["**Time and memory (exploratory), per machine class.** Seconds per training step and peak memory "
-                "(GPU memory on a GPU, resident memory on the CPU), mean ± std over the cells that machine ran.", ""]
-        out += _table(mrow, head) + [""]
+        out += ["<details><summary>Time and memory per machine class (exploratory)</summary>", "",
+                "Seconds per training step and peak memory (GPU memory on a GPU, resident memory on the CPU), mean ± "
+                "std over the cells that machine ran; compare rows within a machine only.", ""]
+        out += _table(mrow, head) + ["", "</details>", ""]
     comp = st.get("compute_by_machine") or {}
     if comp:
         crow = [[mc, c["cells"], c["cells_timed"], _num(c["cells_cpu_s"] / 3600.0), c["trials"],
