@@ -51,3 +51,27 @@ def test_paired_cell_verdicts_follow_the_statistics():
     assert many["significant"] and _diff_cell(many).endswith("**significant**")
     assert _diff_cell({**many, "p_holm": 0.2, "significant_holm": False}).endswith("nominal only")
     assert _diff_cell({**many, "p_holm": 0.01, "significant_holm": True}).endswith("**significant**")
+
+
+def _bench(xs):
+    return {"seeds": [0, 1], "study": {"primary_metrics": ["acc", "probe_control_ppl_change"]},
+            "methods": [{"label": f"m{i}", "metrics": {"acc": {"mean": 50.0 + i, "std": 1.0},
+                                                       "probe_control_ppl_change": {"mean": x, "std": x / 2}}}
+                        for i, x in enumerate(xs)]}
+
+
+def test_a_diverged_row_puts_the_pareto_axis_on_a_symmetric_log_scale(tmp_path, monkeypatch):
+    from kappatune import reporting
+
+    assert reporting.needs_symlog([30.0, 100.0, 150.0, 1.5e7]) and not reporting.needs_symlog([30.0, 100.0, 150.0, 450.0])
+    assert not reporting.needs_symlog([1e7, 2.0])  # too few points to call one an outlier
+    scales = []
+
+    def keep(fig, path):
+        scales.append([ax.get_xscale() for ax in fig.axes])
+        return path
+
+    monkeypatch.setattr(reporting, "_save", keep)
+    reporting.plot_pareto(_bench([25.0, 120.0, 200.0, 450.0]), tmp_path / "a.png")
+    reporting.plot_pareto(_bench([25.0, 120.0, 200.0, 1.5e7]), tmp_path / "b.png")
+    assert scales == [["linear"], ["symlog"]]

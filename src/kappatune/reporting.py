@@ -596,27 +596,49 @@ def _pareto_front(pts: list[tuple[float, float]], x_lower: bool) -> list[tuple[f
     return sorted(p for p in pts if not any(beats(q, p) for q in pts))
 
 
+def needs_symlog(magnitudes: Sequence[float], ratio: float = 100.0) -> bool:
+    """Whether an axis showing these magnitudes (|mean| + std per point) needs a symmetric log scale: the largest is
+    more than ``ratio`` times the median, so on a linear scale most points would sit in one pixel column."""
+    vals = sorted(abs(v) for v in magnitudes if v is not None and math.isfinite(v))
+    if len(vals) < 3:
+        return False
+    median = vals[len(vals) // 2]
+    return vals[-1] > ratio * max(median, 1e-12)
+
+
 def plot_pareto(bench: dict[str, Any], path: str | Path, panels: Sequence[tuple[str, str]] | None = None) -> Path:
     """Learning against forgetting, one point per method (mean, error bars = std over its cells), one panel per
     (x, y) metric pair (default :func:`pareto_panels`), with each panel's Pareto front dashed."""
     plt = _plt()
     panels = list(panels or pareto_panels(bench))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    # 15 rows of a study outrun matplotlib's 10-colour cycle: 20 colours and a marker per row keep them apart.
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP<X>hp*"
     for ax, (xk, yk) in zip(axes[0], panels):
         (xlabel, xbetter), (ylabel, _) = metric_label(xk), metric_label(yk)
         pts = []
-        for m in bench["methods"]:
+        for i, m in enumerate(bench["methods"]):
             x, y = m["metrics"].get(xk), m["metrics"].get(yk)
             if not x or not y or x.get("mean") is None or y.get("mean") is None:
                 continue
             pts.append((x["mean"], y["mean"]))
-            ax.errorbar(x["mean"], y["mean"], xerr=x.get("std") or 0, yerr=y.get("std") or 0, fmt="o", capsize=4,
-                        label=m["label"])
+            ax.errorbar(x["mean"], y["mean"], xerr=x.get("std") or 0, yerr=y.get("std") or 0, fmt=markers[i % len(markers)],
+                        color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], capsize=4, label=m["label"])
             ax.annotate(m["label"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         front = _pareto_front(pts, x_lower=xbetter != "higher")
         if len(front) > 1:
             ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="gray", lw=1, label="Pareto front")
         ax.axvline(0, color="black", lw=0.5)
+        spread = [abs(m["metrics"][xk]["mean"]) + (m["metrics"][xk].get("std") or 0.0) for m in bench["methods"]
+                  if (m["metrics"].get(xk) or {}).get("mean") is not None]
+        if needs_symlog(spread):
+            # one diverged row (a control perplexity up 10^7 %) would squash every other point onto the axis
+            lin = max(1.0, sorted(spread)[len(spread) // 2])
+            ax.set_xscale("symlog", linthresh=lin)
+            # a std bar of such a row reaches far below any mean: let it run off the left edge instead
+            ax.set_xlim(left=min(0.0, min(p[0] for p in pts)) - lin)
+            xlabel += ", symmetric log scale"
         ax.set_xlabel(f"{xlabel} ({'higher' if xbetter == 'higher' else 'lower'} = less forgetting)")
         ax.set_ylabel(f"{ylabel} (higher = learned more)")
         ax.grid(alpha=0.3)
