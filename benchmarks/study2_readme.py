@@ -86,6 +86,10 @@ def tables(summary: dict[str, Any]) -> str:
             "a task's accuracy from right after it was learned to the end; control Δ%: change of the control "
             "suite's perplexity (lower is better: less forgetting of the held-out prose).", ""]
     out += _table(rows, header) + [""]
+    if st.get("plot"):
+        out += [f"![learning vs forgetting](benchmarks/results/study2/{st['plot']['file']})", "",
+                "One point per row (mean ± std over its cells); the dashed line joins the rows no other row beats on "
+                "both axes. The control axis is on a symmetric log scale when one row's change dwarfs the rest.", ""]
     if st.get("contrasts"):
         cf = st.get("contrast_multiplicity") or {}
         crow = [[lab, pr["baselines"][lab], *(_diff(diffs.get(k)) for k in prim)]

@@ -2,7 +2,8 @@
 # The study, second edition (configs/study2.yaml): run it across sessions, one committed cell at a time.
 #
 #   scripts/study2.sh              # run (or continue) the study with $WORKERS workers (default 2: one per core)
-#   scripts/study2.sh --report     # rebuild benchmarks/results/study2/study.md from the committed cells only
+#   scripts/study2.sh --report     # rebuild benchmarks/results/study2/study.md from the committed cells only,
+#                                  # then the README's study2 tables from it
 #   scripts/study2.sh --only full  # extra arguments go to every `kappatune bench` worker
 #   scripts/study2.sh --stop-after 2h   # start no new cell after 2 h; the cells in progress finish and are committed
 #
@@ -18,7 +19,11 @@ KT=${KAPPATUNE:-.venv/bin/kappatune}
 [ -x "$KT" ] || KT=kappatune
 if [ "${1:-}" = "--report" ]; then
   shift
-  exec "$KT" bench configs/study2.yaml --report "$@"
+  "$KT" bench configs/study2.yaml --report "$@"
+  # ... and the README's study2 tables from it (benchmarks/study2_readme.py; a test checks they match)
+  PY=${PYTHON:-.venv/bin/python}
+  [ -x "$PY" ] || PY=python3
+  exec "$PY" benchmarks/study2_readme.py --write README.md
 fi
 WORKERS=${WORKERS:-2}
 mkdir -p runs/study2
