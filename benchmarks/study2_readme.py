@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kappatune import reporting
+
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARY = ROOT / "benchmarks" / "results" / "study2" / "study.json"
 BEGIN = "<!-- study2-tables:begin (benchmarks/study2_readme.py --write README.md; do not edit by hand) -->"
@@ -54,8 +56,7 @@ def _diff(d: dict[str, Any] | None) -> str:
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+    return reporting._md(rows, header).splitlines()  # the report's own markdown table, as lines
 
 
 def tables(summary: dict[str, Any]) -> str:
