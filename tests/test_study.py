@@ -548,6 +548,9 @@ def test_study_config_errors_name_the_key(tmp_path):
         ({"lr_search": {"factors": []}}, "lr_search.factors"),
         ({"lr_search": {"per": "budget"}}, "lr_search.per"),
         ({"preregistered": {"reference": ["nope"]}}, "preregistered.reference 'nope'"),
+        # every field naming a method label fails the same way, with the closest label offered
+        ({"preregistered": {"target": {"reference": "ful"}}},
+         "preregistered.target.reference 'ful' is not a method label of this config \\(did you mean 'full'\\?\\); labels: "),
         ({"eval": {**base["eval"], "curve_every": 0}}, "not a learning-curve point"),
         ({"preregistered": {"target": {"reference": "full", "fraction": 1.5}}}, "fraction must be in"),
         ({"eval": {**base["eval"], "split": "train"}}, "eval.split"),

@@ -445,6 +445,13 @@ def _unknown_key_error(cls: type, key: str, valid: Sequence[str], where: str) ->
     )
 
 
+def _not_a_label_error(what: str, label: str, disp: Sequence[str]) -> ConfigError:
+    """The one error for a config field naming a method label that the config does not have."""
+    hint = difflib.get_close_matches(label, list(disp), n=1)
+    return ConfigError(f"config: {what} {label!r} is not a method label of this config"
+                       + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
+
+
 def _builtin_task_defaults(name: str) -> dict[str, Any]:
     """What a task entry naming a built-in supervised task means when it does not say: ``type: sft`` plus the
     task's own defaults (a control probe's metrics, chat template and size; ``kappatune.data.probes``)."""
@@ -652,11 +659,7 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     c = cfg.compare
     if c.reference is not None:
         if c.reference not in disp:
-            hint = difflib.get_close_matches(c.reference, disp, n=1)
-            raise ConfigError(
-                f"config: compare.reference {c.reference!r} is not a method label of this config"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}"
-            )
+            raise _not_a_label_error("compare.reference", c.reference, disp)
         if not (1 <= c.stage <= len(cfg.tasks)):
             raise ConfigError(f"config: compare.stage must be between 1 and the number of tasks ({len(cfg.tasks)}), got {c.stage}")
         if e.curve_every == 0:
@@ -679,9 +682,7 @@ def validate_static(cfg: RunConfig) -> RunConfig:
     _check_study(cfg, disp)
     _check_contrasts(cfg, disp)
     if c.baseline is not None and c.baseline not in disp:
-        hint = difflib.get_close_matches(c.baseline, disp, n=1)
-        raise ConfigError(f"config: compare.baseline {c.baseline!r} is not a method label of this config"
-                          + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
+        raise _not_a_label_error("compare.baseline", c.baseline, disp)
     return cfg
 
 
@@ -702,9 +703,7 @@ def _check_contrasts(cfg: RunConfig, disp: list[str]) -> None:
                               "labels, e.g. 'kappatune:random-type'")
         for lab in parts:
             if lab not in disp:
-                hint = difflib.get_close_matches(lab, disp, n=1)
-                raise ConfigError(f"config: compare.contrasts entry {x!r}: {lab!r} is not a method label of this config"
-                                  + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; labels: {', '.join(disp)}")
+                raise _not_a_label_error(f"compare.contrasts entry {x!r}:", lab, disp)
     if len(set(contrasts)) != len(contrasts):
         raise ConfigError(f"config: compare.contrasts lists a pair twice: {contrasts!r}")
 
@@ -752,12 +751,11 @@ def _check_study(cfg: RunConfig, disp: list[str]) -> None:
             raise ConfigError("config: preregistered.primary must name at least one metric")
         for r in pr.reference:
             if r not in disp:
-                raise ConfigError(f"config: preregistered.reference {r!r} is not a method label; labels: {', '.join(disp)}")
+                raise _not_a_label_error("preregistered.reference", r, disp)
         t = pr.target
         if t is not None:
             if t.reference not in disp:
-                raise ConfigError(f"config: preregistered.target.reference {t.reference!r} is not a method label; "
-                                  f"labels: {', '.join(disp)}")
+                raise _not_a_label_error("preregistered.target.reference", t.reference, disp)
             if not (0.0 < t.fraction <= 1.0):
                 raise ConfigError(f"config: preregistered.target.fraction must be in (0, 1], got {t.fraction}")
             if not (1 <= t.stage <= len(cfg.tasks)):
