@@ -115,13 +115,22 @@ def tables(summary: dict[str, Any]) -> str:
     t = st.get("target")
     if t:
         degenerate = len(t.get("target_at_base") or [])
-        trow = [[m["label"], f"{m['reached']}/{m['reached'] + len(m.get('not_reached') or [])}",
-                 _pm(m.get("steps_to_target")), _pm(m.get("control_change_pct_at_target"))] for m in t["methods"]]
+        trow, head = [], ["row", "reached", "steps to target", "control Δ% at target"]
+        for m in t["methods"]:
+            trow.append([m["label"], f"{m['reached']}/{m['reached'] + len(m.get('not_reached') or [])}",
+                         _pm(m.get("steps_to_target")), _pm(m.get("control_change_pct_at_target"))])
+            if degenerate:
+                inf = m.get("informative") or {}
+                trow[-1] += [f"{inf.get('reached', 0)}/{inf.get('reached', 0) + len(inf.get('not_reached') or [])}",
+                             _pm(inf.get("steps_to_target")), _pm(inf.get("control_change_pct_at_target"))]
+        if degenerate:
+            head += ["informative cells: reached", "steps", "control Δ%"]
         out += [f"**Equal-quality point (pre-registered).** Where each run's stage-1 curve first reaches the test "
                 f"accuracy full FT has after {t['step']} steps (mean target {t['mean_target_task_ppl']:.3f}). In "
                 f"{degenerate} of the reference's cells the target is no better than the untrained model's accuracy, "
-                "so those cells compare nothing (every run reaches it at step 0).", ""]
-        out += _table(trow, ["row", "reached", "steps to target", "control Δ% at target"]) + [""]
+                "so those cells compare nothing (every run reaches it at step 0); the last three columns repeat the "
+                "point over the other cells alone (exploratory).", ""]
+        out += _table(trow, head) + [""]
     for block in st.get("accuracy_matrix") or []:
         if not block["rows"]:
             continue

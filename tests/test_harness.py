@@ -585,7 +585,13 @@ def test_equal_quality_flags_a_target_no_better_than_the_untrained_model():
     assert eq["task"] == "a / b"  # the title names the stage's task of every order
     other = eq["methods"][1]
     assert other["reached"] == 2 and other["steps_to_target"]["mean"] == pytest.approx((0.0 + 112.5) / 2)  # seed 0 at step 0
+    # the same point over the informative seed alone: other reaches 0.50 between its steps 75 (0.45) and 150 (0.55)
+    inf = other["informative"]
+    assert inf["reached"] == 1 and inf["steps_to_target"]["values"] == [pytest.approx(112.5)]
+    assert inf["control_change_pct_at_target"]["mean"] == pytest.approx(112.5 / 50.0 * 100.0)
     md = equal_quality_markdown(eq)
-    assert "Degenerate for 1 of 2 reference cells** (0)" in md
+    assert "Degenerate for 1 of 2 reference cells** (0)" in md and "informative cells: reached" in md
+    assert "| other | 2/2 |" in md and "| 1/1 | 112.5" in md
     eq_end = equal_quality(cells, "full", 1, metric="task_accuracy")
     assert eq_end["target_at_base"] == [] and "Degenerate" not in equal_quality_markdown(eq_end)
+    assert eq_end["methods"][1]["informative"] is None and "informative" not in equal_quality_markdown(eq_end)

@@ -454,12 +454,19 @@ def equal_quality_markdown(eq: dict[str, Any], title: str = "Equal task quality"
     metric = eq.get("metric", "task_ppl")
     what = metric.replace("task_", "task ")
     rows = []
+    some_degenerate = any(m.get("informative") for m in eq["methods"])
     for m in eq["methods"]:
         n = m["reached"] + len(m["not_reached"])
         rows.append([
             m["label"], f"{m['reached']}/{n}", _pm(m["steps_to_target"]), _pm(m["control_ppl_at_target"]),
             _pm(m["control_change_pct_at_target"]), _pm(m["best_task_ppl"]),
         ])
+        if some_degenerate:
+            inf = m.get("informative") or {}
+            k = inf.get("reached", 0) + len(inf.get("not_reached") or [])
+            rows[-1] += [f"{inf.get('reached', 0)}/{k}", _pm(inf.get("steps_to_target")),
+                         _pm(inf.get("control_change_pct_at_target"))]
+    extra = ["informative cells: reached", "steps to target", "control Δ% at target"] if some_degenerate else []
     return "\n".join([
         f"## {title} (stage {eq['stage']}, {eq.get('task')})",
         "",
@@ -469,7 +476,7 @@ def equal_quality_markdown(eq: dict[str, Any], title: str = "Equal task quality"
         "first reaches it (linear interpolation between curve points).",
         "",
         _md(rows, ["method", "reached", "steps to target", "control ppl at target", "control Δ% at target",
-                   f"best {what}"]),
+                   f"best {what}", *extra]),
         *_target_at_base_note(eq),
     ])
 
@@ -481,7 +488,8 @@ def _target_at_base_note(eq: dict[str, Any]) -> list[str]:
         return []
     return ["", f"**Degenerate for {len(at_base)} of {n} reference cells** ({', '.join(map(str, at_base))}): there "
             f"the target is no better than the untrained model's own {eq.get('metric', 'task_ppl').replace('task_', 'task ')} "
-            "(the curve's step 0), so every run reaches it at step 0 and the point compares nothing for those cells."]
+            "(the curve's step 0), so every run reaches it at step 0 and the point compares nothing for those cells. "
+            "The last three columns repeat the point over the other cells alone."]
 
 
 # ---------------------------------------------------------------------------------------------------------- plots

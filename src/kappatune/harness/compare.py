@@ -65,7 +65,8 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
     ``metric``: the curve key the target is read in (``task_ppl``; ``task_accuracy`` for sft tasks, higher is
     better); ``best_task_ppl`` then holds the best value of that metric. ``target_at_base`` lists the reference's
     seeds whose target is no better than the untrained model's value (the curve's step 0): every run reaches it at
-    step 0 there, so the point is degenerate for them (the report says so).
+    step 0 there, so the point is degenerate for them (the report says so), and each row's ``informative`` holds
+    the same statistics over the other seeds alone (``None`` when no seed is degenerate).
     """
     ref = cells.get(reference)
     if not ref:
@@ -94,6 +95,8 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
     tasks: list[str] = []  # the stage's task of every cell (a study with several task orders has one per order)
     for label, by_seed in cells.items():
         steps, ctrl, change, best, missing = [], [], [], [], []
+        kept: dict[str, list[float]] = {"steps": [], "change": []}  # over the seeds whose target is not degenerate
+        kept_missing: list[Any] = []
         for seed, res in by_seed.items():
             cur = _stage_curve(res, stage)
             if cur is None:
@@ -107,15 +110,23 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
             best.append((max if _higher_is_better(metric) else min)(vals) if vals else None)
             if hit is None:
                 missing.append(seed)
+                if seed not in trivial:
+                    kept_missing.append(seed)
                 continue
             base_ctrl = res["base"]["control_ppl"]
             steps.append(hit["step"])
             ctrl.append(hit["control_ppl"])
             change.append((hit["control_ppl"] / base_ctrl - 1.0) * 100.0)
+            if seed not in trivial:
+                kept["steps"].append(hit["step"])
+                kept["change"].append(change[-1])
         rows.append({
             "label": label, "reached": len(steps), "not_reached": missing,
             "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
             "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
+            "informative": None if not trivial else {
+                "reached": len(kept["steps"]), "not_reached": kept_missing,
+                "steps_to_target": _stat(kept["steps"]), "control_change_pct_at_target": _stat(kept["change"])},
         })
     return {"reference": reference, "stage": stage, "step": step, "task": " / ".join(tasks) or None, "metric": metric, "target_task_ppl": targets,
             "mean_target_task_ppl": mean_target, "target_at_base": trivial, "methods": rows}
