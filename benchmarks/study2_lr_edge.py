@@ -34,7 +34,7 @@ from kappatune.storage import atomic_write_json, atomic_write_text  # noqa: E402
 CELLS = ROOT / "benchmarks/results/study2/cells"
 OUT = ROOT / "benchmarks/results/study2/lr_edge"
 GRID_TOP_ROWS = ["kappatune@3.54M", "spectrum-type@3.54M", "random-type@3.54M", "spectrum@3.54M"]
-FACTORS = (0.3, 1, 3, 10)  # the report's columns: the grid and the extension
+DEFAULT_FACTOR = 10.0  # the extension's default rate, a multiple of the method's base lr
 GRID = tuple(load_config(ROOT / "configs/study2.yaml").lr_search.factors)  # the pre-registered factors
 
 
@@ -105,8 +105,14 @@ def report(rows: list[str]) -> str:
              "0.3x/1x/3x columns are the pre-registered search (`cells/lr_search/`); the larger rates were run after "
              "the study's results were seen, from the 3x trial's recorded config with only the lr changed. They do "
              "not change the study's chosen rates.", "",
-             "| row | " + " | ".join(f"{f:g}x" for f in FACTORS) + " | best | CPU-min (extension) |",
-             "|---|" + "---|" * (len(FACTORS) + 2)]
+             ]
+    factors: set[float] = set(GRID)  # the columns: the grid and every extension that was run
+    for row in ["full", *rows]:
+        trials = _trials(row)
+        factors |= {float(r["factor"]) for r in trials.values() if r["_extension"]}
+    factors_sorted = sorted(factors)
+    lines += ["| row | " + " | ".join(f"{f:g}x" for f in factors_sorted) + " | best | CPU-min (extension) |",
+              "|---|" + "---|" * (len(factors_sorted) + 2)]
     for row in ["full", *rows]:
         trials = _trials(row)
         if not trials:
@@ -114,7 +120,7 @@ def report(rows: list[str]) -> str:
         committed = sorted(lr for lr, r in trials.items() if not r["_extension"])
         base = max(committed) / max(GRID)
         cells, best = [], max(trials, key=lambda lr: (_accuracy(trials[lr]), -lr))
-        for f in FACTORS:
+        for f in factors_sorted:
             lr = next((x for x in trials if abs(x / base - f) < 1e-6 * f), None)
             cells.append("–" if lr is None else (f"**{100 * _accuracy(trials[lr]):.1f}**" if lr == best
                                                    else f"{100 * _accuracy(trials[lr]):.1f}"))
@@ -127,7 +133,8 @@ def report(rows: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=",".join(GRID_TOP_ROWS), help="comma-separated LR-search rows")
-    ap.add_argument("--factor", type=float, default=FACTORS[-1], help="multiple of the method's base lr (default 10)")
+    ap.add_argument("--factor", type=float, default=DEFAULT_FACTOR,
+                    help=f"multiple of the method's base lr (default {DEFAULT_FACTOR:g})")
     ap.add_argument("--report", action="store_true", help="only rebuild lr_edge/README.md from committed results")
     a = ap.parse_args()
     rows = [r for r in a.rows.split(",") if r]
