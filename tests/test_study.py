@@ -674,3 +674,38 @@ def test_readme_study2_tables_match_the_committed_summary():
     if gen.BEGIN not in readme.read_text():
         pytest.skip("the README has no study2 tables yet (they go in when the study's cells are complete)")
     assert gen.main(["--check", str(readme)]) == 0
+
+
+def test_readme_learning_rate_check_matches_its_committed_trials():
+    """The README's learning-rate check (hand-written around a small table) against the committed trials: every
+    accuracy it prints is the committed trial's validation accuracy at that rate, and each row's bold cell is its
+    best rate."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("study2_lr_edge", CONFIGS.parent / "benchmarks" / "study2_lr_edge.py")
+    edge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(edge)
+    readme = (CONFIGS.parent / "README.md").read_text()
+    start = readme.index("| row (3.54M) | 0.3× |")
+    lines = readme[start:].split("\n\n")[0].splitlines()
+    factors = [float(c.strip().rstrip("×")) for c in lines[0].strip("|").split("|")[1:]]
+    names = {"full FT": "full", "KappaTune": "kappatune@3.54M", "Spectrum per type": "spectrum-type@3.54M",
+             "type-matched random": "random-type@3.54M", "Spectrum global": "spectrum@3.54M"}
+    seen = 0
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = next(v for k, v in names.items() if cells[0].startswith(k))
+        trials = edge._trials(row)
+        base = max(lr for lr, r in trials.items() if not r["_extension"]) / max(edge.GRID)
+        best = max(trials, key=lambda lr: (edge._accuracy(trials[lr]), -lr))
+        for f, cell in zip(factors, cells[1:]):
+            lr = next((x for x in trials if abs(x / base - f) < 1e-6 * f), None)
+            if lr is None:
+                assert cell == "–", (row, f, cell)
+                continue
+            number = re.search(r"[\d.]+", cell).group(0)
+            assert number == f"{100 * edge._accuracy(trials[lr]):.1f}", (row, f, cell)
+            assert cell.startswith("**") == (lr == best), (row, f, cell)
+            seen += 1
+    assert seen >= 19  # 5 rows x 3 grid rates, and the extensions
