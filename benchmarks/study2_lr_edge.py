@@ -53,6 +53,17 @@ def _accuracy(res: dict) -> float:
     return res["stages"][-1]["task_metrics"][task]["accuracy"]
 
 
+def accuracy_by_factor(trials: dict[float, dict]) -> tuple[dict[float, float], float | None, float | None]:
+    """Validation accuracy (points) of a row's trials (:func:`_trials`) keyed by their multiple of the method's base
+    lr, the factor of the best rate (ties: the smaller rate, as the search chooses) and the base lr."""
+    committed = [lr for lr, r in trials.items() if not r["_extension"]]
+    if not committed:
+        return {}, None, None
+    base = max(committed) / max(GRID)
+    by_factor = {float(f"{lr / base:.6g}"): 100 * _accuracy(r) for lr, r in sorted(trials.items())}
+    return by_factor, max(by_factor, key=lambda f: (by_factor[f], -f)), base
+
+
 def run_trial(row: str, factor: float) -> dict:
     """The committed top-of-grid trial of ``row`` at ``factor`` x the method's base lr instead (exploratory)."""
     from kappatune.data import get_tokenizer, tokenizer_fingerprint
@@ -104,29 +115,19 @@ def report(rows: list[str]) -> str:
              "(points) of the first task of order 0 (shakespeare-genre, 201 examples) after 150 steps, seed 0. The "
              "0.3x/1x/3x columns are the pre-registered search (`cells/lr_search/`); the larger rates were run after "
              "the study's results were seen, from the 3x trial's recorded config with only the lr changed. They do "
-             "not change the study's chosen rates.", "",
-             ]
-    factors: set[float] = set(GRID)  # the columns: the grid and every extension that was run
-    for row in ["full", *rows]:
-        trials = _trials(row)
-        factors |= {float(r["factor"]) for r in trials.values() if r["_extension"]}
-    factors_sorted = sorted(factors)
-    lines += ["| row | " + " | ".join(f"{f:g}x" for f in factors_sorted) + " | best | CPU-min (extension) |",
-              "|---|" + "---|" * (len(factors_sorted) + 2)]
-    for row in ["full", *rows]:
-        trials = _trials(row)
-        if not trials:
+             "not change the study's chosen rates.", ""]
+    trials = {row: _trials(row) for row in ["full", *rows]}
+    summary = {row: accuracy_by_factor(t) for row, t in trials.items()}
+    factors = sorted(set(GRID).union(*(acc for acc, _, _ in summary.values())))  # the grid and every extension run
+    lines += ["| row | " + " | ".join(f"{f:g}x" for f in factors) + " | best | CPU-min (extension) |",
+              "|---|" + "---|" * (len(factors) + 2)]
+    for row, (acc, best, base) in summary.items():
+        if not acc:
             continue
-        committed = sorted(lr for lr, r in trials.items() if not r["_extension"])
-        base = max(committed) / max(GRID)
-        cells, best = [], max(trials, key=lambda lr: (_accuracy(trials[lr]), -lr))
-        for f in factors_sorted:
-            lr = next((x for x in trials if abs(x / base - f) < 1e-6 * f), None)
-            cells.append("–" if lr is None else (f"**{100 * _accuracy(trials[lr]):.1f}**" if lr == best
-                                                   else f"{100 * _accuracy(trials[lr]):.1f}"))
-        ext = [r.get("cell_cpu_time_s") for r in trials.values() if r["_extension"]]
+        cells = ["–" if f not in acc else f"**{acc[f]:.1f}**" if f == best else f"{acc[f]:.1f}" for f in factors]
+        ext = [r.get("cell_cpu_time_s") for r in trials[row].values() if r["_extension"]]
         cpu = ", ".join(f"{t / 60:.0f}" if t else "untimed" for t in ext) or "–"
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {best:g} ({best / base:g}x) | {cpu} |")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {base * best:.6g} ({best:g}x) | {cpu} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +143,7 @@ def main() -> None:
         for row in rows:
             run_trial(row, a.factor)
     OUT.mkdir(parents=True, exist_ok=True)
-    text = report(rows)
+    text = report([*GRID_TOP_ROWS, *(r for r in rows if r not in GRID_TOP_ROWS)])  # a one-row run keeps the others
     atomic_write_text(OUT / "README.md", text)
     print(text)
 

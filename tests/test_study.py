@@ -624,13 +624,18 @@ def test_a_worker_restricted_to_some_rows_keeps_the_whole_studys_validation_mark
     assert calls == [1] and marker_path.read_text() == marker
 
 
-def _study2_readme():
+def _benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("study2_readme", CONFIGS.parent / "benchmarks" / "study2_readme.py")
+    spec = importlib.util.spec_from_file_location(name, CONFIGS.parent / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _study2_readme():
+    return _benchmark_script("study2_readme")
 
 
 def test_committed_study2_summary_is_what_its_committed_cells_give(tmp_path):
@@ -680,12 +685,9 @@ def test_readme_learning_rate_check_matches_its_committed_trials():
     """The README's learning-rate check (hand-written around a small table) against the committed trials: every
     accuracy it prints is the committed trial's validation accuracy at that rate, and each row's bold cell is its
     best rate."""
-    import importlib.util
     import re
 
-    spec = importlib.util.spec_from_file_location("study2_lr_edge", CONFIGS.parent / "benchmarks" / "study2_lr_edge.py")
-    edge = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(edge)
+    edge = _benchmark_script("study2_lr_edge")
     readme = (CONFIGS.parent / "README.md").read_text()
     start = readme.index("| row (3.54M) | 0.3× |")
     lines = readme[start:].split("\n\n")[0].splitlines()
@@ -696,16 +698,12 @@ def test_readme_learning_rate_check_matches_its_committed_trials():
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         row = next(v for k, v in names.items() if cells[0].startswith(k))
-        trials = edge._trials(row)
-        base = max(lr for lr, r in trials.items() if not r["_extension"]) / max(edge.GRID)
-        best = max(trials, key=lambda lr: (edge._accuracy(trials[lr]), -lr))
+        acc, best, _ = edge.accuracy_by_factor(edge._trials(row))
         for f, cell in zip(factors, cells[1:]):
-            lr = next((x for x in trials if abs(x / base - f) < 1e-6 * f), None)
-            if lr is None:
+            if f not in acc:
                 assert cell == "–", (row, f, cell)
                 continue
-            number = re.search(r"[\d.]+", cell).group(0)
-            assert number == f"{100 * edge._accuracy(trials[lr]):.1f}", (row, f, cell)
-            assert cell.startswith("**") == (lr == best), (row, f, cell)
+            assert re.search(r"[\d.]+", cell).group(0) == f"{acc[f]:.1f}", (row, f, cell)
+            assert cell.startswith("**") == (f == best), (row, f, cell)
             seen += 1
     assert seen >= 19  # 5 rows x 3 grid rates, and the extensions
