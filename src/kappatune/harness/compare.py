@@ -94,9 +94,7 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
     rows = []
     tasks: list[str] = []  # the stage's task of every cell (a study with several task orders has one per order)
     for label, by_seed in cells.items():
-        steps, ctrl, change, best, missing = [], [], [], [], []
-        kept: dict[str, list[float]] = {"steps": [], "change": []}  # over the seeds whose target is not degenerate
-        kept_missing: list[Any] = []
+        steps, ctrl, change, best, missing, reached = [], [], [], [], [], []
         for seed, res in by_seed.items():
             cur = _stage_curve(res, stage)
             if cur is None:
@@ -110,23 +108,22 @@ def equal_quality(cells: dict[str, dict[Any, dict[str, Any]]], reference: str, s
             best.append((max if _higher_is_better(metric) else min)(vals) if vals else None)
             if hit is None:
                 missing.append(seed)
-                if seed not in trivial:
-                    kept_missing.append(seed)
                 continue
             base_ctrl = res["base"]["control_ppl"]
+            reached.append(seed)
             steps.append(hit["step"])
             ctrl.append(hit["control_ppl"])
             change.append((hit["control_ppl"] / base_ctrl - 1.0) * 100.0)
-            if seed not in trivial:
-                kept["steps"].append(hit["step"])
-                kept["change"].append(change[-1])
+        # the same point over the seeds whose target is not degenerate
+        kept = [i for i, seed in enumerate(reached) if seed not in trivial]
         rows.append({
             "label": label, "reached": len(steps), "not_reached": missing,
             "steps_to_target": _stat(steps), "control_ppl_at_target": _stat(ctrl),
             "control_change_pct_at_target": _stat(change), "best_task_ppl": _stat(best),
             "informative": None if not trivial else {
-                "reached": len(kept["steps"]), "not_reached": kept_missing,
-                "steps_to_target": _stat(kept["steps"]), "control_change_pct_at_target": _stat(kept["change"])},
+                "reached": len(kept), "not_reached": [seed for seed in missing if seed not in trivial],
+                "steps_to_target": _stat([steps[i] for i in kept]),
+                "control_change_pct_at_target": _stat([change[i] for i in kept])},
         })
     return {"reference": reference, "stage": stage, "step": step, "task": " / ".join(tasks) or None, "metric": metric, "target_task_ppl": targets,
             "mean_target_task_ppl": mean_target, "target_at_base": trivial, "methods": rows}
